@@ -1,0 +1,40 @@
+"""FLOPs per token and the machine's measured matmul peak, for model FLOPs utilisation (MFU)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import ModelConfig
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * matmul parameters + attention scores (PaLM appendix B).
+
+    The tied output projection counts once more as a matmul (vocab x dim_model).
+    """
+    att_kept, ffn_kept = config.kept()
+    d, hd = config.dim_model, config.num_heads * config.dim_head
+    matmul_params = att_kept * 4 * d * hd + ffn_kept * 3 * d * config.dim_ff + config.vocab_size * d
+    attention = 12 * att_kept * hd * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
+                        device: str = "cpu") -> float:
+    """Sustained FLOP/s of square matmuls on this machine with the current torch thread count."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            break
+    return 2.0 * n**3 * reps / dt

@@ -1,0 +1,1 @@
+"""The `cpmant` console script."""

@@ -1,0 +1,155 @@
+"""`cpmant`: one console script over the flows and the registry. `cpmant VERB --help` describes each verb."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cpmant.errors import CpmantError
+
+from .env import configure_environment
+
+
+def _stage_overrides(args, section: str = "pretrain") -> dict:
+    from cpmant.configio import deep_merge, parse_overrides
+
+    o: dict = {}
+    p = {}
+    if getattr(args, "preset", None):
+        p["preset"] = args.preset
+    if getattr(args, "corpus", None):
+        p["corpus"] = args.corpus
+    if getattr(args, "max_steps", None):
+        p["max_steps"] = args.max_steps
+    if getattr(args, "resume", None):
+        p["resume"] = args.resume
+    if getattr(args, "nproc", None):
+        p["nproc"] = args.nproc
+    if getattr(args, "backend", None):
+        p["backend"] = args.backend
+    if p:
+        o[section] = p
+    return deep_merge(parse_overrides(args.set), o)
+
+
+def _load_lifecycle(args) -> dict:
+    from cpmant.configio import build_config
+    from tasks.config import LifecycleConfig
+
+    cfg = build_config(LifecycleConfig, args.config, _stage_overrides(args))
+    return cfg.model_dump(mode="json")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="model preset (tiny, small, 10b, 7b, 3b, 1b, 300m)")
+    p.add_argument("--corpus", help="folder of .txt/.jsonl files (default: Debian fortunes-zh)")
+    p.add_argument("--config", help="YAML file (a saved LifecycleConfig; see configs/)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. pretrain.lr=0.05 tracking.country_iso_code=FRA")
+
+
+def cmd_pretrain(args) -> int:
+    from flows.pretrain import pretrain_flow
+
+    out = pretrain_flow(_load_lifecycle(args))
+    print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+def cmd_lifecycle(args) -> int:
+    from flows.lifecycle import lifecycle_flow
+
+    out = lifecycle_flow(_load_lifecycle(args))
+    print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from cpmant.checkpoint import load_pretrained
+    from cpmant.generate import generate
+    from registry.pull import checkpoint_dir
+
+    model, tok = load_pretrained(checkpoint_dir(args.uri))
+    outs = generate(model, tok, args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
+                    repetition_penalty=args.repetition_penalty)
+    for text, out in zip(args.text, outs):
+        print(f"{text}{out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from cpmant.convert import convert
+
+    out = convert(args.src, args.dst, args.to)
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from registry.register import register_checkpoint
+
+    reg = register_checkpoint(args.dir, args.name, stage=args.stage, parent=args.parent or "",
+                              alias=args.alias or None)
+    print(f"registered {reg.uri}" + (f" (alias {reg.alias})" if reg.alias else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cpmant", description="The whole life of a CPM-Ant model: Prefect flows, "
+                                 "MLflow tracking and registry. State lives under CPMANT_HOME (default ./.cpmant).")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("lifecycle", help="run every stage on the embedded default (now: pretraining)")
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_lifecycle)
+
+    p = sub.add_parser("pretrain", help="pretrain a preset on a corpus and register cpm-ant-<preset>")
+    _add_run_args(p)
+    p.add_argument("--resume", help="auto (continue the latest complete checkpoint), never, or a step folder")
+    p.add_argument("--nproc", type=int, help="processes through torchrun (gloo on CPU)")
+    p.add_argument("--backend", choices=["torch", "bmtrain"], help="training backend (bmtrain needs CUDA)")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a text with a registered model")
+    p.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint folder")
+    p.add_argument("text", nargs="+", help="prompt text(s)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert between cpmant, transformers (hf) and CPM-Live checkpoints")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", required=True, choices=["cpmant", "hf", "cpm-live"])
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("register", help="register a checkpoint folder as a new model version")
+    p.add_argument("dir")
+    p.add_argument("--name", required=True)
+    p.add_argument("--stage", default="pretrain", choices=["pretrain", "compress", "delta"])
+    p.add_argument("--parent", default="", help="the parent's models:/NAME/VERSION")
+    p.add_argument("--alias", default="candidate", help="alias to set ('' for none)")
+    p.set_defaults(fn=cmd_register)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configure_environment()
+        return args.fn(args)
+    except CpmantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

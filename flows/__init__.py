@@ -1,0 +1,1 @@
+"""Prefect flows: thin DAGs of tasks, one file per stage plus the whole lifecycle."""

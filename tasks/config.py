@@ -1,0 +1,29 @@
+"""The lifecycle config: one YAML file with a section per stage plus tracking (energy, emissions, cost)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from cpmant.configio import FrozenModel
+from cpmant.training.config import PretrainConfig
+
+
+class TrackingConfig(FrozenModel):
+    experiment: str = Field("cpmant", description="MLflow experiment")
+    country_iso_code: str = Field("CHN", description="grid for codecarbon's offline carbon intensity")
+    measure_power_secs: float = Field(5.0, gt=0, description="codecarbon sampling interval")
+    device: str = Field("cpu", description="key into device_hour_rmb for this machine's devices")
+    devices: int = Field(1, ge=1, description="devices billed (GPUs, or 1 for a CPU machine)")
+    # Prices: the A100 hour is derived from CPM-Ant's report (430K RMB / 47,040 A100-hours = 9.14 RMB);
+    # the CPU price is a 2-core public-cloud VM; electricity at an average Chinese industrial tariff.
+    device_hour_rmb: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.35, "a100": 9.14, "h200": 30.0},
+        description="price of one device-hour in RMB",
+    )
+    electricity_rmb_per_kwh: float = Field(0.0, ge=0, description="added per kWh (0 when the hour price has it)")
+    metric_flush_steps: int = Field(50, ge=1, description="per-step metrics are sent to MLflow in batches")
+
+
+class LifecycleConfig(FrozenModel):
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

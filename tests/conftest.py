@@ -1,0 +1,76 @@
+"""Shared fixtures: an isolated CPMANT_HOME per session, a small Chinese fixture corpus, a micro model config, a
+temporary MLflow store per test that needs one, and Prefect's test harness for flow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# a model small enough that a training step takes milliseconds on one core
+MICRO_MODEL = {"dim_model": 32, "dim_ff": 64, "num_layers": 2, "num_heads": 2, "dim_head": 16,
+               "position_bias_num_buckets": 16, "position_bias_max_distance": 128}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Every test session writes under its own CPMANT_HOME; MLflow/Prefect never touch the user's."""
+    home = tmp_path_factory.mktemp("cpmant_home")
+    old = {k: os.environ.get(k) for k in ("CPMANT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    os.environ["CPMANT_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("PREFECT_API_URL", None)
+    from cpmant_cli.env import configure_environment
+
+    configure_environment()
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def fixture_corpus() -> Path:
+    return FIXTURES / "corpus"
+
+
+@pytest.fixture
+def micro_pretrain_cfg(fixture_corpus, tmp_path):
+    """A PretrainConfig for the micro model on the fixture corpus, writing into tmp_path."""
+    from cpmant.training.config import PretrainConfig
+
+    def make(**kw):
+        base = dict(preset="tiny", model_overrides=MICRO_MODEL, corpus=str(fixture_corpus), vocab_size=600,
+                    seq_len=64, micro_batch_size=4, max_steps=12, warmup_steps=4, lr=0.05, eval_interval=6,
+                    eval_rows=8, save_interval=4, output_dir=str(tmp_path / "run"), encode_workers=1,
+                    num_threads=1, min_piece_tokens=4)
+        base.update(kw)
+        return PretrainConfig(**base)
+
+    return make
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store (and artifact root) for one test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CPMANT_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    yield home
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
