@@ -121,7 +121,7 @@ def ladder_mask(num_layers: int, att_kept: int, ffn_kept: int) -> tuple[tuple[bo
 def tiny() -> ModelConfig:
     """The CPU default: trains in minutes on 2 cores. Vocab size is the target for the corpus-built vocab."""
     return ModelConfig(
-        vocab_size=6000, dim_model=128, dim_ff=384, num_layers=4, num_heads=4, dim_head=32,
+        vocab_size=8000, dim_model=128, dim_ff=384, num_layers=4, num_heads=4, dim_head=32,
         position_bias_num_buckets=32, position_bias_max_distance=256,
         prompt_types=4, prompt_length=8, segment_types=4,
     )

@@ -44,6 +44,15 @@ class PretrainConfig(FrozenModel):
     output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>")
     encode_workers: int | None = Field(None, description="processes that encode the corpus (None = all cores)")
 
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str) -> str:
+        from ..config import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return v
+
     @field_validator("resume")
     @classmethod
     def _resume(cls, v: str) -> str:
