@@ -1,0 +1,371 @@
+"""CPM-Ant in plain PyTorch, faithful to CPM-Live (branch `cpm-ant`, `cpm_live/models/ant.py`).
+
+Built bottom-up: RMSNorm, Linear, Embedding, the segment-aware relative position bias, attention, the gated-GELU
+FFN, the block, the encoder, the model. Module and parameter names equal CPM-Live's, so a CPM-Live state dict loads
+with no renaming. Shapes: B batch, L sequence, D dim_model, H heads, Dh dim_head, F dim_ff, V vocab.
+
+CPM-Live conventions kept here:
+- every Linear divides its output by sqrt(dim_in); weights are initialised N(0, 1) (also the embeddings and the
+  position-bias table), RMSNorm weights to 1;
+- embeddings (token, prompt, segment) are divided by sqrt(D); logits = (h / sqrt(D)) @ input_embedding.weight.T;
+- the first `prompt_length` positions of `input` index the prompt table, the rest the token table;
+- the position bias and the attention mask are computed once per forward and shared by all layers.
+Speed: one gather builds the additive attention mask (position bias, -inf where masked) straight in head-major
+(H, B, Lq, Lk) layout; on CPU attention is baddbmm (scores + bias in one GEMM) -> softmax -> bmm, which beats
+F.scaled_dot_product_attention there (its CPU kernels fall back to the math path when the bias needs a gradient);
+on CUDA it is F.scaled_dot_product_attention. Each Linear applies its 1/sqrt(dim_in) to whichever of input, weight
+or output is smallest. Padding rows (fully masked) are given their own diagonal, so nothing is ever NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CpmantError
+
+KVCache = list  # one (k, v) pair per layer, each (H, B, T, Dh) (head-major); None for a layer whose attention is masked
+
+
+class RMSNorm(nn.Module):
+    """CPM-Live's LayerNorm: RMS normalisation with the variance in fp32, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        var = x.float().pow(2).mean(dim=-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class Linear(nn.Module):
+    """CPM-Live's Linear (scale_before=False): y = x @ W.T / sqrt(dim_in), W stored (dim_out, dim_in), no bias.
+
+    The scale is applied to the smallest of input, output and weight (same result, least memory traffic); delta
+    methods that wrap this module (LoRA on project_q/project_v) see CPM-Live's scaled output.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.dim_in, self.dim_out = dim_in, dim_out
+        self.scale = 1.0 / math.sqrt(dim_in)
+        self.weight = nn.Parameter(torch.empty(dim_out, dim_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim_in) -> (..., dim_out)
+        rows = x.numel() // self.dim_in
+        if rows > max(self.dim_in, self.dim_out):  # training-sized batch: scaling the weight is cheapest
+            return F.linear(x, self.weight * self.scale)
+        if self.dim_out <= self.dim_in:
+            return F.linear(x, self.weight) * self.scale
+        return F.linear(x * self.scale, self.weight)
+
+
+class Embedding(nn.Module):
+    """CPM-Live's Embedding: lookup / sqrt(D); `projection` is the tied output layer."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.empty(num, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
+        return F.embedding(ids, self.weight) / math.sqrt(self.dim)
+
+    def projection(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, num)
+        return F.linear(x / math.sqrt(self.dim), self.weight)
+
+
+def position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5 bidirectional log buckets of rel = key_pos - query_pos (CPM-Live `_position_bucket`, bidirectional)."""
+    num_buckets //= 2
+    out = (rel > 0).to(torch.int32) * num_buckets  # keys after the query use the upper half
+    rel = rel.abs()
+    max_exact = num_buckets // 2
+    large = max_exact + (
+        torch.log(rel.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.int32)
+    large = large.clamp(max=num_buckets - 1)
+    return out + torch.where(rel < max_exact, rel.to(torch.int32), large)
+
+
+class SegmentPositionEmbedding(nn.Module):
+    """Segment-aware relative position bias: table (segment_types^2 + num_buckets, H).
+
+    Same segment: T5 bucket of (key_pos - query_pos); across segments: num_buckets + q_seg * segment_types + k_seg.
+    """
+
+    def __init__(self, num_heads: int, num_segments: int, num_buckets: int, max_distance: int):
+        super().__init__()
+        self.num_heads, self.num_segments = num_heads, num_segments
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.relative_attention_bias = nn.Parameter(torch.empty(num_segments * num_segments + num_buckets, num_heads))
+
+    @torch.no_grad()
+    def bucket(self, key_pos, query_pos, key_segment, query_segment) -> torch.Tensor:
+        # key_*: (B, Lk), query_*: (B, Lq) -> (B, Lq, Lk) long
+        key_pos, key_segment = key_pos[:, None, :].long(), key_segment[:, None, :].long()
+        query_pos, query_segment = query_pos[:, :, None].long(), query_segment[:, :, None].long()
+        across = self.num_buckets + query_segment * self.num_segments + key_segment
+        inside = position_bucket(key_pos - query_pos, self.num_buckets, self.max_distance)
+        return torch.where(key_segment == query_segment, inside.long(), across)
+
+    def forward(self, key_pos, query_pos, key_segment, query_segment, mask: Optional[torch.Tensor] = None):
+        """(H, B, Lq, Lk) bias, head-major; where `mask` (B, Lq, Lk, bool) is False the entry is -inf."""
+        bucket = self.bucket(key_pos, query_pos, key_segment, query_segment)  # (B, Lq, Lk)
+        table = self.relative_attention_bias.t()  # (H, rows)
+        if mask is not None:  # one extra -inf column: bias and mask come out of a single gather
+            table = torch.cat([table, table.new_full((self.num_heads, 1), float("-inf"))], dim=1)
+            bucket = bucket.masked_fill(~mask, table.size(1) - 1)
+        # index_select straight into the layout attention wants (its backward, index_add, is cheap: few rows)
+        return table.index_select(1, bucket.flatten()).view(self.num_heads, *bucket.shape)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim_model: int, num_heads: int, dim_head: int, dropout_p: float):
+        super().__init__()
+        self.num_heads, self.dim_head, self.dropout_p = num_heads, dim_head, dropout_p
+        self.project_q = Linear(dim_model, num_heads * dim_head)
+        self.project_k = Linear(dim_model, num_heads * dim_head)
+        self.project_v = Linear(dim_model, num_heads * dim_head)
+        self.attention_out = Linear(num_heads * dim_head, dim_model)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, L, H*Dh) -> (H, B, L, Dh)
+        B, L, _ = t.shape
+        return t.view(B, L, self.num_heads, self.dim_head).permute(2, 0, 1, 3).contiguous()
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, past_kv=None):
+        # x (B, Lq, D); bias (H, B, Lq, Lk) additive, -inf where masked; past_kv: (H, B, T, Dh) pair or None.
+        # Head-major (H, B, ...) layout throughout: the bias is gathered in it, q/k/v take one copy each into it.
+        B, Lq, _ = x.shape
+        H, Dh = self.num_heads, self.dim_head
+        q, k, v = self._heads(self.project_q(x)), self._heads(self.project_k(x)), self._heads(self.project_v(x))
+        if past_kv is not None:  # incremental decoding: keys/values of earlier positions
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        p = self.dropout_p if self.training else 0.0
+        if x.is_cuda:  # fused kernels (they also give the bias its gradient)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (H, B, Lq, Dh)
+        else:  # on CPU plain ops are faster: scores = q k^T / sqrt(Dh) + bias in one baddbmm
+            Lk = k.size(2)
+            qf, kf, vf = q.view(H * B, Lq, Dh), k.view(H * B, Lk, Dh), v.view(H * B, Lk, Dh)
+            s = torch.baddbmm(bias.reshape(H * B, Lq, Lk), qf, kf.transpose(1, 2), alpha=1.0 / math.sqrt(Dh))
+            s = F.dropout(s.softmax(-1), p, True) if p else s.softmax(-1)  # dropout on the probabilities (CPM-Live)
+            o = torch.bmm(s, vf).view(H, B, Lq, Dh)  # (H, B, Lq, Dh)
+        o = o.permute(1, 2, 0, 3).reshape(B, Lq, H * Dh)
+        return self.attention_out(o), (k, v)  # (B, Lq, D)
+
+
+class SelfAttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.layernorm_before_attention = RMSNorm(c.dim_model, c.eps)
+        self.self_attention = Attention(c.dim_model, c.num_heads, c.dim_head, c.dropout_p)
+        self.dropout_p = c.dropout_p
+
+    def forward(self, h, bias, past_kv=None):
+        out, kv = self.self_attention(self.layernorm_before_attention(h), bias, past_kv)
+        if self.dropout_p and self.training:
+            out = F.dropout(out, self.dropout_p, True)
+        return h + out, kv
+
+
+class DenseGatedACT(nn.Module):
+    def __init__(self, dim_in: int, dim_ff: int):
+        super().__init__()
+        self.w_0 = Linear(dim_in, dim_ff)
+        self.w_1 = Linear(dim_in, dim_ff)
+
+    def forward(self, x):  # (B, L, D) -> (B, L, F): gelu(w_0 x) * (w_1 x)
+        return F.gelu(self.w_0(x)) * self.w_1(x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim_model: int, dim_ff: int, dropout_p: float):
+        super().__init__()
+        self.w_in = DenseGatedACT(dim_model, dim_ff)
+        self.w_out = Linear(dim_ff, dim_model)
+        self.dropout_p = dropout_p
+
+    def forward(self, x):  # (B, L, D) -> (B, L, D)
+        x = self.w_in(x)
+        if self.dropout_p and self.training:
+            x = F.dropout(x, self.dropout_p, True)
+        return self.w_out(x)
+
+
+class FFNBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.layernorm_before_ffn = RMSNorm(c.dim_model, c.eps)
+        self.ffn = FeedForward(c.dim_model, c.dim_ff, c.dropout_p)
+        self.dropout_p = c.dropout_p
+
+    def forward(self, h):
+        out = self.ffn(self.layernorm_before_ffn(h))
+        if self.dropout_p and self.training:
+            out = F.dropout(out, self.dropout_p, True)
+        return h + out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention then FFN, each with a residual; a masked sub-block is None (residual only, no weights)."""
+
+    def __init__(self, config: ModelConfig, mask_att: bool = False, mask_ffn: bool = False):
+        super().__init__()
+        self.self_att = None if mask_att else SelfAttentionBlock(config)
+        self.ffn = None if mask_ffn else FFNBlock(config)
+
+    def forward(self, h, bias, past_kv=None):
+        kv = None
+        if self.self_att is not None:
+            h, kv = self.self_att(h, bias, past_kv)
+        if self.ffn is not None:
+            h = self.ffn(h)
+        return h, kv
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        masks = config.mask_modules or [(False, False)] * config.num_layers
+        self.layers = nn.ModuleList([TransformerBlock(config, a, f) for a, f in masks])
+        self.output_layernorm = RMSNorm(config.dim_model, config.eps)
+
+    def forward(self, h, bias, past_key_values=None, hidden: Optional[list] = None):
+        present = []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, bias, None if past_key_values is None else past_key_values[i])
+            present.append(kv)
+            if hidden is not None:
+                hidden.append(h)
+        return self.output_layernorm(h), present
+
+
+class CPMAnt(nn.Module):
+    """CPM-Ant (CPM-Live `CPMAnt`): forward(input, length, context, position, segment, span) -> logits (B, L, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.prompt_length = c.prompt_length
+        self.encoder = Encoder(c)
+        self.prompt_embedding = Embedding(c.prompt_types * c.prompt_length, c.dim_model)
+        self.segment_embedding = Embedding(c.segment_types, c.dim_model)
+        self.input_embedding = Embedding(c.vocab_size, c.dim_model)
+        self.position_bias = SegmentPositionEmbedding(
+            c.num_heads, c.segment_types, c.position_bias_num_buckets, c.position_bias_max_distance
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """CPM-Live init: every weight N(0, 1) (embeddings, Linears, position-bias table), RMSNorm weights 1."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, (Linear, Embedding)):
+                nn.init.normal_(m.weight, 0.0, 1.0)
+        nn.init.normal_(self.position_bias.relative_attention_bias, 0.0, 1.0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- inputs -> embeddings and the shared attention bias ---------------------------------------
+    def _check_length(self, seqlen: int) -> None:
+        limit = self.config.position_bias_max_distance
+        if seqlen > limit:
+            raise CpmantError(
+                f"sequence length {seqlen} exceeds position_bias_max_distance {limit}",
+                f"use seq_len <= {limit} (prompt included), or a preset with a larger position_bias_max_distance",
+            )
+
+    def embed(self, input: torch.Tensor, segment: torch.Tensor, first: bool = True) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D): prompt table for the first prompt_length positions (when `first`), tokens after."""
+        P = self.prompt_length if first else 0
+        prompt = F.embedding(input[:, :P], self.prompt_embedding.weight)  # (B, P, D)
+        tokens = F.embedding(input[:, P:], self.input_embedding.weight)  # (B, L-P, D)
+        h = torch.cat([prompt, tokens], dim=1)
+        # (prompt|token + segment) / sqrt(D): CPM-Live divides each embedding by sqrt(D)
+        return (h + F.embedding(segment, self.segment_embedding.weight)) * (1.0 / math.sqrt(self.config.dim_model))
+
+    @torch.no_grad()
+    def attention_mask(self, length, context, span, q_start: int = 0) -> torch.Tensor:
+        """(B, Lq, Lk) bool, query rows q_start..: context[j] or (not context[i] and j <= i), same span, both < length.
+
+        The diagonal is always allowed so that padding rows (fully masked otherwise) stay finite; valid rows
+        already allow themselves, so their values are unchanged.
+        """
+        Lk = context.size(1)
+        dev = context.device
+        ctx = context.bool()
+        kpos = torch.arange(Lk, device=dev)
+        qpos = kpos[q_start:]
+        causal = kpos[None, :] <= qpos[:, None]  # (Lq, Lk)
+        mask = ctx[:, None, :] | (~ctx[:, q_start:, None] & causal)
+        mask &= span[:, q_start:, None] == span[:, None, :]
+        valid = kpos[None, :] < length[:, None]  # (B, Lk)
+        mask &= valid[:, q_start:, None] & valid[:, None, :]
+        return mask | (kpos[None, :] == qpos[:, None])
+
+    def attention_bias(self, length, context, position, segment, span, q_start: int = 0) -> torch.Tensor:
+        """(H, B, Lq, Lk) additive: position bias, -inf where masked. Computed once, shared by every layer."""
+        mask = self.attention_mask(length, context, span, q_start)
+        return self.position_bias(position, position[:, q_start:], segment, segment[:, q_start:], mask=mask)
+
+    # ---- the model ---------------------------------------------------------------------------------
+    def forward(self, input, length, context, position, segment, span, return_hidden: bool = False):
+        """input, context, position, segment, span: (B, L); length: (B,). Returns logits (B, L, V) in fp32.
+
+        With return_hidden, returns (logits, hidden) where hidden[i] (B, L, D) is the output of layer i (the
+        residual stream, before the final norm). Positions >= length hold finite values that mean nothing.
+        """
+        self._check_length(input.size(1))
+        h = self.embed(input, segment)  # (B, L, D)
+        bias = self.attention_bias(length, context, position, segment, span)  # (H, B, L, L)
+        hidden = [] if return_hidden else None
+        h, _ = self.encoder(h, bias, hidden=hidden)  # (B, L, D), normed
+        logits = self.input_embedding.projection(h).float()  # (B, L, V), tied to the token table
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def inference(self, input, length, context, position, segment, span, past_key_values: Optional[KVCache] = None):
+        """CPM-Live's incremental decoding. context/position/segment/span (B, T) and length (B,) describe the whole
+        sequence so far; `input` holds only the positions not yet in `past_key_values` (all T on the first call).
+        Returns (logits (B, n, V) fp32, present key values). Equals `forward` when later tokens are non-context."""
+        T, n = position.size(1), input.size(1)
+        self._check_length(T)
+        q_start = T - n
+        h = self.embed(input, segment[:, q_start:], first=past_key_values is None)
+        bias = self.attention_bias(length, context, position, segment, span, q_start)  # (H, B, n, T)
+        h, present = self.encoder(h, bias, past_key_values)
+        return self.input_embedding.projection(h).float(), present
+
+    @staticmethod
+    def reorder_cache(past_key_values: KVCache, index: torch.Tensor) -> KVCache:
+        """Pick rows of a KV cache (beam search): index (R,) into the batch dimension (dim 1, head-major)."""
+        return [None if kv is None else (kv[0].index_select(1, index), kv[1].index_select(1, index))
+                for kv in past_key_values]
+
+
+def build_model(config: ModelConfig, device=None, dtype: Optional[torch.dtype] = None) -> CPMAnt:
+    """Make a CPMAnt directly on `device` in `dtype` (torch.device("meta") builds the 10B with no memory)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    prev = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with device:
+            model = CPMAnt(config)
+    finally:
+        torch.set_default_dtype(prev)
+    return model
