@@ -4,6 +4,8 @@ temporary MLflow store per test that needs one, and Prefect's test harness for f
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,23 +17,25 @@ MICRO_MODEL = {"dim_model": 32, "dim_ff": 64, "num_layers": 2, "num_heads": 2, "
                "position_bias_num_buckets": 16, "position_bias_max_distance": 128}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_home(tmp_path_factory):
-    """Every test session writes under its own CPMANT_HOME; MLflow/Prefect never touch the user's."""
-    home = tmp_path_factory.mktemp("cpmant_home")
-    old = {k: os.environ.get(k) for k in ("CPMANT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    os.environ["CPMANT_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("PREFECT_API_URL", None)
-    from cpmant_cli.env import configure_environment
+# Every test session writes under its own CPMANT_HOME; MLflow and Prefect never touch the user's. This happens at
+# import, before Prefect is first imported: Prefect binds its console log handler to sys.stderr at import time, and
+# a stream captured by one test's capsys is closed by the time a later flow logs.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="cpmant-test-home-"))
+os.environ["CPMANT_HOME"] = str(_SESSION_HOME)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+from cpmant_cli.env import configure_environment  # noqa: E402
 
-    configure_environment()
-    yield home
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+configure_environment()
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home():
+    yield _SESSION_HOME
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
