@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cpmant.errors import CpmantError
 
@@ -97,6 +98,45 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_pull(args) -> int:
+    from registry.pull import download
+
+    out = download(args.uri, args.to)
+    print(f"pulled {args.uri} into {out} (every file verified against its sha256 tag)")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from registry.lineage import format_lineage, lineage
+
+    chain = lineage(args.uri)
+    print(json.dumps(chain, indent=2) if args.json else format_lineage(chain))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """`mlflow models serve` on the version, with this environment (--env-manager local), on 127.0.0.1."""
+    import os
+    import subprocess
+
+    from registry.pull import resolve_version
+    from registry.tracking import setup_tracking, tracking_uri
+
+    setup_tracking()
+    if args.uri.startswith("models:/"):
+        name, version = resolve_version(args.uri)
+        model_uri = f"models:/{name}/{version}"
+    else:
+        model_uri = args.uri
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    print(f"serving {model_uri} on http://{args.host}:{args.port}/invocations", flush=True)
+    # mlflow execs `uvicorn` by name: put this environment's scripts first on PATH even when it is not activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_REGISTRY_URI": tracking_uri()}
+    return subprocess.call(cmd, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cpmant", description="The whole life of a CPM-Ant model: Prefect flows, "
                                  "MLflow tracking and registry. State lives under CPMANT_HOME (default ./.cpmant).")
@@ -124,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("pull", help="download a version's checkpoint, verifying every file's sha256")
+    p.add_argument("uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--to", required=True, help="a new or empty folder")
+    p.set_defaults(fn=cmd_pull)
+
+    p = sub.add_parser("serve", help="serve a version over HTTP (MLflow's /invocations protocol) on 127.0.0.1")
+    p.add_argument("uri")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("lineage", help="a version's chain back through its parents to the corpus and code")
+    p.add_argument("uri")
+    p.add_argument("--json", action="store_true", help="print the chain as JSON")
+    p.set_defaults(fn=cmd_lineage)
 
     p = sub.add_parser("convert", help="convert between cpmant, transformers (hf) and CPM-Live checkpoints")
     p.add_argument("src")

@@ -7,6 +7,7 @@ register it again.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -43,9 +44,14 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+from .pull import FILE_TAG_PREFIX
+
+
 def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str]:
+    """The contract's six tags, one `cpmant.file_sha256.<file>` tag per checkpoint file (what `pull` verifies),
+    and `cpmant.lineage`: this version's chain back to its corpus, readable in the MLflow UI."""
     meta = read_meta(model_dir)
-    return {
+    tags = {
         "cpmant.stage": stage,
         "cpmant.parent": parent,
         "cpmant.checkpoint_sha256": sha256_file(model_dir / WEIGHTS_FILE),
@@ -53,13 +59,16 @@ def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str
         "cpmant.data_sha256": str(meta.get("data_sha256", "")),
         "cpmant.git_sha": str(meta.get("git_sha", "")),
     }
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file():
+            tags[FILE_TAG_PREFIX + f.name] = sha256_file(f)
+    return tags
 
 
 def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain", parent: str = "",
                         alias: str | None = "candidate", extra_tags: dict[str, str] | None = None) -> Registered:
     """Log `model_dir` as a pyfunc model in the active run (or a new one) and register it as a new version of `name`."""
     import mlflow
-    import pandas as pd
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
@@ -73,14 +82,19 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
         started = mlflow.active_run() is None
         run = mlflow.start_run(run_name=f"register-{name}") if started else mlflow.active_run()
         try:
-            example = pd.DataFrame({"text": ["床前明月光"]})
+            # our predict takes a DataFrame or a list, so it carries no type hints; the signature is explicit
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+            example = ["床前明月光"]  # a list of prompts; a one-column DataFrame is accepted too
             signature = infer_signature(example, ["，疑是地上霜。"], params=_default_params())
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(model_dir)},
                 signature=signature, input_example=example, pip_requirements=pip_requirements(),
             )
-            mv = mlflow.register_model(info.model_uri, name, tags=tags)
+            mv = _register_with_retry(info.model_uri, name, tags)
             client = MlflowClient()
+            from .lineage import lineage_text
+
+            client.set_model_version_tag(name, mv.version, "cpmant.lineage", lineage_text(f"models:/{name}/{mv.version}"))
             client.update_model_version(name, mv.version, description=f"{stage} checkpoint from {model_dir.name}")
             if alias:
                 client.set_registered_model_alias(name, alias, mv.version)
@@ -92,6 +106,27 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
     except Exception as e:  # MLflow/store errors: keep the checkpoint, say how to retry
         raise CpmantError(f"registering {name} failed: {type(e).__name__}: {e}", again) from e
     return Registered(name, int(mv.version), run.info.run_id, alias)
+
+
+def _register_with_retry(model_uri: str, name: str, tags: dict, attempts: int = 8):
+    """mlflow.register_model, retried when a concurrent registration wins the race for the next version number
+    (a unique-key violation) or SQLite is briefly locked by another writer."""
+    import random
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            return mlflow.register_model(model_uri, name, tags=tags)
+        except MlflowException as e:
+            text = str(e).lower()
+            transient = any(w in text for w in ("unique", "integrity", "locked", "duplicate"))
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1) + random.random() * 0.3)
+    raise AssertionError("unreachable")
 
 
 def _default_params() -> dict:

@@ -20,7 +20,7 @@ from cpmant.training.prepare import PreparedData, prepare_data
 
 from .config import LifecycleConfig
 from .plots import plot_loss
-from .tracking import AsyncMetricLogger, MlflowCallbacks, tracked_stage
+from .tracking import AsyncMetricLogger, MlflowCallbacks, finite, tracked_stage
 
 
 def _flat_params(prefix: str, d: dict) -> dict[str, str]:
@@ -78,12 +78,12 @@ def train_model(cfg: LifecycleConfig, data: PreparedData) -> dict:
                 res = pretrain(p, MlflowCallbacks(logger), prepared=data)
         finally:
             logger.close()
-        mlflow.log_metrics({
+        mlflow.log_metrics(finite({
             "tokens_per_second": res.tokens_per_second, "mfu": res.mfu, "peak_flops": res.peak_flops,
-            "valid_loss_start": res.valid_loss_start or float("nan"), "valid_loss_end": res.valid_loss_end,
+            "valid_loss_start": res.valid_loss_start, "valid_loss_end": res.valid_loss_end,
             "final_loss": res.final_loss, "num_parameters": res.num_parameters, "tokens_seen": res.tokens_seen,
             "train_seconds": res.train_seconds,
-        })
+        }))
         mlflow.set_tags({"cpmant.data_sha256": data.data_sha256, "cpmant.config_sha256": res.config_sha256,
                          "cpmant.preset": p.preset})
         mlflow.log_artifact(str(res.run_dir / "config.yaml"), artifact_path="config")

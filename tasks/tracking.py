@@ -4,6 +4,7 @@ asynchronous metric logging so tracking stays under 1% of training time."""
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import tempfile
 import threading
@@ -13,6 +14,12 @@ from pathlib import Path
 from mlflow.entities import Metric
 
 from .config import TrackingConfig
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """Only finite values: a NaN metric at a step makes MLflow's later log_model at that step fail on SQLite
+    (the metrics table's unique key; mlflow/mlflow#26108), which would lose the registration."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
 def cost_rmb(tracking: TrackingConfig, duration_s: float, energy_kwh: float) -> float:
@@ -33,6 +40,7 @@ class AsyncMetricLogger:
 
         self.client, self.run_id, self.flush_steps = MlflowClient(), run_id, flush_steps
         self.buffer: list[Metric] = []
+        self.sent: set[tuple[str, int]] = set()
         self.q: queue.Queue = queue.Queue()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._work, daemon=True, name="mlflow-metrics")
@@ -50,8 +58,13 @@ class AsyncMetricLogger:
                 self.errors.append(e)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue finite metrics for `step`; a (key, step) already sent is not sent again, so a replayed step
+        never repeats a (key, step, timestamp, value) row."""
         ts = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        for k, v in finite(metrics).items():
+            if (k, step) not in self.sent:
+                self.sent.add((k, step))
+                self.buffer.append(Metric(k, v, ts, step))
         if step % self.flush_steps == 0:
             self.flush()
 
@@ -109,12 +122,12 @@ def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] 
             emissions = tracker.stop() or 0.0
             data = tracker.final_emissions_data
             energy = float(getattr(data, "energy_consumed", 0.0) or 0.0)
-            mlflow.log_metrics({
+            mlflow.log_metrics(finite({
                 "energy_kwh": energy,
                 "emissions_kg_co2e": float(emissions),
                 "cost_rmb": cost_rmb(tracking, duration, energy),
                 "duration_s": duration,
-            })
+            }))
             mlflow.log_params({"tracking.country_iso_code": tracking.country_iso_code,
                                "tracking.device": tracking.device, "tracking.devices": tracking.devices})
             csv = Path(tmp) / "emissions.csv"

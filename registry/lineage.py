@@ -1,0 +1,58 @@
+"""Lineage: a version's chain back through `cpmant.parent` tags to its corpus hash and code version."""
+
+from __future__ import annotations
+
+from cpmant.errors import CpmantError
+
+
+def lineage(uri: str, max_depth: int = 32) -> list[dict]:
+    """[{uri, name, version, stage, data_sha256, config_sha256, checkpoint_sha256, git_sha, run_id}, ...] from
+    `uri` (first) back to its base model (last)."""
+    from mlflow.tracking import MlflowClient
+
+    from .pull import resolve_version
+    from .tracking import setup_tracking
+
+    setup_tracking()
+    client = MlflowClient()
+    chain, seen = [], set()
+    cur = uri
+    while cur:
+        if cur in seen or len(chain) >= max_depth:
+            raise CpmantError(f"the lineage of {uri} loops or is deeper than {max_depth} at {cur}",
+                              "fix the cpmant.parent tag of that version")
+        seen.add(cur)
+        name, version = resolve_version(cur)
+        mv = client.get_model_version(name, str(version))
+        t = mv.tags
+        chain.append({"uri": f"models:/{name}/{version}", "name": name, "version": version,
+                      "stage": t.get("cpmant.stage", ""), "parent": t.get("cpmant.parent", ""),
+                      "data_sha256": t.get("cpmant.data_sha256", ""),
+                      "config_sha256": t.get("cpmant.config_sha256", ""),
+                      "checkpoint_sha256": t.get("cpmant.checkpoint_sha256", ""),
+                      "git_sha": t.get("cpmant.git_sha", ""), "run_id": mv.run_id,
+                      "aliases": list(getattr(mv, "aliases", []) or [])})
+        cur = t.get("cpmant.parent", "")
+    return chain
+
+
+def lineage_text(uri: str) -> str:
+    """One line for a tag: `models:/a/2 <- models:/b/1 <- data:96986e4b… (code 1a2b3c4)`."""
+    chain = lineage(uri)
+    parts = [c["uri"] for c in chain]
+    base = chain[-1]
+    parts.append(f"data:{base['data_sha256'][:16]}")
+    return " <- ".join(parts) + f" (code {base['git_sha'][:12]})"
+
+
+def format_lineage(chain: list[dict]) -> str:
+    """A tree for the terminal, newest first, ending at the corpus and code version."""
+    lines = []
+    for depth, c in enumerate(chain):
+        pad = "" if depth == 0 else "   " * (depth - 1) + "└─ "
+        alias = f" @{','.join(c['aliases'])}" if c["aliases"] else ""
+        lines.append(f"{pad}{c['uri']}{alias}  stage={c['stage']}  checkpoint={c['checkpoint_sha256'][:12]}  "
+                     f"config={c['config_sha256'][:12]}  code={c['git_sha'][:12]}  run={c['run_id']}")
+    base = chain[-1]
+    lines.append("   " * (len(chain) - 1) + f"└─ corpus data_sha256={base['data_sha256']}")
+    return "\n".join(lines)
