@@ -84,11 +84,14 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
         try:
             # our predict takes a DataFrame or a list, so it carries no type hints; the signature is explicit
             warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-            example = ["床前明月光"]  # a list of prompts; a one-column DataFrame is accepted too
-            signature = infer_signature(example, ["，疑是地上霜。"], params=_default_params())
+            prompts = ["床前明月光"]  # a list of prompts; a one-column DataFrame is accepted too
+            signature = infer_signature(prompts, ["，疑是地上霜。"], params=_default_params())
+            # MLflow serves the example once at logging (a real smoke test of the version); 4 new tokens keep
+            # that check cheap for large checkpoints
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(model_dir)},
-                signature=signature, input_example=example, pip_requirements=pip_requirements(),
+                signature=signature, input_example=(prompts, {"max_new_tokens": 4}),
+                pip_requirements=pip_requirements(),
             )
             mv = _register_with_retry(info.model_uri, name, tags)
             client = MlflowClient()
