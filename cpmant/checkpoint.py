@@ -175,7 +175,12 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     config, state_dict, vocab, _ = load_model_dir(path)
     if vocab is None:
         raise CpmantError(f"{path} has no {VOCAB_FILE}", "copy the vocab the model was trained with into the folder")
-    model = CPMAnt(config)
+    if config.quantization or config.moe_experts:  # int8 weights and/or MoE FFNs
+        from .compress.quantize import build_quantized_skeleton
+
+        model = build_quantized_skeleton(config)
+    else:
+        model = CPMAnt(config)
     model.load_state_dict(state_dict, strict=True)
     if dtype is not None:
         model = model.to(dtype)

@@ -32,6 +32,11 @@ class ModelConfig:
     half: bool = False  # CPM-Live stores fp16 weights when true
     # one (mask_att, mask_ffn) pair per layer; True removes that sub-block. None keeps everything.
     mask_modules: tuple[tuple[bool, bool], ...] | None = None
+    # compression state (None on an uncompressed model): "int8" = Linear weights stored int8 + per-row fp32 scales
+    quantization: str | None = None
+    # MoEfication: each FFN's neurons grouped into `moe_experts` experts, `moe_top_k` used per token
+    moe_experts: int | None = None
+    moe_top_k: int | None = None
 
     def __post_init__(self):
         if self.mask_modules is not None:

@@ -108,8 +108,19 @@ def from_cpm_live(
     return sd, config
 
 
+def refuse_compressed(config: ModelConfig, target: str) -> None:
+    """Raise for int8-quantized or MoEfied models: neither CPM-Live nor transformers can express them."""
+    if config.quantization is not None or config.moe_experts is not None:
+        raise CpmantError(
+            f"{target} has no int8 weights or MoE routers: a model with quantization={config.quantization!r}, "
+            f"moe_experts={config.moe_experts!r} cannot be converted",
+            "keep this model in the cpmant format, or convert its dense parent (before quantize / moefy)",
+        )
+
+
 def to_cpm_live(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path) -> Path:
     """Write CPM-Live's format: `pytorch_model.pt` (torch.save of fp16 tensors) and `config.json`. Returns out_dir."""
+    refuse_compressed(config, "CPM-Live's format")
     validate_state_dict(state_dict, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +152,7 @@ def _is_linear(key: str) -> bool:
 
 def to_hf_config(config: ModelConfig):
     """Our ModelConfig -> transformers.CpmAntConfig (raises for mask_modules, which HF cannot express)."""
+    refuse_compressed(config, "transformers' CpmAntForCausalLM")
     from transformers import CpmAntConfig
 
     if config.mask_modules is not None and any(a or f for a, f in config.mask_modules):

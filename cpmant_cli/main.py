@@ -67,6 +67,17 @@ def cmd_lifecycle(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from cpmant.configio import build_config, parse_overrides
+    from flows.compress import compress_flow
+    from tasks.config import LifecycleConfig
+
+    cfg = build_config(LifecycleConfig, args.config, parse_overrides(args.set)).model_dump(mode="json")
+    out = compress_flow(args.uri, args.recipe, cfg)
+    print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from cpmant.checkpoint import load_pretrained
     from cpmant.generate import generate
@@ -142,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "MLflow tracking and registry. State lives under CPMANT_HOME (default ./.cpmant).")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("lifecycle", help="run every stage on the embedded default (now: pretraining)")
+    p = sub.add_parser("lifecycle", help="run every stage on the embedded default (now: pretrain, compress)")
     _add_run_args(p)
     p.set_defaults(fn=cmd_lifecycle)
 
@@ -152,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="processes through torchrun (gloo on CPU)")
     p.add_argument("--backend", choices=["torch", "bmtrain"], help="training backend (bmtrain needs CUDA)")
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("compress", help="compress a registered model into size variants (the published ladder)")
+    p.add_argument("uri", help="the parent: models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--recipe", default="all",
+                   help="7b, 3b, 1b, 300m, int8, moe, all (the four ladder rungs), a comma list, or recipe YAML files")
+    p.add_argument("--config", help="YAML file (a saved LifecycleConfig; its compress section applies)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. compress.eval_rows=32")
+    p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("generate", help="continue a text with a registered model")
     p.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from cpmant.compress.config import CompressConfig
 from cpmant.configio import FrozenModel
 from cpmant.training.config import PretrainConfig
 
@@ -26,4 +27,5 @@ class TrackingConfig(FrozenModel):
 
 class LifecycleConfig(FrozenModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

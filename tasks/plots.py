@@ -30,3 +30,34 @@ def plot_loss(log_path: Path, out: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_ladder(table: list[dict], out: Path) -> Path | None:
+    """LM loss against parameters for the ladder; the published increases drawn on the same parent loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r.get("params") and r.get("lm_loss")]
+    if len(rows) < 2:
+        return None
+    base = rows[0]["lm_loss"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["params"] for r in rows], [r["lm_loss"] for r in rows], "o-", label="ours (held-out LM loss)")
+    pub = [(r["params"], base * (1 + r["published_loss_increase"])) for r in rows
+           if r.get("published_loss_increase") is not None]
+    if len(pub) > 1:
+        ax.plot(*zip(*pub), "s--", alpha=0.7, label="published increases applied to our parent")
+    for r in rows:
+        ax.annotate(str(r["model"]).split("-")[-1].split("/")[0], (r["params"], r["lm_loss"]), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("LM loss")
+    ax.set_title("Compression ladder")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

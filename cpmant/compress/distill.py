@@ -1,0 +1,105 @@
+"""Distillation: recovery training of a pruned student from its parent, as BMCook configures it.
+
+loss = ce_weight * LM loss on the corpus targets
+     + kl_weight * T^2 * KL(teacher_T || student_T) on the same target positions  (BMCook `ce_scale`, `ce_temp`)
+     + hidden_weight * MSE of every layer slot's output, student vs teacher, on valid positions  (`mse_hidn`)
+Layer slots line up because pruning masks sub-blocks in place (mask_modules) rather than renumbering layers.
+Resumable like pretraining: step-N checkpoints with optimizer, scheduler and RNG; `resume="auto"` continues.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from ..model import CPMAnt
+from ..training.data import IGNORE, PretrainStream
+from ..training.schedule import cosine
+from .recipe import DistillConfig
+
+
+@dataclass
+class DistillReport:
+    steps: int
+    resumed_from: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    losses: list[float]
+
+
+def distill_loss(student: CPMAnt, teacher: CPMAnt, batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
+    inputs = batch.model_inputs()
+    with torch.no_grad():
+        t_logits, t_hidden = teacher(**inputs, return_hidden=True)
+    s_logits, s_hidden = student(**inputs, return_hidden=True)
+    sel = batch.target != IGNORE  # (B, L) predicted positions
+    ce = F.cross_entropy(s_logits[sel], batch.target[sel])
+    T = cfg.temperature
+    kl = F.kl_div(F.log_softmax(s_logits[sel] / T, -1), F.log_softmax(t_logits[sel] / T, -1), log_target=True,
+                  reduction="batchmean") * T * T
+    L = inputs["input"].size(1)
+    valid = (torch.arange(L)[None, :] < inputs["length"][:, None]).unsqueeze(-1).float()  # (B, L, 1)
+    denom = valid.sum() * s_hidden[0].size(-1)
+    mse = sum(((s - t) ** 2 * valid).sum() / denom for s, t in zip(s_hidden, t_hidden)) / len(s_hidden)
+    loss = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.hidden_weight * mse
+    return loss, {"ce": ce.item(), "kl": kl.item(), "hidden_mse": mse.item()}
+
+
+def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: DistillConfig, ckpt_root: Path,
+            vocab_path: Path, meta: dict | None = None, callbacks=None, progress: bool = True,
+            resume: str = "auto") -> DistillReport:
+    """Train `student` (in place) towards `teacher` for cfg.steps steps; checkpoints under ckpt_root."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    student.train()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(max(cfg.warmup_steps, 1), max(cfg.steps, 1), 0.1))
+    start = 0
+    latest = ckpt.latest_checkpoint(ckpt_root) if resume == "auto" else None
+    losses: list[float] = []
+    if latest is not None:
+        saved_cfg, sd, _, _ = ckpt.load_model_dir(latest)
+        if saved_cfg == student.config:
+            student.load_state_dict(sd)
+            st = ckpt.load_training_state(latest)
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            torch.set_rng_state(st["rng"]["torch"])
+            start, losses = int(st["step"]), list(st.get("losses", []))
+    B = cfg.micro_batch_size
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        batch = stream.batch(range(step * B, (step + 1) * B))
+        loss, parts = distill_loss(student, teacher, batch, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if callbacks:
+            callbacks.on_step(step + 1, {"distill_loss": losses[-1], **{f"distill_{k}": v for k, v in parts.items()}})
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if (step + 1) % cfg.save_interval == 0 or step + 1 == cfg.steps:
+            ckpt.save_training_checkpoint(
+                ckpt_root, step + 1, student.state_dict(), student.config, vocab_path,
+                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": {"torch": torch.get_rng_state()}, "step": step + 1, "losses": losses},
+                meta=meta, keep_last=1)
+    bar.close()
+    student.eval()
+    return DistillReport(cfg.steps, start, losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
+                         time.perf_counter() - t0, losses)

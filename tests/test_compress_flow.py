@@ -1,0 +1,108 @@
+"""The compression stage end to end: `compress --recipe all,int8` on a registered micro base registers the
+variants with lineage, their sizes follow their recipes, losses are measured, the ladder table is written, and the
+int8 variant generates through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MICRO_MODEL
+
+pytestmark = pytest.mark.flow
+CLI = str(Path(sys.executable).with_name("cpmant"))
+
+
+def closed_form_params(c) -> int:
+    att, ffn = c.kept()
+    d, hd = c.dim_model, c.num_heads * c.dim_head
+    emb = (c.vocab_size + c.prompt_types * c.prompt_length + c.segment_types) * d
+    pos = (c.segment_types ** 2 + c.position_bias_num_buckets) * c.num_heads
+    return emb + pos + d + att * (d + 4 * d * hd) + ffn * (d + 3 * d * c.dim_ff)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, fixture_corpus):
+    from cpmant.training.config import PretrainConfig
+    from cpmant.training.loop import pretrain
+    from registry.register import register_checkpoint
+
+    home = tmp_path_factory.mktemp("compress_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CPMANT_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model = {**MICRO_MODEL, "num_layers": 4, "num_heads": 4, "dim_ff": 96}
+    cfg = PretrainConfig(preset="tiny", model_overrides=model, corpus=str(fixture_corpus), vocab_size=600,
+                         seq_len=64, micro_batch_size=8, max_steps=30, warmup_steps=4, lr=0.05, eval_interval=30,
+                         eval_rows=8, save_interval=30, output_dir=str(home / "run"), encode_workers=1,
+                         min_piece_tokens=4)
+    res = pretrain(cfg, progress=False)
+    reg = register_checkpoint(res.model_dir, "cpm-ant-tiny")
+    yield {"home": home, "uri": reg.uri, "corpus": str(fixture_corpus)}
+    mp.undo()
+
+
+def test_compress_all_and_int8(prefect_harness, base):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cpmant.checkpoint import load_model_dir
+    from cpmant.compress.recipe import RECIPES
+    from flows.compress import compress_flow
+    from registry.pull import checkpoint_dir
+
+    cfg = {"compress": {"corpus": base["corpus"], "valid_fraction": 0.25, "distill_steps": 8, "distill_batch_size": 4,
+                        "importance_rows": 8, "eval_rows": 8, "batch_size": 4, "gen_tokens": 4},
+           "tracking": {"measure_power_secs": 1}}
+    out = compress_flow("models:/cpm-ant-tiny@candidate", "all,int8", cfg)
+    names = ["7b", "3b", "1b", "300m", "int8"]
+    assert out["variants"] == [f"models:/cpm-ant-tiny-{n}/1" for n in names]
+
+    client = MlflowClient()
+    parent_cfg, parent_sd, _, _ = load_model_dir(checkpoint_dir(base["uri"]))
+    parent_bytes = (checkpoint_dir(base["uri"]) / "model.safetensors").stat().st_size
+    ladder = {r["model"]: r for r in out["ladder"]}
+    for n in names:
+        uri = f"models:/cpm-ant-tiny-{n}/1"
+        mv = client.get_model_version(f"cpm-ant-tiny-{n}", "1")
+        assert mv.tags["cpmant.stage"] == "compress" and mv.tags["cpmant.parent"] == base["uri"]
+        assert mv.tags["cpmant.lineage"].startswith(f"{uri} <- {base['uri']} <- data:")
+        cfg_v, sd, _, meta = load_model_dir(checkpoint_dir(uri))
+        row = ladder[uri]
+        run = client.get_run(mv.run_id)
+        for key in ("lm_loss", "loss_increase", "params", "bytes_on_disk", "generation_tokens_per_second",
+                    "energy_kwh", "emissions_kg_co2e", "cost_rmb", "duration_s"):
+            assert key in run.data.metrics, (n, key)
+        if n == "int8":
+            assert cfg_v.quantization == "int8"
+            assert row["bytes_on_disk"] < 0.6 * parent_bytes  # int8 encoder weights; embeddings stay fp32
+            continue
+        shape = RECIPES[n].target_shape(parent_cfg)
+        assert cfg_v.kept() == (shape["att_layers"], shape["ffn_layers"])
+        assert (cfg_v.num_heads, cfg_v.dim_ff) == (shape["num_heads"], shape["dim_ff"])
+        assert row["params"] == closed_form_params(cfg_v) == sum(t.numel() for t in sd.values())
+        # the file is smaller in proportion to the parameters (fp32 either way, small header)
+        assert row["bytes_on_disk"] / parent_bytes == pytest.approx(row["params"] / closed_form_params(parent_cfg),
+                                                                     rel=0.02)
+        assert meta["report"]["distill"]["final_loss"] < meta["report"]["distill"]["first_loss"]
+    sizes = [ladder[f"models:/cpm-ant-tiny-{n}/1"]["params"] for n in ("7b", "3b", "1b", "300m")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] < closed_form_params(parent_cfg)
+
+    runs = mlflow.search_runs(filter_string="attributes.run_name = 'compress-ladder'", output_format="list")
+    assert runs and any(a.path == "ladder.json" for a in client.list_artifacts(runs[0].info.run_id))
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id,
+                                                                artifact_path="ladder.json")).read_text())
+    assert "published_loss_increase" in table["columns"]
+
+    p = subprocess.run([CLI, "generate", "models:/cpm-ant-tiny-int8/1", "床前明月光", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().startswith("床前明月光")
+
+    # a rerun reuses the finished variants (same recipe, same parent) instead of recomputing them
+    again = compress_flow("models:/cpm-ant-tiny@candidate", "3b", cfg)
+    assert again["ladder"][1]["lm_loss"] == pytest.approx(ladder["models:/cpm-ant-tiny-3b/1"]["lm_loss"])
