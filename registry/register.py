@@ -100,7 +100,7 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
             client.set_model_version_tag(name, mv.version, "cpmant.lineage", lineage_text(f"models:/{name}/{mv.version}"))
             client.update_model_version(name, mv.version, description=f"{stage} checkpoint from {model_dir.name}")
             if alias:
-                client.set_registered_model_alias(name, alias, mv.version)
+                _set_alias_with_retry(client, name, alias, mv.version)
         finally:
             if started:
                 mlflow.end_run()
@@ -130,6 +130,25 @@ def _register_with_retry(model_uri: str, name: str, tags: dict, attempts: int = 
                 raise
             time.sleep(0.2 * (i + 1) + random.random() * 0.3)
     raise AssertionError("unreachable")
+
+
+def _set_alias_with_retry(client, name: str, alias: str, version, attempts: int = 5) -> None:
+    """Setting an alias that does not exist yet is an INSERT: two registrations racing for it make one fail with a
+    unique violation (seen on the PostgreSQL-backed server). Once the row exists a retry is an UPDATE; the last
+    registration to arrive holds the alias."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as e:
+            text = str(e).lower()
+            if not any(w in text for w in ("unique", "duplicate", "alias_pk", "locked")) or i == attempts - 1:
+                raise
+            time.sleep(0.1 * (i + 1))
 
 
 def _default_params() -> dict:
