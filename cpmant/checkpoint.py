@@ -179,9 +179,12 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         from .compress.quantize import build_quantized_skeleton
 
         model = build_quantized_skeleton(config)
+        model.load_state_dict(state_dict, strict=True)
     else:
-        model = CPMAnt(config)
-    model.load_state_dict(state_dict, strict=True)
+        # built on the meta device and given the loaded tensors: no random init that the weights would overwrite
+        with torch.device("meta"):
+            model = CPMAnt(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device).eval()

@@ -8,6 +8,7 @@ verify every file's sha256 against the version's tags, and hand back a model tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -67,13 +68,37 @@ def expected_hashes(name: str, version: int) -> dict[str, str]:
     return files
 
 
-def verify_files(folder: Path, expected: dict[str, str], uri: str) -> None:
-    """Every registered file is present and hashes to its tag; otherwise refuse with the file named."""
+VERIFIED_FILE = ".cpmant-verified.json"
+
+
+def _stat_key(f: Path) -> list[int]:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def verify_files(folder: Path, expected: dict[str, str], uri: str, remember: bool = False) -> None:
+    """Every registered file is present and hashes to its tag; otherwise refuse with the file named.
+
+    With `remember`, a successful check records each file's size, mtime and inode beside them, and a later check
+    of the same cached folder rehashes only files whose record changed.
+    """
+    record_path = folder.parent / f"{folder.name}{VERIFIED_FILE}"
+    record: dict = {}
+    if remember and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except ValueError:
+            record = {}
+    fresh: dict = {}
     for fname, want in sorted(expected.items()):
         f = folder / fname
         if not f.is_file():
             raise CpmantError(f"{uri}: file {fname} is missing from the download",
                               "pull again; if it persists the stored artifact is damaged: re-register the checkpoint")
+        key = _stat_key(f)
+        if record.get(fname) == [want, *key]:
+            fresh[fname] = record[fname]
+            continue
         got = sha256_file(f)
         if got != want:
             raise CpmantError(
@@ -82,6 +107,9 @@ def verify_files(folder: Path, expected: dict[str, str], uri: str) -> None:
                 "do not use this copy; re-register the original checkpoint (`cpmant register DIR --name NAME`) "
                 "or pull another version",
             )
+        fresh[fname] = [want, *key]
+    if remember:
+        record_path.write_text(json.dumps(fresh), encoding="utf-8")
 
 
 def _download_model(name: str, version: int, dest: Path) -> Path:
@@ -118,7 +146,7 @@ def checkpoint_dir(uri: str, verify: bool = True) -> Path:
     ckpt = _download_model(name, version, dest)
     if verify:
         try:
-            verify_files(ckpt, expected_hashes(name, version), uri)
+            verify_files(ckpt, expected_hashes(name, version), uri, remember=True)
         except CpmantError:
             shutil.rmtree(dest, ignore_errors=True)  # never keep a bad copy in the cache
             raise

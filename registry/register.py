@@ -51,17 +51,16 @@ def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str
     """The contract's six tags, one `cpmant.file_sha256.<file>` tag per checkpoint file (what `pull` verifies),
     and `cpmant.lineage`: this version's chain back to its corpus, readable in the MLflow UI."""
     meta = read_meta(model_dir)
+    files = {f.name: sha256_file(f) for f in sorted(model_dir.iterdir()) if f.is_file()}  # each file hashed once
     tags = {
         "cpmant.stage": stage,
         "cpmant.parent": parent,
-        "cpmant.checkpoint_sha256": sha256_file(model_dir / WEIGHTS_FILE),
+        "cpmant.checkpoint_sha256": files[WEIGHTS_FILE],
         "cpmant.config_sha256": str(meta.get("config_sha256", "")),
         "cpmant.data_sha256": str(meta.get("data_sha256", "")),
         "cpmant.git_sha": str(meta.get("git_sha", "")),
     }
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file():
-            tags[FILE_TAG_PREFIX + f.name] = sha256_file(f)
+    tags.update({FILE_TAG_PREFIX + name: digest for name, digest in files.items()})
     return tags
 
 
@@ -86,11 +85,11 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
             warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
             prompts = ["床前明月光"]  # a list of prompts; a one-column DataFrame is accepted too
             signature = infer_signature(prompts, ["，疑是地上霜。"], params=_default_params())
-            # MLflow serves the example once at logging (a real smoke test of the version); 4 new tokens keep
+            # MLflow serves the example once at logging (a real smoke test of the version); one new token keeps
             # that check cheap for large checkpoints
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(model_dir)},
-                signature=signature, input_example=(prompts, {"max_new_tokens": 4}),
+                signature=signature, input_example=(prompts, {"max_new_tokens": 1}),
                 pip_requirements=pip_requirements(),
             )
             mv = _register_with_retry(info.model_uri, name, tags)

@@ -107,6 +107,13 @@ def test_cli_pull_verifies_and_refuses_tampered_or_truncated(store, tmp_path):
     finally:
         stored.write_bytes(original)
     assert download("models:/cpm-ant-tiny/1", tmp_path / "restored").is_dir()
+    # the local cache is checked too: a cached file changed after its verification is refused on the next load
+    cached = checkpoint_dir("models:/cpm-ant-tiny/1")
+    with open(cached / "vocab.txt", "a", encoding="utf-8") as f:
+        f.write("extra\n")
+    with pytest.raises(CpmantError, match="vocab.txt does not match"):
+        checkpoint_dir("models:/cpm-ant-tiny/1")
+    assert checkpoint_dir("models:/cpm-ant-tiny/1").is_dir()  # the bad copy was dropped; a fresh one is fetched
 
 
 def test_pyfunc_in_a_fresh_process(store):
