@@ -47,6 +47,18 @@ def _bmtrain_train() -> None:
                       "use --backend torch, which also runs on GPUs (torchrun for several processes)")
 
 
+@register_backend("compress", "torch")
+def _torch_compress() -> None:
+    return None
+
+
+@register_backend("compress", "bmcook")
+def _bmcook_compress() -> None:
+    _require_cuda("bmcook", "--backend", "bmcook==0.1.2 (with bmtrain, model_center, cpm_kernels)")
+    raise CpmantError("the BMCook compression path is not built yet (it arrives with the CUDA issue)",
+                      "use --backend torch: the same recipes run on CPU or GPU")
+
+
 def get_backend(stage: str, name: str) -> str:
     choices = _BACKENDS.get(stage, {})
     if name not in choices:

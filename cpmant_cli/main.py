@@ -72,7 +72,13 @@ def cmd_compress(args) -> int:
     from flows.compress import compress_flow
     from tasks.config import LifecycleConfig
 
-    cfg = build_config(LifecycleConfig, args.config, parse_overrides(args.set)).model_dump(mode="json")
+    over = parse_overrides(args.set)
+    if args.backend:
+        over.setdefault("compress", {})["backend"] = args.backend
+    cfg = build_config(LifecycleConfig, args.config, over).model_dump(mode="json")
+    from cpmant.backends import get_backend
+
+    get_backend("compress", cfg["compress"]["backend"])  # fail before any flow starts
     out = compress_flow(args.uri, args.recipe, cfg)
     print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
     return 0
@@ -170,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="7b, 3b, 1b, 300m, int8, moe, all (the four ladder rungs), a comma list, or recipe YAML files")
     p.add_argument("--config", help="YAML file (a saved LifecycleConfig; its compress section applies)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. compress.eval_rows=32")
+    p.add_argument("--backend", choices=["torch", "bmcook"], help="compression backend (bmcook needs CUDA)")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("generate", help="continue a text with a registered model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ..configio import FrozenModel
@@ -18,4 +20,5 @@ class CompressConfig(FrozenModel):
     gen_tokens: int = Field(32, ge=1, description="new tokens per prompt when measuring generation speed")
     distill_steps: int | None = Field(None, ge=0, description="overrides every recipe's distill.steps when set")
     distill_batch_size: int | None = Field(None, ge=1, description="overrides every recipe's distill batch size")
+    backend: Literal["torch", "bmcook"] = Field("torch", description="torch anywhere; bmcook needs CUDA")
     output_dir: str | None = Field(None, description="None = $CPMANT_HOME/runs/compress-<base>")

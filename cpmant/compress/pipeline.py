@@ -86,11 +86,13 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
                         parent_uri: str = "", data: CompressData | None = None, callbacks=None,
                         progress: bool = True) -> dict:
     """Make, measure and save one variant; a finished variant with the same recipe and parent is reused."""
+    from ..backends import get_backend
     from .distill import distill
     from .moefy import moefy
     from .prune import prune
-    from .quantize import quantize_model
+    from .quantize import disable_qat, enable_qat, quantize_model
 
+    get_backend("compress", cfg.backend)
     over = {k: v for k, v in {"steps": cfg.distill_steps, "micro_batch_size": cfg.distill_batch_size}.items()
             if v is not None}
     if over:
@@ -122,10 +124,14 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
         if method == "prune":
             student, report["prune"] = prune(student, recipe.target_shape(teacher.config), imp_batches)
         elif method == "distill" and recipe.distill.steps > 0:
+            if recipe.qat:
+                enable_qat(student)  # fake-int8 weights (straight-through) while distilling
             r = distill(student, teacher, train_s, recipe.distill, out_dir / "checkpoints",
                         Path(parent_dir) / ckpt.VOCAB_FILE, meta={"recipe": recipe.name}, callbacks=callbacks,
                         progress=progress)
             report["distill"] = asdict(r) | {"losses": None}
+            if recipe.qat:
+                disable_qat(student)
         elif method == "quantize":
             student = quantize_model(student)
         elif method == "moefy":

@@ -42,6 +42,8 @@ class Recipe(FrozenModel):
     heads_keep: float = Field(1.0, gt=0, le=1, description="share of attention heads kept")
     dim_ff_keep: float = Field(1.0, gt=0, le=1, description="share of FFN width kept")
     quantize_bits: Literal[8] = Field(8, description="int8 weights with per-output-channel scales")
+    qat: bool = Field(False, description="quantization-aware distillation: fake-int8 weights while distilling "
+                                         "(needs distill before quantize in methods)")
     moe_experts: int = Field(8, ge=2, description="MoEfication: experts per FFN")
     moe_top_k: int = Field(2, ge=1, description="MoEfication: experts used per token")
     distill: DistillConfig = Field(default_factory=DistillConfig)
@@ -51,6 +53,9 @@ class Recipe(FrozenModel):
     def _check(self):
         if self.moe_top_k > self.moe_experts:
             raise ValueError("moe_top_k must not exceed moe_experts")
+        m = list(self.methods)
+        if self.qat and not ("distill" in m and "quantize" in m and m.index("distill") < m.index("quantize")):
+            raise ValueError("qat needs methods with distill before quantize")
         return self
 
     def target_shape(self, base: ModelConfig) -> dict:

@@ -38,6 +38,7 @@ class PretrainConfig(FrozenModel):
     keep_last: int = Field(2, ge=1, description="newest checkpoints kept")
     keep_every: int = Field(0, ge=0, description="also keep every step that is a multiple of this (0 = off)")
     resume: str = Field("auto", description="auto (continue the latest complete checkpoint), never, or a step folder")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
     nproc: int = Field(1, ge=1, description="processes (torchrun; gloo on CPU, NCCL on CUDA)")
     backend: Literal["torch", "bmtrain"] = Field("torch", description="training backend")
     num_threads: int | None = Field(None, description="torch intra-op threads per process (None = cores/procs)")

@@ -66,6 +66,11 @@ class Batch:
     target: torch.Tensor  # (B, T) next-token targets or -100
     task: torch.Tensor  # (B,) 1 or 2
 
+    def to(self, device: torch.device | str) -> "Batch":
+        if torch.device(device).type == "cpu":
+            return self
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return dict(input=self.input, length=self.length, context=self.context, position=self.position,
                     segment=self.segment, span=self.span)

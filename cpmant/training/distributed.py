@@ -36,8 +36,14 @@ def init_distributed() -> DistInfo:
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (through the GPU when the group is NCCL); returns a CPU tensor."""
     if info.enabled:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl":
+            y = x.cuda()
+            dist.all_reduce(y, op=dist.ReduceOp.SUM)
+            x.copy_(y.cpu())
+        else:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
@@ -53,6 +59,18 @@ def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         n = g.numel()
         g.copy_(flat[off : off + n].view_as(g))
         off += n
+
+
+def pick_device(choice: str, info: DistInfo) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from ..errors import CpmantError
+
+        raise CpmantError("device cuda was asked for but this machine has no CUDA device",
+                          "use device auto or cpu (pretrain.device=cpu)")
+    torch.cuda.set_device(info.local_rank)
+    return torch.device("cuda", info.local_rank)
 
 
 def barrier(info: DistInfo) -> None:

@@ -31,7 +31,8 @@ from ..model import CPMAnt
 from ..paths import subdir
 from .config import PretrainConfig
 from .data import IGNORE, TASK_LM, TASK_MASK, Batch, PretrainStream
-from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed,
+                          pick_device)
 from .prepare import PreparedData, prepare_data
 from .schedule import SCHEDULES
 
@@ -96,14 +97,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 
 def _loss_sums(model: CPMAnt, b: Batch, bf16: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Summed token loss of a batch and the per-task sums (for CPM-Live's per-task log)."""
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    device = model.input_embedding.weight.device
+    b = b.to(device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with ctx:
         logits = model(**b.model_inputs())
     tok_loss = F.cross_entropy(
         logits.float().view(-1, logits.size(-1)), b.target.view(-1), ignore_index=IGNORE, reduction="none"
     ).view(b.target.shape)
     per_row = tok_loss.sum(-1)
-    per_task = {t: per_row[b.task == t].sum().detach() for t in (TASK_MASK, TASK_LM)}
+    per_task = {t: per_row[b.task == t].sum().detach().cpu() for t in (TASK_MASK, TASK_LM)}
     return per_row.sum(), per_task
 
 
@@ -117,7 +120,7 @@ def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, 
     for start in range(0, n, batch_size):
         b = stream.batch(range(start, min(n, start + batch_size)), shuffle=False, task=TASK_LM)
         s, _ = _loss_sums(model, b, bf16)
-        total += float(s)
+        total += s.item()
         count += b.num_targets
     model.train(was_training)
     loss = total / max(count, 1)
@@ -188,7 +191,8 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
         mcfg.save(run_dir / "model_config.json")
 
     torch.manual_seed(cfg.seed)
-    model = CPMAnt(mcfg)
+    device = pick_device(cfg.device, info)
+    model = CPMAnt(mcfg).to(device)  # initialised on the CPU from the seed: the same weights on any device
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
@@ -224,7 +228,8 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
     rows_per_rank = micro * accum
     global_rows = rows_per_rank * world
     log = _JsonlLog(run_dir / "train_log.jsonl", start_step, info.is_main)
-    peak = measure_matmul_peak(seconds=0.3)
+    peak = measure_matmul_peak(dtype=torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32,
+                               seconds=0.3, device=device.type)
     fpt = flops_per_token(mcfg, cfg.seq_len)
 
     if valid_start is None:
@@ -250,8 +255,8 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
         for b in batches:
             s, per_task = _loss_sums(model, b, cfg.bf16)
             (s / n_targets).backward()
-            sums += torch.stack([s.detach(), per_task[TASK_MASK], per_task[TASK_LM]])
-            nt = (b.target != IGNORE).sum(-1)
+            sums += torch.stack([s.detach().cpu(), per_task[TASK_MASK], per_task[TASK_LM]])
+            nt = (b.target != IGNORE).sum(-1)  # the CPU copy of the batch
             counts_task += torch.stack([nt[b.task == TASK_MASK].sum(), nt[b.task == TASK_LM].sum()]).float()
         all_reduce_grads(params, info)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
