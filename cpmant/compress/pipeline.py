@@ -51,7 +51,7 @@ def load_data(cfg: CompressConfig, vocab_path: Path, progress: bool = True) -> C
 
 
 def _streams(model: CPMAnt, data: CompressData, seq_len: int, seed: int):
-    kw = dict(bos=6, eos=7, min_piece_tokens=4, max_piece_tokens=seq_len, seed=seed)
+    kw = dict(bos=6, eos=7, min_piece_tokens=8, max_piece_tokens=seq_len, seed=seed)  # as pretraining's default
     return (PretrainStream(data.train, model.config, seq_len, **kw),
             PretrainStream(data.importance, model.config, seq_len, **kw),
             PretrainStream(data.evaluation, model.config, seq_len, **kw))
@@ -113,7 +113,7 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
     data = data or load_data(cfg, Path(parent_dir) / ckpt.VOCAB_FILE, progress=progress)
     seq_len = recipe.distill.seq_len
     train_s, imp_s, eval_s = _streams(teacher, data, seq_len, cfg.seed)
-    imp_batches = [imp_s.batch(range(i, min(i + cfg.batch_size, cfg.importance_rows)), shuffle=False)
+    imp_batches = [imp_s.batch(range(i, min(i + cfg.batch_size, cfg.importance_rows)), shuffle=True)
                    for i in range(0, cfg.importance_rows, cfg.batch_size)]
     parent_eval = evaluate(teacher, eval_s, cfg.eval_rows, cfg.batch_size)
     torch.manual_seed(recipe.distill.seed)

@@ -7,6 +7,7 @@ A user recipe is a YAML file holding one `Recipe`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -59,13 +60,17 @@ class Recipe(FrozenModel):
         return self
 
     def target_shape(self, base: ModelConfig) -> dict:
-        """The student's shape on `base`: kept sub-layers, heads and dim_ff, rounded, at least one of each."""
+        """The student's shape on `base`: kept sub-layers, heads and dim_ff, rounded half up, at least one of each."""
         att0, ffn0 = base.kept()
+
+        def keep(n: int, share: float) -> int:
+            return max(1, math.floor(n * share + 0.5))  # half up: 4 heads x 62.5% keeps 3, not round()'s 2
+
         return {
-            "att_layers": max(1, round(att0 * self.att_keep)),
-            "ffn_layers": max(1, round(ffn0 * self.ffn_keep)),
-            "num_heads": max(1, round(base.num_heads * self.heads_keep)),
-            "dim_ff": max(1, round(base.dim_ff * self.dim_ff_keep)),
+            "att_layers": keep(att0, self.att_keep),
+            "ffn_layers": keep(ffn0, self.ffn_keep),
+            "num_heads": keep(base.num_heads, self.heads_keep),
+            "dim_ff": keep(base.dim_ff, self.dim_ff_keep),
         }
 
 

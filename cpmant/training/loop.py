@@ -112,13 +112,14 @@ def _loss_sums(model: CPMAnt, b: Batch, bf16: bool) -> tuple[torch.Tensor, dict[
 
 @torch.no_grad()
 def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, bf16: bool = False) -> dict:
-    """Left-to-right LM loss on the first `rows` rows of a stream, with fixed cut points (comparable over time)."""
+    """Left-to-right LM loss on `rows` rows of a stream with fixed cut points (comparable over time). The rows are
+    the first of the stream's seeded epoch-0 order: a fixed random sample, not the corpus's first documents."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n = min(rows, len(stream))
     for start in range(0, n, batch_size):
-        b = stream.batch(range(start, min(n, start + batch_size)), shuffle=False, task=TASK_LM)
+        b = stream.batch(range(start, min(n, start + batch_size)), shuffle=True, task=TASK_LM)
         s, _ = _loss_sums(model, b, bf16)
         total += s.item()
         count += b.num_targets
