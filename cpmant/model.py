@@ -323,18 +323,24 @@ class CPMAnt(nn.Module):
         return self.position_bias(position, position[:, q_start:], segment, segment[:, q_start:], mask=mask)
 
     # ---- the model ---------------------------------------------------------------------------------
-    def forward(self, input, length, context, position, segment, span, return_hidden: bool = False):
+    def forward(self, input, length, context, position, segment, span, return_hidden: bool = False,
+                logits_at: Optional[torch.Tensor] = None):
         """input, context, position, segment, span: (B, L); length: (B,). Returns logits (B, L, V) in fp32.
 
         With return_hidden, returns (logits, hidden) where hidden[i] (B, L, D) is the output of layer i (the
         residual stream, before the final norm). Positions >= length hold finite values that mean nothing.
+        With logits_at, a (B, L) bool mask, only those positions are projected onto the vocabulary: logits are
+        (N, V) in the mask's row-major order. Training needs logits only where there are targets (about a third
+        of the positions in CPM-Ant's objectives), and the vocabulary projection is the largest matmul.
         """
         self._check_length(input.size(1))
         h = self.embed(input, segment)  # (B, L, D)
         bias = self.attention_bias(length, context, position, segment, span)  # (H, B, L, L)
         hidden = [] if return_hidden else None
         h, _ = self.encoder(h, bias, hidden=hidden)  # (B, L, D), normed
-        logits = self.input_embedding.projection(h).float()  # (B, L, V), tied to the token table
+        if logits_at is not None:
+            h = h[logits_at]  # (N, D)
+        logits = self.input_embedding.projection(h).float()  # (B, L, V) or (N, V), tied to the token table
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()

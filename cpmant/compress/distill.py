@@ -37,13 +37,13 @@ class DistillReport:
 
 def distill_loss(student: CPMAnt, teacher: CPMAnt, batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
     inputs = batch.model_inputs()
+    sel = batch.target != IGNORE  # (B, L) predicted positions; logits only there
     with torch.no_grad():
-        t_logits, t_hidden = teacher(**inputs, return_hidden=True)
-    s_logits, s_hidden = student(**inputs, return_hidden=True)
-    sel = batch.target != IGNORE  # (B, L) predicted positions
-    ce = F.cross_entropy(s_logits[sel], batch.target[sel])
+        t_logits, t_hidden = teacher(**inputs, return_hidden=True, logits_at=sel)  # (N, V)
+    s_logits, s_hidden = student(**inputs, return_hidden=True, logits_at=sel)
+    ce = F.cross_entropy(s_logits, batch.target[sel])
     T = cfg.temperature
-    kl = F.kl_div(F.log_softmax(s_logits[sel] / T, -1), F.log_softmax(t_logits[sel] / T, -1), log_target=True,
+    kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
                   reduction="batchmean") * T * T
     L = inputs["input"].size(1)
     valid = (torch.arange(L)[None, :] < inputs["length"][:, None]).unsqueeze(-1).float()  # (B, L, 1)

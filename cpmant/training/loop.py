@@ -100,12 +100,12 @@ def _loss_sums(model: CPMAnt, b: Batch, bf16: bool) -> tuple[torch.Tensor, dict[
     device = model.input_embedding.weight.device
     b = b.to(device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    sel = b.target != IGNORE  # (B, L): the positions with a target
     with ctx:
-        logits = model(**b.model_inputs())
-    tok_loss = F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), b.target.view(-1), ignore_index=IGNORE, reduction="none"
-    ).view(b.target.shape)
-    per_row = tok_loss.sum(-1)
+        logits = model(**b.model_inputs(), logits_at=sel)  # (N, V): projected only where there are targets
+    tok_loss = F.cross_entropy(logits.float(), b.target[sel], reduction="none")  # (N,)
+    rows = sel.nonzero()[:, 0]
+    per_row = torch.zeros(sel.size(0), dtype=tok_loss.dtype, device=tok_loss.device).index_add_(0, rows, tok_loss)
     per_task = {t: per_row[b.task == t].sum().detach().cpu() for t in (TASK_MASK, TASK_LM)}
     return per_row.sum(), per_task
 
