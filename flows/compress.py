@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cpmant.compress.recipe import get_recipes
-from tasks.compress import compress_variant, ladder_table
+from tasks.compress import compress_variant, ladder_table, resolve_recipes
 from tasks.config import LifecycleConfig
 
 
@@ -19,6 +18,6 @@ def compress_flow(model_uri: str, recipes: str | None = None, config: dict | Non
       2. ladder-table: the variants side by side (MLflow table, Prefect artifact, plot)
     """
     cfg = LifecycleConfig.model_validate(config or {})
-    rows = [compress_variant(cfg, model_uri, r) for r in get_recipes(recipes or cfg.compress.recipes)]
+    rows = [compress_variant(cfg, model_uri, r) for r in resolve_recipes(recipes or cfg.compress.recipes)]
     table = ladder_table(cfg, model_uri, rows)
     return {"variants": [r["model"] for r in rows], "ladder": table}

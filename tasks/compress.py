@@ -9,7 +9,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from cpmant.compress.pipeline import compress_checkpoint
-from cpmant.compress.recipe import Recipe
+from cpmant.compress.recipe import Recipe, get_recipes
 from cpmant.paths import subdir
 
 from .config import LifecycleConfig
@@ -19,9 +19,9 @@ LADDER_COLUMNS = ["model", "attention_layers", "ffn_layers", "num_heads", "dim_f
                   "lm_loss", "perplexity", "loss_increase", "published_loss_increase", "generation_tokens_per_second"]
 
 
-def base_name(uri: str) -> str:
-    body = uri.removeprefix("models:/")
-    return body.split("@", 1)[0].rsplit("/", 1)[0] if "@" in body else body.rsplit("/", 1)[0]
+def resolve_recipes(spec: str) -> list[Recipe]:
+    """Recipe names, `all`, comma lists or YAML paths -> recipes (a clear error for an unknown one)."""
+    return get_recipes(spec)
 
 
 @task(name="compress-variant", cache_policy=NONE)

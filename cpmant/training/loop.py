@@ -302,14 +302,16 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
     bar.close()
     log.close()
 
-    if start_step >= cfg.max_steps:  # already complete: read the numbers back from the last checkpoint
+    if start_step >= cfg.max_steps:  # already complete: the numbers come back from the checkpoint and the log
         last_eval = evaluate(model, valid_stream, cfg.eval_rows, micro, cfg.bf16)
+        lines = (run_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
+        if lines:
+            loss_value = json.loads(lines[-1])["loss"]
     steady = step_tokens_window[1:] or step_tokens_window
     tps_avg = sum(n for n, _ in steady) / max(sum(t for _, t in steady), 1e-9)
     mfu = fpt * tps_avg / world / peak if steady else 0.0
 
     model_dir = run_dir / "model"
-    final_step_dir = ckpt.latest_checkpoint(ckpt_root)
     if info.is_main:
         final_meta = {"step": cfg.max_steps, "preset": cfg.preset, "data_sha256": prepared.data_sha256,
                       "config_sha256": cfg_sha, "valid_loss": last_eval["valid_loss"], "stage": "pretrain"}
