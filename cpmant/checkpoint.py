@@ -122,6 +122,10 @@ def save_model_dir(
             src(tmp / name)
         else:
             shutil.copyfile(src, tmp / name)
+    for f in tmp.iterdir():  # durable before the metadata says "complete"
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     full_meta = {
         "format": "cpmant",
@@ -242,17 +246,31 @@ def save_training_checkpoint(
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / step_dir_name(step)
-    if is_complete(path):  # the same step saved twice (a resumed run re-reaching it): keep the existing one
-        return path
+    # checkpoints past this step belong to an abandoned history (a resume from an older step, or a restart with
+    # --resume never in the same folder): they must not outlive it, or `latest` would jump back to them
+    for s_, p in list_complete_checkpoints(root):
+        if s_ > step:
+            shutil.rmtree(p, ignore_errors=True)
+    if is_complete(path):
+        old = read_meta(path)
+        same = all(old.get(k) == v for k, v in (meta or {}).items() if k in ("config_sha256", "data_sha256"))
+        if same:  # the same step of the same run saved twice (a resumed run re-reaching it): keep it
+            _point_latest(root, path)
+            return path
+        shutil.rmtree(path)
     save_model_dir(
         path, state_dict, config, vocab_path, meta={"step": step, **(meta or {})},
         extra_files={TRAINING_STATE_FILE: lambda p: torch.save(training_state, p)},
     )
+    _point_latest(root, path)
+    prune_checkpoints(root, keep_last=keep_last, keep_every=keep_every)
+    return path
+
+
+def _point_latest(root: Path, path: Path) -> None:
     tmp_pointer = root / f".{LATEST_FILE}.tmp-{os.getpid()}"
     tmp_pointer.write_text(path.name + "\n", encoding="utf-8")
     os.replace(tmp_pointer, root / LATEST_FILE)
-    prune_checkpoints(root, keep_last=keep_last, keep_every=keep_every)
-    return path
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int = 2, keep_every: int = 0) -> list[Path]:

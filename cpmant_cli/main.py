@@ -35,10 +35,12 @@ def _stage_overrides(args, section: str = "pretrain") -> dict:
 
 
 def _load_lifecycle(args) -> dict:
+    from cpmant.backends import get_backend
     from cpmant.configio import build_config
-    from tasks.config import LifecycleConfig
+    from flows import LifecycleConfig
 
     cfg = build_config(LifecycleConfig, args.config, _stage_overrides(args))
+    get_backend("train", cfg.pretrain.backend)  # a backend that cannot run here fails before any flow starts
     return cfg.model_dump(mode="json")
 
 
@@ -69,8 +71,8 @@ def cmd_lifecycle(args) -> int:
 
 def cmd_compress(args) -> int:
     from cpmant.configio import build_config, parse_overrides
+    from flows import LifecycleConfig
     from flows.compress import compress_flow
-    from tasks.config import LifecycleConfig
 
     over = parse_overrides(args.set)
     if args.backend:
@@ -172,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a registered model into size variants (the published ladder)")
     p.add_argument("uri", help="the parent: models:/NAME/VERSION or models:/NAME@ALIAS")
-    p.add_argument("--recipe", default="all",
-                   help="7b, 3b, 1b, 300m, int8, moe, all (the four ladder rungs), a comma list, or recipe YAML files")
+    p.add_argument("--recipe", default=None,
+                   help="7b, 3b, 1b, 300m, int8, moe, all (the four ladder rungs), a comma list, or recipe YAML "
+                        "files; default: the config's compress.recipes (all,int8)")
     p.add_argument("--config", help="YAML file (a saved LifecycleConfig; its compress section applies)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. compress.eval_rows=32")
     p.add_argument("--backend", choices=["torch", "bmcook"], help="compression backend (bmcook needs CUDA)")

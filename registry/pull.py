@@ -8,6 +8,7 @@ verify every file's sha256 against the version's tags, and hand back a model tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,9 +122,13 @@ def _download_model(name: str, version: int, dest: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            try:
+                os.rename(tmp, dest)  # atomic; fails if another process got there first
+            except OSError:
+                if not (dest / "MLmodel").exists():  # a leftover without MLmodel is not a download: replace it
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.rename(tmp, dest)
+                # else: a concurrent download won; use its copy
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     mlmodel = yaml.safe_load((dest / "MLmodel").read_text(encoding="utf-8"))
@@ -142,7 +147,14 @@ def checkpoint_dir(uri: str, verify: bool = True) -> Path:
                           "pass models:/NAME/VERSION, models:/NAME@ALIAS, or a folder with cpmant_meta.json")
     setup_tracking()
     name, version = resolve_version(uri)
-    dest = subdir("cache", "models", name) / str(version)
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import tracking_uri
+
+    # keyed by store and version source: models:/x/1 of another store (or a re-created model) is another download
+    src = MlflowClient().get_model_version(name, str(version)).source
+    key = hashlib.sha256(f"{tracking_uri()}|{src}".encode()).hexdigest()[:12]
+    dest = subdir("cache", "models", name) / f"{version}-{key}"
     ckpt = _download_model(name, version, dest)
     if verify:
         try:

@@ -74,10 +74,15 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
     model_dir = Path(model_dir).resolve()
     if stage not in STAGES:
         raise CpmantError(f"unknown stage {stage!r}", f"use one of {STAGES}")
-    tags = {**version_tags(model_dir, stage, parent), **(extra_tags or {})}
     again = f"the checkpoint is kept at {model_dir}; register it again with `cpmant register {model_dir} --name {name}`"
     try:
         setup_tracking()
+        if parent:  # stored as models:/NAME/VERSION (an alias would drift); checked before anything is created
+            from .pull import resolve_version
+
+            pname, pver = resolve_version(parent)
+            parent = f"models:/{pname}/{pver}"
+        tags = {**version_tags(model_dir, stage, parent), **(extra_tags or {})}
         started = mlflow.active_run() is None
         run = mlflow.start_run(run_name=f"register-{name}") if started else mlflow.active_run()
         try:

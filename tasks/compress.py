@@ -37,11 +37,12 @@ def compress_variant(cfg: LifecycleConfig, parent_uri: str, recipe: Recipe) -> d
     name, version = resolve_version(parent_uri)
     parent = f"models:/{name}/{version}"
     parent_dir = checkpoint_dir(parent)
-    out = Path(cfg.compress.output_dir) if cfg.compress.output_dir else subdir("runs", f"compress-{name}")
+    out = (Path(cfg.compress.output_dir) / name) if cfg.compress.output_dir else subdir("runs", f"compress-{name}")
     variant = f"{name}-{recipe.name}"
     with tracked_stage(cfg.tracking, f"compress-{recipe.name}",
                        tags={"cpmant.stage": "compress", "cpmant.parent": parent}) as run:
         mlflow.log_params({f"recipe.{k}": str(v)[:500] for k, v in recipe.model_dump(mode="json").items()})
+        mlflow.log_params({f"compress.{k}": str(v)[:500] for k, v in cfg.compress.model_dump(mode="json").items()})
         logger = AsyncMetricLogger(run.info.run_id, cfg.tracking.metric_flush_steps)
         try:
             report = compress_checkpoint(parent_dir, recipe, cfg.compress, out / recipe.name, parent_uri=parent,

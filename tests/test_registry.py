@@ -99,11 +99,12 @@ def test_cli_pull_verifies_and_refuses_tampered_or_truncated(store, tmp_path):
         stored.write_bytes(original[: len(original) // 2])  # truncated
         with pytest.raises(CpmantError, match="model.safetensors does not match"):
             download("models:/cpm-ant-tiny/1", tmp_path / "truncated")
-        cache = store["home"] / "cache" / "models" / "cpm-ant-tiny" / "1"
-        shutil.rmtree(cache, ignore_errors=True)  # an earlier, verified download would be used as is
+        cache_root = store["home"] / "cache" / "models" / "cpm-ant-tiny"
+        for c in cache_root.glob("1-*"):
+            shutil.rmtree(c)  # an earlier, verified download would be used as is
         with pytest.raises(CpmantError, match="does not match"):
             checkpoint_dir("models:/cpm-ant-tiny/1")  # the load path refuses it too (and caches nothing bad)
-        assert not cache.exists()
+        assert not list(cache_root.glob("1-*"))
     finally:
         stored.write_bytes(original)
     assert download("models:/cpm-ant-tiny/1", tmp_path / "restored").is_dir()

@@ -98,6 +98,10 @@ def test_checkpoint_retention_and_latest(tmp_path):
     assert meta["files_sha256"]["model.safetensors"] == ckpt.sha256_file(tmp_path / "c/step-00000008/model.safetensors")
     with pytest.raises(CpmantError, match="not a complete"):
         ckpt.read_meta(tmp_path / "c" / "step-00000010")
+    # a run resumed from an older step abandons the later history: step 5 replaces 6 and 8 as the newest
+    ckpt.save_training_checkpoint(tmp_path / "c", 5, sd, cfg, vocab, {"step": 5}, keep_last=2, keep_every=4)
+    assert [s for s, _ in ckpt.list_complete_checkpoints(tmp_path / "c")] == [4, 5]
+    assert ckpt.latest_checkpoint(tmp_path / "c").name == "step-00000005"
 
 
 def test_pretrain_lowers_validation_loss_and_writes_checkpoints(micro_pretrain_cfg, tmp_path):

@@ -69,8 +69,10 @@ def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: Disti
     latest = ckpt.latest_checkpoint(ckpt_root) if resume == "auto" else None
     losses: list[float] = []
     if latest is not None:
-        saved_cfg, sd, _, _ = ckpt.load_model_dir(latest)
-        if saved_cfg == student.config:
+        saved_cfg, sd, _, saved_meta = ckpt.load_model_dir(latest)
+        # resume only the same student: same shape, and the same recipe and parent when the caller names them
+        same = saved_cfg == student.config and all(saved_meta.get(k) == v for k, v in (meta or {}).items())
+        if same:
             student.load_state_dict(sd)
             st = ckpt.load_training_state(latest)
             opt.load_state_dict(st["optimizer"])

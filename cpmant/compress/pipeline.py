@@ -76,9 +76,13 @@ def generation_speed(model: CPMAnt, tokenizer, new_tokens: int) -> float:
     return n / dt
 
 
+# the CompressConfig fields that change a variant's weights (not where it is written or how it is measured)
+WEIGHT_FIELDS = ("corpus", "valid_fraction", "seed", "importance_rows", "batch_size", "backend")
+
+
 def recipe_sha256(recipe: Recipe, cfg: CompressConfig) -> str:
-    blob = json.dumps({"recipe": recipe.model_dump(mode="json"), "compress": cfg.model_dump(mode="json")},
-                      sort_keys=True)
+    blob = json.dumps({"recipe": recipe.model_dump(mode="json"),
+                       "compress": {k: getattr(cfg, k) for k in WEIGHT_FIELDS}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -108,7 +112,7 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
             return m["report"]
         import shutil
 
-        shutil.rmtree(out_dir)
+        shutil.rmtree(model_dir)  # another recipe or parent: remade below (its distillation restarts too)
     teacher, tok = ckpt.load_pretrained(parent_dir)
     data = data or load_data(cfg, Path(parent_dir) / ckpt.VOCAB_FILE, progress=progress)
     seq_len = recipe.distill.seq_len
@@ -118,7 +122,8 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
     parent_eval = evaluate(teacher, eval_s, cfg.eval_rows, cfg.batch_size)
     torch.manual_seed(recipe.distill.seed)
     student = copy.deepcopy(teacher)
-    report: dict = {"recipe": recipe.name, "methods": list(recipe.methods), "parent": parent_uri}
+    report: dict = {"recipe": recipe.name, "methods": list(recipe.methods), "parent": parent_uri,
+                    "distill_steps": recipe.distill.steps if "distill" in recipe.methods else 0}
     t0 = time.perf_counter()
     for method in recipe.methods:
         if method == "prune":
@@ -127,8 +132,8 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
             if recipe.qat:
                 enable_qat(student)  # fake-int8 weights (straight-through) while distilling
             r = distill(student, teacher, train_s, recipe.distill, out_dir / "checkpoints",
-                        Path(parent_dir) / ckpt.VOCAB_FILE, meta={"recipe": recipe.name}, callbacks=callbacks,
-                        progress=progress)
+                        Path(parent_dir) / ckpt.VOCAB_FILE, callbacks=callbacks, progress=progress,
+                        meta={"recipe": recipe.name, "config_sha256": sha, "parent_checkpoint_sha256": parent_sha})
             report["distill"] = asdict(r) | {"losses": None}
             if recipe.qat:
                 disable_qat(student)

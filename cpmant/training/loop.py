@@ -136,9 +136,16 @@ class _JsonlLog:
         if not enabled:
             return
         if path.exists():
-            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("iter", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            keep = []
+            for ln in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(ln).get("iter", 0) <= resume_step:
+                        keep.append(ln)
+                except ValueError:  # a line cut short by a killed run
+                    continue
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            os.replace(tmp, path)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
@@ -171,7 +178,7 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
     if prepared is None:
         prepared = prepare_data(cfg.corpus, cfg.preset, cfg.vocab_size, cfg.valid_fraction, cfg.seed,
                                 cfg.encode_workers, progress=progress and info.is_main)
-    vocab_size = sum(1 for _ in open(prepared.vocab_path, encoding="utf-8"))
+    vocab_size = len(prepared.vocab_path.read_text(encoding="utf-8").splitlines())
     mcfg = build_model_config(cfg, vocab_size)
     if cfg.seq_len > mcfg.position_bias_max_distance:
         raise CpmantError(
@@ -201,7 +208,7 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[cfg.schedule](cfg))
 
     # ---- resume --------------------------------------------------------------------------------------------
-    start_step, valid_start, tokens_seen = 0, None, 0
+    start_step, valid_start, tokens_seen, data_position = 0, None, 0, 0
     resume_from = None
     if cfg.resume == "auto":
         resume_from = ckpt.latest_checkpoint(ckpt_root)
@@ -224,10 +231,16 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
         scheduler.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"]["torch"])
         start_step, valid_start, tokens_seen = int(st["step"]), st.get("valid_loss_start"), int(st["tokens_seen"])
+        data_position = int(st.get("data_position", 0))
+        if start_step > cfg.max_steps:
+            raise CpmantError(f"checkpoint {resume_from} is at step {start_step}, past max_steps={cfg.max_steps}",
+                              f"raise max_steps to at least {start_step}, or resume from an earlier step folder")
 
     micro, accum, world = cfg.micro_batch_size, cfg.grad_accum, info.world_size
     rows_per_rank = micro * accum
     global_rows = rows_per_rank * world
+    # data_position (rows consumed so far) lets a resumed run continue the stream where it stopped even if the
+    # batch shape changed
     log = _JsonlLog(run_dir / "train_log.jsonl", start_step, info.is_main)
     peak = measure_matmul_peak(dtype=torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32,
                                seconds=0.3, device=device.type)
@@ -245,7 +258,7 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
     step_tokens_window: list[tuple[int, float]] = []
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
-        first = step * global_rows + info.rank * rows_per_rank
+        first = data_position + (step - start_step) * global_rows + info.rank * rows_per_rank
         batches = [train_stream.batch(range(first + a * micro, first + (a + 1) * micro)) for a in range(accum)]
         counts = torch.tensor([float(sum(b.num_targets for b in batches)),
                                float(sum(int(b.length.sum()) for b in batches))])
@@ -292,7 +305,8 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
                     ckpt_root, step + 1, model.state_dict(), mcfg, prepared.vocab_path,
                     training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "rng": _rng_state(), "step": step + 1, "tokens_seen": tokens_seen,
-                                    "data_position": (step + 1) * global_rows, "valid_loss_start": valid_start},
+                                    "data_position": data_position + (step + 1 - start_step) * global_rows,
+                                    "valid_loss_start": valid_start},
                     meta={"data_sha256": prepared.data_sha256, "config_sha256": cfg_sha, "preset": cfg.preset},
                     keep_last=cfg.keep_last, keep_every=cfg.keep_every,
                 )
@@ -317,7 +331,8 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
                       "config_sha256": cfg_sha, "valid_loss": last_eval["valid_loss"], "stage": "pretrain"}
         if ckpt.is_complete(model_dir):
             old = ckpt.read_meta(model_dir)
-            if old.get("step") != cfg.max_steps or old.get("config_sha256") != cfg_sha:
+            if (old.get("step"), old.get("config_sha256"), old.get("data_sha256")) != (
+                    cfg.max_steps, cfg_sha, prepared.data_sha256):
                 import shutil
 
                 shutil.rmtree(model_dir)
