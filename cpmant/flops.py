@@ -9,14 +9,16 @@ import torch
 from .config import ModelConfig
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, vocab_share: float = 1.0) -> float:
     """Training FLOPs per token (forward + backward): 6 * matmul parameters + attention scores (PaLM appendix B).
 
-    The tied output projection counts once more as a matmul (vocab x dim_model).
+    The tied output projection counts once more as a matmul (vocab x dim_model), for the share of positions that
+    are projected onto the vocabulary (`vocab_share`: the loop projects only positions with a target).
     """
     att_kept, ffn_kept = config.kept()
     d, hd = config.dim_model, config.num_heads * config.dim_head
-    matmul_params = att_kept * 4 * d * hd + ffn_kept * 3 * d * config.dim_ff + config.vocab_size * d
+    matmul_params = (att_kept * 4 * d * hd + ffn_kept * 3 * d * config.dim_ff
+                     + vocab_share * config.vocab_size * d)
     attention = 12 * att_kept * hd * seq_len
     return 6.0 * matmul_params + attention
 

@@ -244,7 +244,7 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
     log = _JsonlLog(run_dir / "train_log.jsonl", start_step, info.is_main)
     peak = measure_matmul_peak(dtype=torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32,
                                seconds=0.3, device=device.type)
-    fpt = flops_per_token(mcfg, cfg.seq_len)
+    targets_run, tokens_run = 0.0, 0
 
     if valid_start is None:
         valid_start = evaluate(model, valid_stream, cfg.eval_rows, micro, cfg.bf16)["valid_loss"]
@@ -264,6 +264,7 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
                                float(sum(int(b.length.sum()) for b in batches))])
         all_reduce_sum(counts, info)
         n_targets, n_tokens = counts[0].item(), int(counts[1].item())
+        targets_run, tokens_run = targets_run + n_targets, tokens_run + n_tokens
         sums = torch.zeros(3)  # total, mask task, lm task
         counts_task = torch.zeros(2)
         for b in batches:
@@ -323,6 +324,7 @@ def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: Di
             loss_value = json.loads(lines[-1])["loss"]
     steady = step_tokens_window[1:] or step_tokens_window
     tps_avg = sum(n for n, _ in steady) / max(sum(t for _, t in steady), 1e-9)
+    fpt = flops_per_token(mcfg, cfg.seq_len, vocab_share=targets_run / max(tokens_run, 1))
     mfu = fpt * tps_avg / world / peak if steady else 0.0
 
     model_dir = run_dir / "model"
