@@ -34,7 +34,8 @@ def isolate_environment(home: str | None) -> tuple[Path, bool]:
     path.mkdir(parents=True, exist_ok=True)
     os.environ["CPMANT_HOME"] = str(path)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    for k, v in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+    quiet = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false"}
+    for k, v in quiet.items():
         os.environ.setdefault(k, v)
     return path, made
 

@@ -6,19 +6,20 @@ Writes bench/results/pretrain.json and prints a table; bench/README.md explains 
 Every result is a ratio against a peer measured in the same process and the same run (never an absolute time),
 because this runs on a small, shared machine where other work comes and goes: peers alternate round by round and
 the median of per-round ratios is reported; the three training loops of the tracking comparison go further and
-take turns step by step (see Turnstile).
+take turns step by step (see take_turns).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import resource
 import shutil
 import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +41,11 @@ MODES = {
 }
 STEP_BATCH, STEP_SEQ = 8, 128  # the train-step comparison: 8 rows x 128 positions
 STEADY_SKIP = 2  # per-step timings start after this many steps (first steps allocate and create AdamW state)
+# glibc malloc settings for the loops of the tracking comparison: keep freed memory instead of handing it back to
+# the kernel. By default big buffers (logits, attention bias) are unmapped or trimmed when freed and page-faulted
+# in again on the next step; where that lands differs from process to process, and it moved A/A step times (the
+# same loop in two processes) by up to 11%, far above the 1% being measured. With these, A/A agree within 1%.
+LOOP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 class Peak:
@@ -73,18 +79,47 @@ def step_configs():
     return {"tiny": tiny, "d256-l4": tiny.replace(dim_model=256, dim_ff=768, num_heads=8, dim_head=32)}
 
 
-def mirrored_batch(config, batch: int, seq_len: int, seed: int = 0):
-    """The same rows in our format and in transformers', so both models do the same work.
+def supports_logits_at(model) -> bool:
+    """Whether CPMAnt.forward (of a model or the class) can project only chosen positions; the loop then does."""
+    return "logits_at" in inspect.signature(model.forward).parameters
+
+
+def model_flops_per_token(config, seq_len: int, target_share: float) -> float:
+    """cpmant.flops.flops_per_token, counting the vocabulary projection only for the positions with a target (the
+    work the loss needs) where flops_per_token offers `vocab_share`; older versions count it for every position."""
+    from cpmant.flops import flops_per_token
+
+    if "vocab_share" in inspect.signature(flops_per_token).parameters:
+        return flops_per_token(config, seq_len, vocab_share=target_share)
+    return flops_per_token(config, seq_len)
+
+
+def our_loss(model, inputs: dict, target, project=None):
+    """Mean next-token cross entropy, computed as our training loop does: when the model offers `logits_at`,
+    only the positions in `project` (default: those with a target) go through the vocabulary projection."""
+    import torch.nn.functional as F
+
+    from cpmant.training.data import IGNORE
+
+    if not supports_logits_at(model):
+        logits = model(**inputs)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE)
+    sel = target != IGNORE if project is None else project
+    return F.cross_entropy(model(**inputs, logits_at=sel), target[sel], ignore_index=IGNORE)
+
+
+def all_context_batch(config, batch: int, seq_len: int, seed: int = 0):
+    """The same rows in our format and in transformers', so both models do exactly the same work.
 
     transformers' CpmAntModel.forward takes n token ids and builds the row itself: it puts the task-2 prompt
     (prompt_length positions, segment 0) in front, gives the text segment 2, marks every position as context (one
     bidirectional span) and numbers positions 0..P+n-1. Our model takes that whole row explicitly, so ours gets
     input = [2P..3P-1 prompt ids, n tokens] with the same segments, context, positions and span, and HF gets the n
-    tokens. Both encoders then process exactly seq_len = P + n positions per row, and tokens/s counts
-    batch x seq_len for both. Differences that remain are in the models themselves: HF's tied head has
-    vocab + prompt rows outputs (0.4% more columns for tiny) but skips the P prompt positions; ours projects all
-    seq_len positions (P/seq_len = 6% more rows). The loss is the mean next-token cross entropy over the n text
-    positions in both; HF's CpmAntForCausalLM does not shift labels, so they are passed already shifted.
+    tokens. Both encoders then process seq_len = P + n positions per row, and tokens/s counts batch x seq_len for
+    both. Both project the n text positions onto the vocabulary (ours through `logits_at`; HF's tied head has
+    vocab + prompt rows outputs, 0.4% more columns for tiny). The loss is the mean next-token cross entropy over
+    the text positions; HF's CpmAntForCausalLM does not shift labels, so they are passed already shifted.
+    Returns (our inputs, our targets, the positions we project, HF input_ids, HF labels).
     """
     import torch
 
@@ -107,7 +142,27 @@ def mirrored_batch(config, batch: int, seq_len: int, seed: int = 0):
         span=torch.zeros(batch, seq_len, dtype=torch.long),
     )
     target = torch.cat([torch.full((batch, P), IGNORE), labels], dim=1)
-    return ours, target, ids, labels
+    project = torch.zeros(batch, seq_len, dtype=torch.bool)
+    project[:, P:] = True
+    return ours, target, project, ids, labels
+
+
+def pretrain_rows_batch(config, prepared, batch: int, seq_len: int):
+    """Real training rows from PretrainStream (both objectives, packed pieces, about a third of the positions
+    with a target), and the nearest thing transformers can run: the same token ids after the prompt (padding
+    replaced by </s>, since HF would take id 0 for left padding) with our targets as labels. HF cannot express
+    our context/span masks, so its attention differs, but its cost does not (attention is dense either way), and
+    the loss covers the same positions. This is the step as each implementation trains: ours projects only the
+    positions with a target, transformers' head projects them all.
+    Returns (our inputs, our targets, None, HF input_ids, HF labels)."""
+    from cpmant.training.data import PretrainStream
+
+    stream = PretrainStream(prepared.train_docs, config, seq_len, bos=6, eos=7, seed=0)
+    b = stream.batch(range(batch))
+    P = config.prompt_length
+    ids = b.input[:, P:].clone()
+    ids[ids == 0] = 7
+    return b.model_inputs(), b.target, None, ids, b.target[:, P:].clone()
 
 
 class TimedStep:
@@ -178,18 +233,17 @@ def profile_step(step: TimedStep, vocab_sizes: set[int], steps: int = 3) -> dict
     return {
         "self_cpu_ms_per_step": total / 1e3 / steps,
         "share": {k: round(v / total, 3) for k, v in cats.items()},
-        "top_ops": [{"op": k, "shapes": str(s), "calls_per_step": c / steps, "ms_per_step": round(us / 1e3 / steps, 2),
-                     "share": round(us / total, 3)} for us, k, s, c in top[:10]],
+        "top_ops": [{"op": k, "shapes": str(s), "calls_per_step": c / steps,
+                     "ms_per_step": round(us / 1e3 / steps, 2), "share": round(us / total, 3)}
+                    for us, k, s, c in top[:10]],
     }
 
 
-def bench_train_step(mode: dict, peak: Peak, force_profile: bool) -> list[dict]:
+def bench_train_step(mode: dict, prepared, peak: Peak, force_profile: bool) -> list[dict]:
     import torch
-    import torch.nn.functional as F
     from transformers import CpmAntForCausalLM
 
     from cpmant.convert import to_hf_config, to_hf_state_dict
-    from cpmant.flops import flops_per_token
     from cpmant.model import CPMAnt
     from cpmant.training.data import IGNORE
 
@@ -200,136 +254,203 @@ def bench_train_step(mode: dict, peak: Peak, force_profile: bool) -> list[dict]:
         ours = CPMAnt(config).train()
         hf = CpmAntForCausalLM(to_hf_config(config)).train()
         hf.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=True)
-        inputs, target, ids, labels = mirrored_batch(config, STEP_BATCH, STEP_SEQ)
         V, P = config.vocab_size, config.prompt_length
 
         # the comparison is only meaningful if both compute the same function: check the logits first
+        inputs, _, _, ids, _ = all_context_batch(config, STEP_BATCH, STEP_SEQ)
         with torch.no_grad():
             a = ours(**inputs)[:, P:]
             b = hf(input_ids=ids, use_cache=False).logits[..., :V]
             parity = float((a - b).abs().max() / b.abs().max())
 
-        step_ours = TimedStep(ours, lambda: F.cross_entropy(
-            ours(**inputs).view(-1, V), target.view(-1), ignore_index=IGNORE))
-        step_hf = TimedStep(hf, lambda: hf(input_ids=ids, labels=labels, use_cache=False).loss)
-        for s in (step_ours, step_hf):  # warm-up: AdamW state, allocator, oneDNN primitives
-            for _ in range(2):
-                s()
-            s.reset()
+        for kind, make in (("all-context", lambda: all_context_batch(config, STEP_BATCH, STEP_SEQ)),
+                           ("pretrain-rows", lambda: pretrain_rows_batch(config, prepared, STEP_BATCH, STEP_SEQ))):
+            inputs, target, project, ids, labels = make()
+            step_ours = TimedStep(ours, lambda: our_loss(ours, inputs, target, project))
+            step_hf = TimedStep(hf, lambda: hf(input_ids=ids, labels=labels, use_cache=False).loss)
+            for s in (step_ours, step_hf):  # warm-up: AdamW state, allocator, oneDNN primitives
+                for _ in range(2):
+                    s()
+                s.reset()
 
-        k = mode["step_steps"]
+            k = mode["step_steps"]
 
-        def run(s):
-            return lambda: [s() for _ in range(k)]
+            def run(s):
+                return lambda: [s() for _ in range(k)]
 
-        secs = interleave({"ours": run(step_ours), "hf": run(step_hf)}, mode["step_rounds"])
-        tokens = STEP_BATCH * STEP_SEQ * k
-        tps_ours, tps_hf = tokens / median(secs["ours"]), tokens / median(secs["hf"])
-        ratio = paired_ratio(secs["hf"], secs["ours"])  # time_hf / time_ours = tokens/s ours / tokens/s hf
-        fpt = flops_per_token(config, STEP_SEQ)
-        r = {
-            "config": name,
-            "model": {k2: v for k2, v in config.to_dict().items() if k2 != "mask_modules"},
-            "parameters": ours.num_parameters(),
-            "batch": [STEP_BATCH, STEP_SEQ],
-            "logits_max_rel_diff_vs_hf": parity,
-            "ours_tokens_per_s": tps_ours,
-            "hf_tokens_per_s": tps_hf,
-            "ratio": ratio,
-            "target": TARGET_STEP_RATIO,
-            "meets_target": ratio >= TARGET_STEP_RATIO,
-            "flops_per_token": fpt,  # MFUs are added at the end, against the best peak sample
-            "round_spread": {"ours": spread(secs["ours"]), "hf": spread(secs["hf"])},
-            "seconds_per_step_parts": {"ours": step_ours.part_seconds(), "hf": step_hf.part_seconds()},
-            "rounds_seconds": secs,
-        }
-        if force_profile or ratio < TARGET_STEP_RATIO:  # the brief: when we fall short, say what dominates
-            vocab_sizes = {V, V + config.prompt_types * P}
-            r["profile"] = {"ours": profile_step(step_ours, vocab_sizes), "hf": profile_step(step_hf, vocab_sizes)}
-        results.append(r)
-        peak.sample()
-        print(f"  train step {name}: ours {tps_ours:,.0f} tok/s, transformers {tps_hf:,.0f} tok/s, "
-              f"ratio {ratio:.2f} (logits rel. diff {parity:.1e})", flush=True)
-        del ours, hf, step_ours, step_hf
+            secs = interleave({"ours": run(step_ours), "hf": run(step_hf)}, mode["step_rounds"])
+            tokens = STEP_BATCH * STEP_SEQ * k
+            tps_ours, tps_hf = tokens / median(secs["ours"]), tokens / median(secs["hf"])
+            ratio = paired_ratio(secs["hf"], secs["ours"])  # time_hf / time_ours = tokens/s ours / tokens/s hf
+            share = float((target != IGNORE).float().mean())
+            r = {
+                "config": name,
+                "batch_kind": kind,
+                "model": {k2: v for k2, v in config.to_dict().items() if k2 != "mask_modules"},
+                "parameters": ours.num_parameters(),
+                "batch": [STEP_BATCH, STEP_SEQ],
+                "positions_with_target_share": share,
+                "ours_uses_logits_at": supports_logits_at(ours),
+                "logits_max_rel_diff_vs_hf": parity,
+                "ours_tokens_per_s": tps_ours,
+                "hf_tokens_per_s": tps_hf,
+                "ratio": ratio,
+                "target": TARGET_STEP_RATIO,
+                "meets_target": ratio >= TARGET_STEP_RATIO,
+                # the same model FLOPs for both (what the loss needs); MFUs are added at the end (best peak)
+                "flops_per_token": model_flops_per_token(config, STEP_SEQ, share),
+                "round_spread": {"ours": spread(secs["ours"]), "hf": spread(secs["hf"])},
+                "seconds_per_step_parts": {"ours": step_ours.part_seconds(), "hf": step_hf.part_seconds()},
+                "rounds_seconds": secs,
+            }
+            if force_profile or ratio < TARGET_STEP_RATIO:  # short of the target: record what dominates
+                vocab_sizes = {V, V + config.prompt_types * P}
+                r["profile"] = {"ours": profile_step(step_ours, vocab_sizes),
+                                "hf": profile_step(step_hf, vocab_sizes)}
+            results.append(r)
+            peak.sample()
+            print(f"  train step {name}, {kind}: ours {tps_ours:,.0f} tok/s, transformers {tps_hf:,.0f} tok/s, "
+                  f"ratio {ratio:.2f}", flush=True)
+        print(f"  ({name}: logits rel. diff to transformers {parity:.1e})", flush=True)
+        del ours, hf
     return results
 
 
 # ================================================================================================================
 # 2 + 3. Tracking overhead of the full loop, and its MFU
 # ================================================================================================================
-class Turnstile:
-    """Runs several training loops, each in its own thread, one step at a time in turn: A, B, C, A, B, C...
+class Gate:
+    """One loop's side of the turn-taking (see take_turns): each step ends its turn, the next waits for one.
+
+    A step's time runs from getting the turn to handing it on, so the other loops' steps are never in it.
+    """
+
+    def __init__(self, name: str, sem, queue):
+        self.name, self.sem, self.queue = name, sem, queue
+        self.started = 0.0
+        self.seconds: list[float] = []  # one entry per step
+        self.ends: list[float] = []  # perf_counter at the end of each step
+
+    def wait(self) -> None:
+        self.sem.acquire()
+        self.started = time.perf_counter()
+
+    def step(self, name: str | None = None) -> None:
+        t = time.perf_counter()
+        self.seconds.append(t - self.started)
+        self.ends.append(t)
+        self.queue.put(("done", self.name))
+        self.wait()
+
+
+def _loop_process(kind: str, name: str, cfg, prepared, flush_steps: int, sem, queue) -> None:
+    """A spawned process running one loop: set up, wait for the first turn, train, send back the timings."""
+    import traceback
+
+    try:
+        import torch  # noqa: F401  (imported before the first turn, like everything else that is slow to load)
+
+        if kind == "tracked":
+            from registry.tracking import setup_tracking
+            from tasks.tracking import AsyncMetricLogger  # noqa: F401
+
+            setup_tracking("cpmant-bench")
+        gate = Gate(name, sem, queue)
+        queue.put(("ready", name))
+        gate.wait()
+        if kind == "bare":
+            out = bare_loop(cfg, prepared, gate, name)
+        elif kind == "ours":
+            out = loop_run(cfg, prepared, gate, name)
+        else:
+            out = tracked_run(cfg, prepared, gate, name, flush_steps)
+        out.update(seconds=gate.seconds, ends=gate.ends)
+        queue.put(("result", name, out))
+    except BaseException:  # noqa: BLE001 - sent to the parent, which raises it
+        queue.put(("error", name, traceback.format_exc()))
+    finally:
+        queue.put(("left", name))
+
+
+def take_turns(loops: dict[str, tuple[str, object]], prepared, flush_steps: int) -> dict[str, dict]:
+    """Run several training loops side by side, one step at a time in turn (A B C, B C A, C A B, ...).
 
     Whole runs timed one after another are minutes apart, and on a shared machine the load changes in between
     (we saw +-50% between runs). Taking turns step by step puts the steps being compared within a second of each
-    other, so they meet the same load, and a per-step paired ratio cancels most of it. Only one loop computes at
-    a time; each one's time is measured from getting its turn to handing it on, so the others' steps are not in it.
+    other, so they meet the same load, and per-step paired ratios cancel most of it. Only one loop computes at a
+    time. Each loop has its own process (spawned: a fresh interpreter, as a real run; threads were tried first,
+    but glibc gives each thread its own malloc arena, and that alone moved step times by several percent in A/A
+    tests), with LOOP_MALLOC_ENV, and the order rotates after every cycle so no loop always follows the same one.
+    loops: name -> (kind, PretrainConfig) with kind "bare", "ours" or "tracked".
     """
+    import multiprocessing as mp
+    import queue as queue_mod
 
-    def __init__(self, names: list[str]):
-        self.order = list(names)
-        self.turn = 0
-        self.cv = threading.Condition()
-        self.started: dict[str, float] = {}
-        self.seconds: dict[str, list[float]] = {n: [] for n in names}  # one entry per step
-        self.ends: dict[str, list[float]] = {n: [] for n in names}  # wall clock at the end of each step
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    sems = {n: ctx.Semaphore(0) for n in loops}
+    procs = [ctx.Process(target=_loop_process, args=(kind, n, cfg, prepared, flush_steps, sems[n], queue),
+                         name=f"bench-{n}", daemon=True) for n, (kind, cfg) in loops.items()]
+    results: dict[str, dict] = {}
+    saved_env = {k: os.environ.get(k) for k in LOOP_MALLOC_ENV}
 
-    def enter(self, name: str) -> None:
-        with self.cv:
-            self.cv.wait_for(lambda: self.order[self.turn] == name)
-        self.started[name] = time.perf_counter()
-
-    def step(self, name: str) -> None:
-        """Called at the end of each step (after its callbacks): record it, hand on, wait for the next turn."""
-        t = time.perf_counter()
-        self.seconds[name].append(t - self.started[name])
-        self.ends[name].append(t)
-        with self.cv:
-            self.turn = (self.order.index(name) + 1) % len(self.order)
-            self.cv.notify_all()
-        self.enter(name)
-
-    def leave(self, name: str) -> None:
-        with self.cv:
-            i = self.order.index(name)
-            self.order.pop(i)
-            if self.order:
-                self.turn = i % len(self.order)
-            self.cv.notify_all()
-
-    def run(self, fns: dict) -> dict:
-        """Run fn(name) for each name in its own thread; return their results (re-raise the first error)."""
-        results, errors = {}, []
-
-        def body(name):
+    def receive(want: set[str]) -> tuple:
+        while True:
             try:
-                self.enter(name)
-                results[name] = fns[name]()
-            except BaseException as e:  # noqa: BLE001 - reported below, after every thread has finished
-                errors.append(e)
-            finally:
-                self.leave(name)
+                msg = queue.get(timeout=900)
+            except queue_mod.Empty:
+                raise RuntimeError("a benchmark loop stopped answering for 15 minutes") from None
+            if msg[0] == "error":
+                raise RuntimeError(f"benchmark loop {msg[1]} failed:\n{msg[2]}")
+            if msg[0] == "result":
+                results[msg[1]] = msg[2]
+            elif msg[0] in want:
+                return msg
 
-        # daemon: if the benchmark is interrupted, the process exits without waiting for them
-        threads = [threading.Thread(target=body, args=(n,), name=f"bench-{n}", daemon=True) for n in self.order]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
+    try:
+        os.environ.update(LOOP_MALLOC_ENV)  # a spawned process takes this process's environment when it starts
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        for _ in procs:  # all imported and set up before the first turn is given
+            receive({"ready"})
+        order, pos = list(loops), 0
+        while order:
+            name = order[pos]
+            sems[name].release()
+            msg = receive({"done", "left"})
+            if msg[1] != name:
+                raise RuntimeError(f"loop {msg[1]} answered during the turn of {name}")
+            if msg[0] == "left":
+                order.pop(pos)
+            else:
+                pos += 1
+            if order and pos >= len(order):  # a cycle is over: rotate the order
+                pos, order = 0, order[1:] + order[:1]
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return results
 
 
 class StepClock:
-    """Loop callbacks that end each step's turn in the turnstile, after passing the step on to `inner`.
+    """Loop callbacks that end each step's turn at the gate, after passing the step on to `inner`.
 
-    With inner=None this is the loop without tracking (as callbacks=None; the turnstile costs microseconds per
-    step and every loop, the bare one included, pays it alike). The time spent in inner's callbacks on this
-    thread is recorded too, to time MLflow's share directly.
+    With inner=None this is the loop without tracking (as callbacks=None; the gate costs tens of microseconds per
+    step and every loop, the bare one included, pays it alike). The time spent in inner's callbacks is recorded
+    too, to time MLflow's share directly.
     """
 
-    def __init__(self, gate: Turnstile, name: str, inner=None):
+    def __init__(self, gate: Gate, name: str, inner=None):
         self.gate, self.name, self.inner = gate, name, inner
         self.inner_seconds: list[float] = []
 
@@ -366,13 +487,16 @@ def _time_flushes(logger) -> list[dict]:
     return flushes
 
 
-def bare_loop(cfg, prepared, gate: Turnstile, name: str) -> dict:
-    """The same model, batches, AdamW and clipping as the loop; nothing else (no logs, callbacks, eval, saves)."""
+def bare_loop(cfg, prepared, gate: Gate, name: str) -> dict:
+    """The same model, batches, loss, AdamW and clipping as the loop; nothing else (no logs, callbacks, eval, saves).
+
+    The loss is computed as the loop computes it (our_loss: logits only where there are targets, when the model
+    offers that), so the comparison shows the loop's overhead, not a difference in the work done.
+    """
     import torch
-    import torch.nn.functional as F
 
     from cpmant.model import CPMAnt
-    from cpmant.training.data import IGNORE, PretrainStream
+    from cpmant.training.data import PretrainStream
     from cpmant.training.loop import build_model_config
 
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
@@ -387,8 +511,7 @@ def bare_loop(cfg, prepared, gate: Turnstile, name: str) -> dict:
     B, tokens, targets = cfg.micro_batch_size, 0, 0
     for step in range(cfg.max_steps):
         b = stream.batch(range(step * B, (step + 1) * B))
-        logits = model(**b.model_inputs())
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), b.target.view(-1), ignore_index=IGNORE)
+        loss = our_loss(model, b.model_inputs(), b.target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
@@ -399,14 +522,14 @@ def bare_loop(cfg, prepared, gate: Turnstile, name: str) -> dict:
     return {"tokens_per_step": tokens / cfg.max_steps, "target_share": targets / (cfg.max_steps * B * cfg.seq_len)}
 
 
-def loop_run(cfg, prepared, gate: Turnstile, name: str) -> dict:
+def loop_run(cfg, prepared, gate: Gate, name: str) -> dict:
     """pretrain() with callbacks=None (plus the turnstile)."""
     from cpmant.training.loop import pretrain
 
     return {"result": pretrain(cfg, StepClock(gate, name), prepared=prepared, progress=False)}
 
 
-def tracked_run(cfg, prepared, gate: Turnstile, name: str, flush_steps: int) -> dict:
+def tracked_run(cfg, prepared, gate: Gate, name: str, flush_steps: int) -> dict:
     """pretrain() inside an MLflow run with MlflowCallbacks(AsyncMetricLogger), as tasks/pretrain.py does."""
     import mlflow
 
@@ -414,7 +537,7 @@ def tracked_run(cfg, prepared, gate: Turnstile, name: str, flush_steps: int) -> 
     from tasks.tracking import AsyncMetricLogger, MlflowCallbacks
 
     t0 = time.perf_counter()
-    with mlflow.start_run(run_name="bench-pretrain-tracking"):  # MLflow's active run is per thread
+    with mlflow.start_run(run_name="bench-pretrain-tracking"):
         logger = AsyncMetricLogger(mlflow.active_run().info.run_id, flush_steps)
         flushes = _time_flushes(logger)
         clock = StepClock(gate, name, MlflowCallbacks(logger))
@@ -436,7 +559,7 @@ def bench_tracking(mode: dict, prepared, peak: Peak, home: Path) -> dict:
     from registry.tracking import setup_tracking
     from tasks.config import TrackingConfig
 
-    setup_tracking("cpmant-bench")  # creates the SQLite store and its schema now, not inside a timed step
+    setup_tracking("cpmant-bench")  # creates the SQLite store and its schema now, before any loop starts
     flush_steps = TrackingConfig().metric_flush_steps
     steps = mode["track_steps"]
     names = ["bare", "ours", "ours+mlflow"]
@@ -449,14 +572,10 @@ def bench_tracking(mode: dict, prepared, peak: Peak, home: Path) -> dict:
         cfgs = {n: PretrainConfig(preset="tiny", max_steps=steps, eval_interval=steps, save_interval=steps,
                                   resume="never", output_dir=str(out / n.replace("+", "-"))) for n in names}
         order = names[r % 3:] + names[:r % 3]  # who goes first rotates with the rounds
-        gate = Turnstile(order)
-        res = gate.run({
-            "bare": lambda: bare_loop(cfgs["bare"], prepared, gate, "bare"),
-            "ours": lambda: loop_run(cfgs["ours"], prepared, gate, "ours"),
-            "ours+mlflow": lambda: tracked_run(cfgs["ours+mlflow"], prepared, gate, "ours+mlflow", flush_steps),
-        })
+        kinds = {"bare": "bare", "ours": "ours", "ours+mlflow": "tracked"}
+        res = take_turns({n: (kinds[n], cfgs[n]) for n in order}, prepared, flush_steps)
         shutil.rmtree(out, ignore_errors=True)
-        sec = {n: gate.seconds[n][STEADY_SKIP + 1:] for n in names}  # the first turn also holds the set-up
+        sec = {n: res[n]["seconds"][STEADY_SKIP + 1:] for n in names}  # the first turn also holds the set-up
         for n in names:
             own[n] += sec[n]
         for key, (a, b) in {"tracked/bare": ("ours+mlflow", "bare"), "ours/bare": ("ours", "bare"),
@@ -465,7 +584,7 @@ def bench_tracking(mode: dict, prepared, peak: Peak, home: Path) -> dict:
         # MLflow's cost timed directly: its callbacks on the loop's thread, plus the CPU its background thread
         # spent on flushes that began during the steady steps (that thread competes with torch for the cores)
         t = res["ours+mlflow"]
-        ends = gate.ends["ours+mlflow"]
+        ends = t["ends"]
         w0, w1 = ends[STEADY_SKIP], ends[-1]
         flush_cpu = sum(f["cpu"] for f in t["flushes"] if w0 <= f["start"] < w1)
         attributed.append((sum(t["callback_seconds"][STEADY_SKIP + 1:]) + flush_cpu) / sum(sec["ours+mlflow"]))
@@ -477,6 +596,7 @@ def bench_tracking(mode: dict, prepared, peak: Peak, home: Path) -> dict:
     seq_len = PretrainConfig().seq_len
     peak.samples += [t["result"].peak_flops for t in tracked_runs]
     over = {k: median(v) - 1 for k, v in pairs.items()}
+    target_share = median(b["target_share"] for b in bare_runs)
     mean_step = {n: sum(v) / len(v) for n, v in own.items()}
     return {
         "config": {"preset": "tiny", "micro_batch_size": PretrainConfig().micro_batch_size, "seq_len": seq_len,
@@ -502,13 +622,17 @@ def bench_tracking(mode: dict, prepared, peak: Peak, home: Path) -> dict:
         "meets_target": over["tracked/bare"] < TARGET_TRACKING_OVERHEAD,
         "loop_reported_seconds_per_step": median(t["result"].train_seconds / steps for t in tracked_runs),
         # share of the B x seq_len positions whose logits the loss uses (the rest are computed and discarded)
-        "positions_with_target_share": median(b["target_share"] for b in bare_runs),
+        "positions_with_target_share": target_share,
         "mfu": {
-            "flops_per_token": flops_per_token(mcfg, seq_len), "tokens_per_step": tokens_per_step,
+            "flops_per_token": model_flops_per_token(mcfg, seq_len, target_share),
+            "tokens_per_step": tokens_per_step,
+            # the same with the vocabulary projection counted at every position (flops_per_token's old default)
+            "flops_per_token_all_positions": flops_per_token(mcfg, seq_len),
             # throughput from the mean: every second of the steady steps counts
             "tokens_per_s": tokens_per_step / mean_step["ours+mlflow"],
             "loop_reported_tokens_per_s": median(t["result"].tokens_per_second for t in tracked_runs),
-            # TrainResult.mfu as the loop computes it, against its own 0.3 s peak sample taken at run start
+            # TrainResult.mfu as the loop computes it, against its own 0.3 s peak sample taken at run start (and
+            # from its own tokens/s, whose clock stops before the callbacks)
             "loop_result_mfu": median(t["result"].mfu for t in tracked_runs),
         },
     }
@@ -537,6 +661,7 @@ def bench_encode(mode: dict, docs: list[str], vocab_path: Path, home: Path) -> d
     out: dict[str, list] = {}
     child_cpu: list[float] = []  # CPU seconds of the N workers, per N-process run
     serial_cpu: list[float] = []  # CPU seconds of this process, per 1-process run
+    parent_cpu: list[float] = []  # CPU seconds of this process while N workers encode (it only hands out chunks)
 
     def ours(workers):
         def fn():
@@ -550,6 +675,7 @@ def bench_encode(mode: dict, docs: list[str], vocab_path: Path, home: Path) -> d
             if workers > 1:  # pool workers have been joined, so their CPU time is in children_*
                 c1 = os.times()
                 child_cpu.append((c1.children_user - c0.children_user) + (c1.children_system - c0.children_system))
+                parent_cpu.append(time.process_time() - p0)
             else:
                 serial_cpu.append(time.process_time() - p0)
         return fn
@@ -574,6 +700,8 @@ def bench_encode(mode: dict, docs: list[str], vocab_path: Path, home: Path) -> d
         # shortfall in scaling is cores taken by other load (or the pool's start); above 1, the parallel path adds
         # work of its own. Its inverse is about the best scaling this code could reach on idle cores.
         "worker_cpu_vs_serial": median(child_cpu) / median(serial_cpu) if child_cpu else None,
+        "parent_cpu_vs_serial": median(parent_cpu) / median(serial_cpu) if parent_cpu else None,
+        "parent_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "ids_identical": all(same) and len(same) == len(ref),
         "documents_differing": len(same) - sum(same),
         "parallel_equals_serial": same_n,
@@ -615,23 +743,26 @@ def main(argv=None) -> int:
             print("   note: the machine is busier than its core count; expect noisy numbers (ratios are still "
                   "paired, but 2-thread OpenMP slows down badly when a core is taken)", flush=True)
 
-        if "step" in parts:
-            print("1. training step vs transformers", flush=True)
-            report["train_step"] = bench_train_step(mode, peak, args.profile)
-        if parts & {"tracking", "encode"}:
+        if parts & {"step", "tracking", "encode"}:
             print("   preparing the default corpus (fortunes-zh) and its 8000-token vocab", flush=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # build_vocab's note about rare characters
                 prepared = prepare_data(None, "tiny", progress=False)
+        if "encode" in parts:
+            # first, while this process is lean, as it is when a pipeline prepares its data: forking workers from
+            # a process that has grown (models, optimizer state, MLflow) costs more, and the whole corpus takes
+            # under two seconds on one core, so such fixed costs show in the scaling
+            print("4. corpus encoding", flush=True)
+            c = load_corpus(None)
+            report["encode"] = bench_encode(mode, [*c.train, *c.valid], prepared.vocab_path, home)
+        if "step" in parts:
+            print("1. training step vs transformers", flush=True)
+            report["train_step"] = bench_train_step(mode, prepared, peak, args.profile)
         if "tracking" in parts:
             print("2. tracking overhead (and 3. MFU)", flush=True)
             peak.sample()
             report["tracking"] = bench_tracking(mode, prepared, peak, home)
             report["mfu"] = report["tracking"].pop("mfu")
-        if "encode" in parts:
-            print("4. corpus encoding", flush=True)
-            c = load_corpus(None)
-            report["encode"] = bench_encode(mode, [*c.train, *c.valid], prepared.vocab_path, home)
         peak.sample()
         add_mfu(report, peak)
         report["meta"]["load_average_end"] = load_average()
@@ -658,6 +789,7 @@ def add_mfu(report: dict, peak: Peak) -> None:
         m["peak_flops"] = peak.best
         m["mfu"] = m["flops_per_token"] * m["tokens_per_s"] / peak.best
         m["loop_reported_mfu"] = m["flops_per_token"] * m["loop_reported_tokens_per_s"] / peak.best
+        m["mfu_vocab_at_all_positions"] = m["flops_per_token_all_positions"] * m["tokens_per_s"] / peak.best
 
 
 def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
@@ -666,12 +798,13 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
 
     rows = []
     for s in r.get("train_step", []):
+        what = f"train step {s['config']}, {s['batch_kind']}"
         rows += [
-            (f"train step {s['config']}: ours tokens/s", f"{s['ours_tokens_per_s']:,.0f}", "", ""),
-            (f"train step {s['config']}: transformers tokens/s", f"{s['hf_tokens_per_s']:,.0f}", "", ""),
-            (f"train step {s['config']}: ours / transformers", f"{s['ratio']:.2f}x",
-             f">= {TARGET_STEP_RATIO}x", verdict(s["meets_target"])),
-            (f"train step {s['config']}: MFU ours / transformers", f"{s['ours_mfu']:.1%} / {s['hf_mfu']:.1%}", "", ""),
+            (f"{what}: tokens/s ours / transformers", f"{s['ours_tokens_per_s']:,.0f} / {s['hf_tokens_per_s']:,.0f}",
+             "", ""),
+            (f"{what}: ours / transformers", f"{s['ratio']:.2f}x", f">= {TARGET_STEP_RATIO}x",
+             verdict(s["meets_target"])),
+            (f"{what}: MFU ours / transformers", f"{s['ours_mfu']:.1%} / {s['hf_mfu']:.1%}", "", ""),
         ]
     if "tracking" in r:
         t = r["tracking"]
@@ -694,6 +827,8 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("MFU of our loop (tracked, tiny)", f"{m['mfu']:.1%}", "", ""))
         rows.append(("  tokens/s / peak GFLOP/s", f"{m['tokens_per_s']:,.0f} / {m['peak_flops'] / 1e9:,.1f}", "", ""))
         rows.append(("  as TrainResult.mfu reports it", f"{m['loop_result_mfu']:.1%}", "", ""))
+        rows.append(("  counting the vocab projection at every position", f"{m['mfu_vocab_at_all_positions']:.1%}",
+                     "", ""))
     if "encode" in r:
         e = r["encode"]
         rows += [
