@@ -24,12 +24,7 @@ def plot_loss(log_path: Path, out: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("CPM-Ant pretraining")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out)
 
 
 def plot_ladder(table: list[dict], out: Path) -> Path | None:
@@ -55,6 +50,13 @@ def plot_ladder(table: list[dict], out: Path) -> Path | None:
     ax.set_xlabel("parameters")
     ax.set_ylabel("LM loss")
     ax.set_title("Compression ladder")
+    return _finish(fig, ax, out)
+
+
+def _finish(fig, ax, out: Path) -> Path:
+    """Grid, legend, tight layout, save and close: the common end of every plot here."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

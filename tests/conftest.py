@@ -78,3 +78,24 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def registered_micro_model(home: Path, corpus: Path, model: dict | None = None, **train):
+    """Point CPMANT_HOME at `home` (an isolated store), train a micro model there and register it as
+    cpm-ant-tiny. Returns (monkeypatch to undo, model folder, registered version)."""
+    from cpmant.training.config import PretrainConfig
+    from cpmant.training.loop import pretrain
+    from registry.register import register_checkpoint
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CPMANT_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    kw = dict(seq_len=64, micro_batch_size=4, max_steps=6, warmup_steps=2, eval_rows=4, encode_workers=1,
+              min_piece_tokens=4)
+    kw.update(train)
+    kw.setdefault("eval_interval", kw["max_steps"])
+    kw.setdefault("save_interval", kw["max_steps"])
+    cfg = PretrainConfig(preset="tiny", model_overrides=model or MICRO_MODEL, corpus=str(corpus), vocab_size=600,
+                         output_dir=str(home / "run"), **kw)
+    res = pretrain(cfg, progress=False)
+    return mp, res.model_dir, register_checkpoint(res.model_dir, "cpm-ant-tiny")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, registered_micro_model
 
 pytestmark = pytest.mark.flow
 CLI = str(Path(sys.executable).with_name("cpmant"))
@@ -27,21 +27,10 @@ def closed_form_params(c) -> int:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, fixture_corpus):
-    from cpmant.training.config import PretrainConfig
-    from cpmant.training.loop import pretrain
-    from registry.register import register_checkpoint
-
     home = tmp_path_factory.mktemp("compress_home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CPMANT_HOME", str(home))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    model = {**MICRO_MODEL, "num_layers": 4, "num_heads": 4, "dim_ff": 96}
-    cfg = PretrainConfig(preset="tiny", model_overrides=model, corpus=str(fixture_corpus), vocab_size=600,
-                         seq_len=64, micro_batch_size=8, max_steps=30, warmup_steps=4, lr=0.05, eval_interval=30,
-                         eval_rows=8, save_interval=30, output_dir=str(home / "run"), encode_workers=1,
-                         min_piece_tokens=4)
-    res = pretrain(cfg, progress=False)
-    reg = register_checkpoint(res.model_dir, "cpm-ant-tiny")
+    mp, _, reg = registered_micro_model(home, fixture_corpus, {**MICRO_MODEL, "num_layers": 4, "num_heads": 4,
+                                                               "dim_ff": 96},
+                                        micro_batch_size=8, max_steps=30, warmup_steps=4, lr=0.05, eval_rows=8)
     yield {"home": home, "uri": reg.uri, "corpus": str(fixture_corpus)}
     mp.undo()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MICRO_MODEL
+from conftest import registered_micro_model
 
 pytestmark = pytest.mark.flow
 REPO = Path(__file__).resolve().parents[1]
@@ -27,22 +27,10 @@ CLI = str(Path(sys.executable).with_name("cpmant"))
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, fixture_corpus):
     """A store with cpm-ant-tiny version 1 registered from a freshly trained micro checkpoint."""
-    from cpmant.training.config import PretrainConfig
-    from cpmant.training.loop import pretrain
-    from registry.register import register_checkpoint
-
     home = tmp_path_factory.mktemp("registry_home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CPMANT_HOME", str(home))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = PretrainConfig(preset="tiny", model_overrides=MICRO_MODEL, corpus=str(fixture_corpus), vocab_size=600,
-                         seq_len=64, micro_batch_size=4, max_steps=6, warmup_steps=2, eval_interval=6,
-                         eval_rows=4, save_interval=6, output_dir=str(home / "run"), encode_workers=1,
-                         min_piece_tokens=4)
-    res = pretrain(cfg, progress=False)
-    reg = register_checkpoint(res.model_dir, "cpm-ant-tiny")
+    mp, model_dir, reg = registered_micro_model(home, fixture_corpus)
     assert reg.uri == "models:/cpm-ant-tiny/1"
-    yield {"home": home, "model_dir": res.model_dir, "uri": f"sqlite:///{home / 'mlflow.db'}"}
+    yield {"home": home, "model_dir": model_dir, "uri": f"sqlite:///{home / 'mlflow.db'}"}
     mp.undo()
     import mlflow
 

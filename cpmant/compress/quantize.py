@@ -126,26 +126,25 @@ class QATLinear(Linear):
         return F.linear(x, fake_quant_int8(self.weight) * self.scale)
 
 
+def _swap_class(model: CPMAnt, src: type, dst: type) -> int:
+    """Replace every encoder module of exactly type `src` by a `dst` that shares its weight Parameter."""
+    n = 0
+    for parent, name, old in encoder_linears(model, src):
+        if type(old) is not src:
+            continue
+        with torch.device("meta"):
+            new = dst(old.dim_in, old.dim_out)
+        new.weight = old.weight
+        setattr(parent, name, new)
+        n += 1
+    return n
+
+
 def enable_qat(model: CPMAnt) -> int:
     """Swap the encoder's Linears for QATLinear (same Parameter objects); returns how many were swapped."""
-    n = 0
-    for parent, name, lin in encoder_linears(model):
-        if type(lin) is Linear:
-            with torch.device("meta"):
-                q = QATLinear(lin.dim_in, lin.dim_out)
-            q.weight = lin.weight
-            setattr(parent, name, q)
-            n += 1
-    return n
+    return _swap_class(model, Linear, QATLinear)
 
 
 def disable_qat(model: CPMAnt) -> int:
     """Undo enable_qat; returns how many modules were swapped back."""
-    n = 0
-    for parent, name, q in encoder_linears(model, QATLinear):
-        with torch.device("meta"):
-            lin = Linear(q.dim_in, q.dim_out)
-        lin.weight = q.weight
-        setattr(parent, name, lin)
-        n += 1
-    return n
+    return _swap_class(model, QATLinear, Linear)
