@@ -26,6 +26,9 @@ jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict..." noise
 
 TOKENIZER_VERSION = 1  # bump when tokenization changes: it keys the encode cache
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<d>", "</d>")
+# ids of the special tokens: their place in SPECIAL_TOKENS, which opens every vocab.txt (the one home of these ids)
+PAD_ID, UNK_ID, MASK_ID, SEP_ID = 0, 1, 2, 3
+BOS_ID, EOS_ID = SPECIAL_TOKENS.index("<s>"), SPECIAL_TOKENS.index("</s>")
 SENTINELS = tuple(f"<s{i}>" for i in range(59))  # <s0>..<s58>, at the end of the vocab
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(SENTINELS) + 1  # the specials plus at least one real token
 MAX_INPUT_CHARS_PER_WORD = 200  # a longer jieba word becomes one <unk>, as in transformers
@@ -85,8 +88,8 @@ class CPMAntTokenizer:
         self.encoder["\n"] = self.encoder.pop("</n>")
         self.max_token_chars = max(len(t) for t in self.encoder)
         self.vocab_sha256 = _file_sha256(self.vocab_path)
-        self.pad_id, self.unk_id, self.mask_id, self.sep_id = 0, 1, 2, 3
-        self.newline_id, self.space_id, self.bos_id, self.eos_id = 4, 5, 6, 7
+        self.pad_id, self.unk_id, self.mask_id, self.sep_id = PAD_ID, UNK_ID, MASK_ID, SEP_ID
+        self.newline_id, self.space_id, self.bos_id, self.eos_id = 4, 5, BOS_ID, EOS_ID
         self.bod_id, self.eod_id = 8, 9
         self._skip_on_decode = {self.pad_id, self.bos_id, self.eos_id}
 

@@ -1,0 +1,19 @@
+"""The public contract's MLflow names (ARCHITECTURE.md): version and run tags, in one place."""
+
+from __future__ import annotations
+
+STAGE = "cpmant.stage"  # pretrain | compress | delta (versions); also validate (runs)
+PARENT = "cpmant.parent"  # the parent's models:/NAME/VERSION, empty for a base
+CHECKPOINT_SHA256 = "cpmant.checkpoint_sha256"
+CONFIG_SHA256 = "cpmant.config_sha256"
+DATA_SHA256 = "cpmant.data_sha256"
+GIT_SHA = "cpmant.git_sha"
+CONTRACT_TAGS = (STAGE, PARENT, CHECKPOINT_SHA256, CONFIG_SHA256, DATA_SHA256, GIT_SHA)
+
+# beyond the contract's six
+LINEAGE = "cpmant.lineage"  # the chain back to the corpus, readable in the UI
+FILE_SHA256_PREFIX = "cpmant.file_sha256."  # + file name: one tag per checkpoint file
+PRESET = "cpmant.preset"  # run tag of a pretraining run
+
+STAGES = ("pretrain", "compress", "delta")
+ALIAS_CANDIDATE, ALIAS_CHAMPION = "candidate", "champion"
