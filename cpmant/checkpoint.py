@@ -5,6 +5,11 @@ written last, inside a temporary folder that is then renamed into place, so a fo
 A training checkpoint (`step-NNNNNNNN/`) is a model folder plus `training_state.pt` (optimizer, scheduler, RNG,
 data position) saved with `torch.save` of tensors and plain containers only, and read back with
 `torch.load(weights_only=True)`, which refuses any pickled code.
+
+Integrity: the metadata records every file's sha256 and size, computed once while saving. `verify_checkpoint`
+checks them (a folder saved before hashes were recorded is checked by reading its files); loading always checks the
+sizes, and any damaged file gives one CpmantError naming it and the fix. `latest_intact_checkpoint` finds the newest
+step folder that passes, with the reasons the newer ones were skipped. Models are built by `cpmant.factory`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import ModelConfig
 from .errors import CpmantError
+from .factory import build_model
+from .fsutil import atomic_write_text, fsync_dir, write_json_atomic
 
 META_FILE = "cpmant_meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,25 +77,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
-        f.flush()
+def _durable_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """fsync a just-written file and hash it in the same pass (the only time a save reads it back)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return h.hexdigest()
 
 
 def save_model_dir(
@@ -102,7 +98,7 @@ def save_model_dir(
     """Write a complete model folder atomically and return its path.
 
     extra_files maps a file name to either a callable(path) that writes it, or a source path to copy.
-    The metadata (file hashes, code version, package versions, `meta`) is written last.
+    The metadata (each file's sha256 and size, code version, package versions, `meta`) is written last.
     """
     out_dir = Path(out_dir)
     if (out_dir / META_FILE).exists():
@@ -122,11 +118,9 @@ def save_model_dir(
             src(tmp / name)
         else:
             shutil.copyfile(src, tmp / name)
-    for f in tmp.iterdir():  # durable before the metadata says "complete"
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    # durable before the metadata says "complete"; hashed once, here, so that nothing needs to hash it again
+    written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+    files = {p.name: _durable_sha256(p) for p in written}
     full_meta = {
         "format": "cpmant",
         "format_version": FORMAT_VERSION,
@@ -135,14 +129,15 @@ def save_model_dir(
         "packages": package_versions(),
         "num_parameters": int(sum(t.numel() for t in tensors.values())),
         "files_sha256": files,
+        "files_bytes": {p.name: p.stat().st_size for p in written},
         **(meta or {}),
     }
     write_json_atomic(tmp / META_FILE, full_meta)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out_dir.exists():  # an incomplete leftover (no metadata): replace it
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     return out_dir
 
 
@@ -153,42 +148,168 @@ def is_complete(path: str | Path) -> bool:
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
     if not is_complete(path):
+        if not path.exists():
+            raise CpmantError(f"checkpoint folder {path} does not exist", "check the path")
         raise CpmantError(
             f"{path} is not a complete cpmant checkpoint (no {META_FILE})",
             "point at a folder written by cpmant (a model folder or a step-N checkpoint); an interrupted save "
             "leaves no metadata and is ignored by --resume auto",
         )
-    return json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, META_FILE, f"it cannot be read: {_reason(e)}") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, META_FILE, "it does not hold a JSON object")
+    return meta
 
 
-def load_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None, dict]:
-    """Read a model folder: (config, state_dict, vocab path or None, metadata). Safetensors only, no pickle."""
+def update_meta(path: str | Path, changes: dict) -> dict:
+    """Add or replace metadata keys of a complete folder (atomically; file hashes kept). Returns the new metadata."""
+    meta = {**read_meta(path), **changes}
+    write_json_atomic(Path(path) / META_FILE, meta)
+    return meta
+
+
+def recorded_sha256(path: str | Path, name: str = WEIGHTS_FILE) -> str:
+    """The sha256 of file `name` recorded when the folder was saved (computed now for a folder that has none)."""
+    got = read_meta(path).get("files_sha256", {}).get(name)
+    return got if got else sha256_file(Path(path) / name)
+
+
+# ---- integrity: damaged files give one clear error ---------------------------------------------------
+def _reason(e: BaseException) -> str:
+    """One short line for an exception (never the advice some loaders append, such as unpickling code)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _damaged(folder: Path, name: str, why: str) -> CpmantError:
+    step = folder.name.startswith("step-")
+    fix = (f"delete {folder}: `--resume auto` then resumes from the newest intact checkpoint" if step else
+           f"restore {name} from a good copy (pull, convert or save the model again), or delete {folder}")
+    return CpmantError(f"{name} in {folder} is damaged ({why})", fix)
+
+
+def _check_sizes(folder: Path, meta: dict) -> None:
+    """Cheap: every recorded file is present with its recorded size (catches truncation without reading)."""
+    for name, size in (meta.get("files_bytes") or {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise _damaged(folder, name, "the file is missing")
+        got = f.stat().st_size
+        if got != size:
+            raise _damaged(folder, name, f"truncated? {got} bytes, {size} when saved" if got < size
+                           else f"{got} bytes, {size} when saved")
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    f = folder / WEIGHTS_FILE
+    if not f.is_file():
+        raise _damaged(folder, WEIGHTS_FILE, "the file is missing")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # SafetensorError, OSError, ...: one message whatever the reader says
+        raise _damaged(folder, WEIGHTS_FILE, f"truncated? it cannot be read: {_reason(e)}") from None
+
+
+def _load_config(folder: Path) -> ModelConfig:
+    f = folder / CONFIG_FILE
+    if not f.is_file():
+        raise _damaged(folder, CONFIG_FILE, "the file is missing")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(folder, CONFIG_FILE, f"truncated? it cannot be read: {_reason(e)}") from None
+    if not isinstance(d, dict):
+        raise _damaged(folder, CONFIG_FILE, "it does not hold a JSON object")
+    return ModelConfig.from_dict(d)
+
+
+def _load_state(folder: Path) -> dict:
+    f = folder / TRAINING_STATE_FILE
+    if not f.is_file():
+        raise _damaged(folder, TRAINING_STATE_FILE, "the file is missing")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # RuntimeError (bad zip), UnpicklingError, EOFError, OSError
+        raise _damaged(folder, TRAINING_STATE_FILE, "truncated? it cannot be read as a training state "
+                       f"({type(e).__name__})") from None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CpmantError naming the first damaged or missing file of a complete checkpoint folder; else return.
+
+    Folders saved with hashes are checked against them (sizes first, then sha256 of every recorded file). A folder
+    from before hashes were recorded is checked by reading every file instead.
+    """
+    folder = Path(path)
+    meta = read_meta(folder)
+    hashes = meta.get("files_sha256") or {}
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise _damaged(folder, name, "the file is missing")
+    if not hashes:
+        _load_config(folder)
+        _load_weights(folder)
+        if (folder / TRAINING_STATE_FILE).exists():
+            _load_state(folder)
+        if (folder / VOCAB_FILE).exists():
+            try:
+                (folder / VOCAB_FILE).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise _damaged(folder, VOCAB_FILE, f"it cannot be read: {_reason(e)}") from None
+        return
+    _check_sizes(folder, meta)
+    for name, want in hashes.items():
+        f = folder / name
+        if not f.is_file():
+            raise _damaged(folder, name, "the file is missing")
+        if sha256_file(f) != want:
+            size = meta.get("files_bytes", {}).get(name)
+            why = ("truncated? " if size is not None and f.stat().st_size < size else "") + \
+                "its sha256 differs from the one recorded when it was saved (changed or bit-flipped)"
+            raise _damaged(folder, name, why)
+
+
+def load_model_dir(
+    path: str | Path, verify: bool = False
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None, dict]:
+    """Read a model folder: (config, state_dict, vocab path or None, metadata). Safetensors only, no pickle.
+
+    File sizes are always checked against the metadata (free); verify=True also checks every sha256 first.
+    A damaged file raises one CpmantError naming it.
+    """
     path = Path(path)
     meta = read_meta(path)
-    config = ModelConfig.load(path / CONFIG_FILE)
-    state_dict = load_file(str(path / WEIGHTS_FILE))
+    if verify:
+        verify_checkpoint(path)
+    else:
+        _check_sizes(path, meta)
+    config = _load_config(path)
+    state_dict = _load_weights(path)
     vocab = path / VOCAB_FILE
     return config, state_dict, (vocab if vocab.exists() else None), meta
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Build the model and tokenizer of a model folder: (model in eval mode, tokenizer)."""
-    from .model import CPMAnt
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    verify: bool = False):
+    """Build the model and tokenizer of a model folder: (model in eval mode, tokenizer).
+
+    The model comes from `cpmant.factory.build_model` (dense, MoE or int8, as config.json says), built on the meta
+    device and given the loaded tensors: no random init that the weights would overwrite.
+    """
     from .tokenizer import CPMAntTokenizer
 
-    config, state_dict, vocab, _ = load_model_dir(path)
+    config, state_dict, vocab, _ = load_model_dir(path, verify=verify)
     if vocab is None:
         raise CpmantError(f"{path} has no {VOCAB_FILE}", "copy the vocab the model was trained with into the folder")
-    if config.quantization or config.moe_experts:  # int8 weights and/or MoE FFNs
-        from .compress.quantize import build_quantized_skeleton
-
-        model = build_quantized_skeleton(config)
-        model.load_state_dict(state_dict, strict=True)
-    else:
-        # built on the meta device and given the loaded tensors: no random init that the weights would overwrite
-        with torch.device("meta"):
-            model = CPMAnt(config)
+    model = build_model(config, meta=True)
+    try:
         model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:  # keys or shapes that config.json does not describe
+        raise CpmantError(f"the weights in {Path(path) / WEIGHTS_FILE} do not match its {CONFIG_FILE}: "
+                          f"{_reason(e)}", "use the config.json saved with these weights") from None
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device).eval()
@@ -268,9 +389,7 @@ def save_training_checkpoint(
 
 
 def _point_latest(root: Path, path: Path) -> None:
-    tmp_pointer = root / f".{LATEST_FILE}.tmp-{os.getpid()}"
-    tmp_pointer.write_text(path.name + "\n", encoding="utf-8")
-    os.replace(tmp_pointer, root / LATEST_FILE)
+    atomic_write_text(root / LATEST_FILE, path.name + "\n")
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int = 2, keep_every: int = 0) -> list[Path]:
@@ -290,5 +409,35 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int = 2, keep_every: int
 
 
 def load_training_state(path: str | Path) -> dict:
-    """Optimizer/scheduler/RNG/data position; weights_only=True loads tensors and containers, never code."""
-    return torch.load(Path(path) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    """Optimizer/scheduler/RNG/data position; weights_only=True loads tensors and containers, never code.
+
+    A damaged file raises one CpmantError naming it (call `verify_checkpoint` first to catch bit flips too).
+    """
+    return _load_state(Path(path))
+
+
+def latest_intact_checkpoint(ckpt_root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest step-N folder that is complete and passes `verify_checkpoint`, or None; the newer step folders
+    skipped on the way, each with the reason). Only the folders up to the chosen one are hashed."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None, []
+    steps = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step-"):
+            try:
+                steps.append((int(p.name.split("-", 1)[1]), p))
+            except ValueError:
+                continue
+    skipped: list[tuple[Path, str]] = []
+    for _, p in sorted(steps, reverse=True):
+        if not is_complete(p):
+            skipped.append((p, f"incomplete (no {META_FILE}): an interrupted save"))
+            continue
+        try:
+            verify_checkpoint(p)
+        except CpmantError as e:
+            skipped.append((p, e.problem))
+            continue
+        return p, skipped
+    return None, skipped

@@ -13,6 +13,8 @@ from typing import Callable
 
 from .errors import CpmantError
 
+QUANTIZATIONS = ("int8",)  # the values ModelConfig.quantization may take besides None
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -47,6 +49,16 @@ class ModelConfig:
                     f"mask_modules has {len(mm)} entries but num_layers is {self.num_layers}",
                     "give one [mask_att, mask_ffn] pair per layer",
                 )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise CpmantError(f"unknown quantization {self.quantization!r}",
+                              f"use one of {list(QUANTIZATIONS)} or null (float weights)")
+        e, k = self.moe_experts, self.moe_top_k
+        if (e is None) != (k is None):
+            raise CpmantError(f"moe_experts={e!r} and moe_top_k={k!r}: a MoE model needs both",
+                              "set both (e.g. moe_experts: 4, moe_top_k: 2) or neither (a dense model)")
+        if e is not None and (e < 1 or self.dim_ff % e or not 1 <= k <= e):
+            raise CpmantError(f"cannot split dim_ff={self.dim_ff} into moe_experts={e} with moe_top_k={k}",
+                              "choose moe_experts dividing dim_ff and 1 <= moe_top_k <= moe_experts")
 
     # ---- helpers ---------------------------------------------------------------------------------
     def kept(self) -> tuple[int, int]:

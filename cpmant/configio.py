@@ -1,4 +1,4 @@
-"""Typed, frozen configs: YAML files are saved instances; CLI overrides are dotted keys (`train.lr=3e-3`).
+"""Typed, frozen configs: YAML files are saved instances; CLI overrides are dotted keys (`pretrain.lr=3e-3`).
 
 pydantic does the typing and validation; this module only adds YAML loading, dotted overrides and one clear
 error that lists every problem at once.
@@ -37,7 +37,7 @@ def parse_overrides(items: list[str] | tuple[str, ...] | None) -> dict:
     out: dict = {}
     for item in items or ():
         if "=" not in item:
-            raise CpmantError(f"override {item!r} has no '='", "write overrides as KEY=VALUE, e.g. train.lr=0.01")
+            raise CpmantError(f"override {item!r} has no '='", "write overrides as KEY=VALUE, e.g. pretrain.lr=0.01")
         k, v = item.split("=", 1)
         _set_dotted(out, k.strip(), yaml.safe_load(v))
     return out
@@ -55,6 +55,8 @@ def build_config(cls: type[T], path: str | Path | None = None, overrides: dict |
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise CpmantError(f"config path {p} is a folder, not a file", "pass the path of a YAML file (see configs/)")
         if not p.is_file():
             raise CpmantError(f"config file {p} does not exist", "pass the path of a YAML file (see configs/)")
         try:

@@ -83,9 +83,24 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig
 
 
 # ---- CPM-Live ---------------------------------------------------------------------------------------
+def _load_tensors_pt(path: str | Path, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """A torch.save'd {name: tensor} read with weights_only=True (never pickled code); anything else is refused with
+    our own message: the loader's text may advise turning that protection off, which must never reach a user."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # UnpicklingError, RuntimeError (not a zip / truncated), EOFError, OSError, ...
+        raise CpmantError(f"{path} is not {what}: it is not a torch.save file of tensors, or it is damaged",
+                          fix) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CpmantError(f"{path} is not {what}: it does not hold a state dict (names -> tensors)", fix)
+    return sd
+
+
 def cpm_live_config(path: str | Path) -> ModelConfig:
     """Read a CPM-Live config JSON (config/cpm-ant-*.json); keys we do not model are dropped with a warning."""
-    d = json.loads(Path(path).read_text(encoding="utf-8"))
+    d = _json(Path(path))
+    if not d:
+        raise CpmantError(f"{path} is not a CPM-Live config JSON", "pass config/cpm-ant-*.json of CPM-Live")
     known = set(ModelConfig.__dataclass_fields__)
     extra = sorted(set(d) - known - {"emb_init_std"})
     if extra:
@@ -98,9 +113,8 @@ def from_cpm_live(
 ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """CPM-Live `torch.save` state dict + config JSON -> (our state dict, config). dtype None keeps the stored one."""
     config = cpm_live_config(config_path)
-    sd = torch.load(weights_path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
-    if not isinstance(sd, dict):
-        raise CpmantError(f"{weights_path} does not hold a state dict", "pass CPM-Live's pytorch_model.pt")
+    sd = _load_tensors_pt(weights_path, "a CPM-Live checkpoint", "pass CPM-Live's pytorch_model.pt (a torch.save "
+                          "of its state dict) with the config JSON it was trained with")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     validate_state_dict(sd, config, f"CPM-Live checkpoint {weights_path}")
     if dtype is not None:
@@ -258,10 +272,12 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], hf_config) -> tuple[dict[
 
 # ---- folders: detect, read, write -------------------------------------------------------------------
 def _json(path: Path) -> dict:
+    """The JSON object in path, or {} when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _cpm_live_files(src: Path) -> tuple[Path, Path] | None:
@@ -289,6 +305,8 @@ def _cpm_live_files(src: Path) -> tuple[Path, Path] | None:
 def detect_format(src: str | Path) -> str:
     """'cpmant', 'hf' or 'cpm-live', from the files present at src."""
     src = Path(src)
+    if not src.exists():
+        raise CpmantError(f"{src} does not exist", "check the path of the checkpoint to convert")
     if src.is_dir():
         if all((src / f).exists() for f in ("model.safetensors", "config.json", "cpmant_meta.json")):
             return "cpmant"
@@ -316,12 +334,17 @@ def read_any(src: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Pat
         config, sd, vocab, _ = load_model_dir(src)
         return sd, config, vocab, fmt
     if fmt == "hf":
+        fix = "convert the model again from its source (transformers' save_pretrained writes these files)"
         if (src / "model.safetensors").exists():
             from safetensors.torch import load_file
 
-            hf_sd = load_file(str(src / "model.safetensors"))
+            try:
+                hf_sd = load_file(str(src / "model.safetensors"))
+            except Exception as e:  # SafetensorError, OSError
+                raise CpmantError(f"{src / 'model.safetensors'} is damaged (truncated?): it cannot be read "
+                                  f"({type(e).__name__})", fix) from None
         else:
-            hf_sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            hf_sd = _load_tensors_pt(src / "pytorch_model.bin", "a transformers checkpoint", fix)
         sd, config = from_hf_state_dict(hf_sd, _json(src / "config.json"))
     else:
         pt, cfg = _cpm_live_files(src)

@@ -5,7 +5,8 @@ import torch
 
 from cpmant.config import PRESETS, ModelConfig, get_preset
 from cpmant.errors import CpmantError
-from cpmant.model import CPMAnt, build_model
+from cpmant.factory import build_model
+from cpmant.model import CPMAnt
 
 pytestmark = pytest.mark.unit
 
@@ -184,3 +185,16 @@ def test_kv_cache_equals_forward_with_non_context_new_tokens(model):
     idx = torch.tensor([1, 1])
     re = CPMAnt.reorder_cache(past, idx)
     assert torch.equal(re[0][0][:, 0], past[0][0][:, 1])
+
+
+def test_factory_builds_int8_moe_10b_on_meta():
+    """The factory builds every variant of the largest preset with no memory: int8 weights are buffers, not params."""
+    c = get_preset("10b").replace(quantization="int8", moe_experts=16, moe_top_k=4)
+    m = build_model(c, meta=True)
+    assert all(t.is_meta for t in [*m.parameters(), *m.buffers()])
+    ffn = m.encoder.layers[1].ffn.ffn
+    assert type(ffn).__name__ == "MoEFeedForward" and ffn.router.weight.shape == (16, c.dim_model)
+    assert type(ffn.w_out).__name__ == "QuantLinear" and ffn.w_out.weight.dtype == torch.int8
+    dense = build_model(get_preset("10b"), meta=True)
+    n_lin = sum(p.numel() for k, p in dense.named_parameters() if k.startswith("encoder.layers.") and p.dim() == 2)
+    assert m.num_parameters() == dense.num_parameters() - n_lin  # the encoder's Linear weights became int8 buffers

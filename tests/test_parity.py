@@ -12,7 +12,7 @@ from cpmant.convert import (
     validate_state_dict,
 )
 from cpmant.errors import CpmantError
-from cpmant.model import build_model
+from cpmant.factory import build_model
 
 pytestmark = pytest.mark.unit
 

@@ -10,6 +10,8 @@ Choices made here:
   tokens, centred and L2-normalised (so similarity is the correlation of magnitudes); balanced k-means splits the
   neurons into equal groups of neurons that are large on the same tokens. `cluster="weight"` is MoEfication's
   parameter clustering instead (balanced k-means on the L2-normalised w_0 rows); it needs no data.
+- the MoE module (`cpmant.modules.moe.MoEFeedForward`) lives with the model; `cpmant.factory.build_model` rebuilds a
+  saved MoE model from its config. This module only converts a dense model.
 - router: the centroid of each expert, the mean of its w_0 rows (dim_model space), stored as a buffer
   `encoder.layers.{i}.ffn.ffn.router.weight` (num_experts, dim_model). A token's score for an expert is its normed
   FFN input . centroid (a rescaled mean of the expert's pre-GELU activations); the top_k highest are kept.
@@ -25,79 +27,23 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CpmantError
+from ..factory import build_model
 from ..model import CPMAnt, FeedForward
+from ..modules.moe import MoEFeedForward
 from ..training.data import Batch
 from .importance import _device, eval_mode, lm_loss
 
 
-class Router(nn.Module):
-    """Expert scores: x (..., D) -> (..., E) = x @ weight.T; weight (E, D) is a buffer (not trained)."""
-
-    def __init__(self, num_experts: int, dim_model: int):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_experts, dim_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
-
-
-class MoEFeedForward(FeedForward):
-    """FeedForward whose neurons form `num_experts` contiguous experts; per token only the router's top_k are used."""
-
-    def __init__(self, dim_model: int, dim_ff: int, dropout_p: float, num_experts: int, top_k: int):
-        super().__init__(dim_model, dim_ff, dropout_p)
-        if dim_ff % num_experts or not 1 <= top_k <= num_experts:
-            raise CpmantError(f"cannot split dim_ff={dim_ff} into {num_experts} experts with top_k={top_k}",
-                              "choose num_experts dividing dim_ff and 1 <= top_k <= num_experts")
-        self.num_experts, self.top_k = num_experts, top_k
-        self.router = Router(num_experts, dim_model)
-
-    def expert_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., E) with 1 for the top_k experts of each token (x: the normed FFN input (..., D))."""
-        s = self.router(x)
-        return torch.zeros_like(s).scatter_(-1, s.topk(self.top_k, dim=-1).indices, 1.0)
-
-    def forward(self, x):  # (B, L, D) -> (B, L, D)
-        a = self.w_in(x)  # (B, L, F)
-        if self.top_k < self.num_experts:
-            keep = self.expert_mask(x).to(a.dtype)  # (B, L, E)
-            a = (a.unflatten(-1, (self.num_experts, -1)) * keep[..., None]).flatten(-2)
-        if self.dropout_p and self.training:
-            a = F.dropout(a, self.dropout_p, True)
-        return self.w_out(a)
-
-
-def _to_moe(ffn: FeedForward, num_experts: int, top_k: int, router_weight: torch.Tensor | None = None):
-    """A MoEFeedForward taking over ffn's w_in / w_out modules (no copy)."""
-    with torch.device("meta"):
-        moe = MoEFeedForward(ffn.w_out.dim_out, ffn.w_out.dim_in, ffn.dropout_p, num_experts, top_k)
-    moe.w_in, moe.w_out = ffn.w_in, ffn.w_out
-    dev = ffn.w_out.weight.device
-    moe.router.weight = (router_weight if router_weight is not None
-                         else torch.zeros(num_experts, ffn.w_out.dim_out)).to(dev, torch.float32)
-    return moe
-
-
 def build_moe_skeleton(config: ModelConfig, device=None) -> CPMAnt:
-    """A model of `config` (moe_experts / moe_top_k set; int8 too if config.quantization) to load a state dict into."""
-    if not config.moe_experts or not config.moe_top_k:
+    """Deprecated alias of `cpmant.factory.build_model` (kept for existing imports)."""
+    if config.moe_experts is None:
         raise CpmantError("build_moe_skeleton needs config.moe_experts and config.moe_top_k",
                           "use the config saved with the MoEfied model")
-    with torch.device(device or "cpu"):
-        model = CPMAnt(config)
-    for layer in model.encoder.layers:
-        if layer.ffn is not None:
-            layer.ffn.ffn = _to_moe(layer.ffn.ffn, config.moe_experts, config.moe_top_k)
-    if config.quantization == "int8":
-        from .quantize import _swap_linears
-
-        _swap_linears(model, quantize_weights=False)
-    return model
+    return build_model(config, device=device)
 
 
 # ---- clustering -------------------------------------------------------------------------------------
@@ -210,7 +156,7 @@ def moefy(model: CPMAnt, batches: list[Batch], num_experts: int, top_k: int, *, 
         perm = torch.argsort(labels, stable=True)
         _permute(ffn, perm)
         centroids = _weight(ffn.w_in.w_0).view(num_experts, c.dim_ff // num_experts, -1).mean(1)  # (E, D)
-        layer.ffn.ffn = _to_moe(ffn, num_experts, top_k, centroids)
+        layer.ffn.ffn = MoEFeedForward.from_ffn(ffn, num_experts, top_k, centroids)
     new.config = c.replace(moe_experts=num_experts, moe_top_k=top_k)
     loss_after = lm_loss(new, batches)
     return new, {
