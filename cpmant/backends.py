@@ -1,29 +1,85 @@
 """Execution backends behind one interface per stage: `torch` everywhere, the OpenBMB tools on CUDA.
 
-A backend registers itself by name; `get_backend(stage, name)` checks that it can run here and says why not.
+Each backend registers itself under (stage, name) with a one-line description and an availability check;
+`backend_names(stage)` gives a config's allowed values and a CLI's choices, `get_backend(stage, name)` checks that
+the backend can run on this machine and says why not (a CpmantError with the fix).
+
+    stage      backends
+    train      torch (CPU/GPU, torchrun for several processes), bmtrain (CUDA)
+    compress   torch (CPU/GPU), bmcook (CUDA)
+    generate   torch (CPU/GPU), bminf (CUDA)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
-
-import torch
 
 from .errors import CpmantError
 
-# stage -> backend name -> check(); the check raises CpmantError when the backend cannot run on this machine
-_BACKENDS: dict[str, dict[str, Callable[[], None]]] = {}
+
+@dataclass(frozen=True)
+class Backend:
+    stage: str
+    name: str
+    description: str
+    check: Callable[[], None]  # raises CpmantError when the backend cannot run here
+
+    def available(self) -> str | None:
+        """None when it can run here, else the reason."""
+        try:
+            self.check()
+        except CpmantError as e:
+            return e.problem
+        return None
 
 
-def register_backend(stage: str, name: str):
+# stage -> backend name -> Backend
+BACKENDS: dict[str, dict[str, Backend]] = {}
+
+
+def register_backend(stage: str, name: str, description: str = ""):
+    """Decorator: register `check` (raises CpmantError when the backend cannot run here) as backend `name`."""
+
     def deco(check: Callable[[], None]):
-        _BACKENDS.setdefault(stage, {})[name] = check
+        BACKENDS.setdefault(stage, {})[name] = Backend(stage, name, description or (check.__doc__ or "").strip(),
+                                                       check)
         return check
 
     return deco
 
 
+def stages() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def backend_names(stage: str) -> tuple[str, ...]:
+    """The registered backend names of `stage`, in registration order (`torch` first): a config's allowed values."""
+    if stage not in BACKENDS:
+        raise CpmantError(f"unknown stage {stage!r} for backends", f"use one of: {', '.join(BACKENDS)}")
+    return tuple(BACKENDS[stage])
+
+
+def check_backend_name(stage: str, name: str) -> str:
+    """`name` if registered for `stage` (for pydantic validators: raises ValueError, not CpmantError)."""
+    names = backend_names(stage)
+    if name not in names:
+        raise ValueError(f"unknown {stage} backend {name!r}; choose one of: {', '.join(names)}")
+    return name
+
+
+def get_backend(stage: str, name: str) -> str:
+    """Check that backend `name` of `stage` exists and can run here; returns the name."""
+    choices = BACKENDS.get(stage, {})
+    if name not in choices:
+        raise CpmantError(f"unknown {stage} backend {name!r}", f"choose one of: {', '.join(choices) or '(none)'}")
+    choices[name].check()
+    return name
+
+
 def _require_cuda(tool: str, flag: str, package: str) -> None:
+    import torch
+
     if not torch.cuda.is_available():
         raise CpmantError(
             f"{flag} {tool} needs CUDA (and NCCL), and this machine has no CUDA device",
@@ -35,33 +91,38 @@ def _require_cuda(tool: str, flag: str, package: str) -> None:
         raise CpmantError(f"{tool} is not installed ({e})", f"`pip install '.[cuda]'` on the GPU machine") from e
 
 
-@register_backend("train", "torch")
+def _not_built(tool: str, what: str, fix: str) -> None:
+    raise CpmantError(f"the {tool} {what} path is not built yet (it arrives with the CUDA issue)", fix)
+
+
+@register_backend("train", "torch", "PyTorch on CPU or GPU; torchrun for several processes")
 def _torch_train() -> None:
     return None
 
 
-@register_backend("train", "bmtrain")
+@register_backend("train", "bmtrain", "BMTrain (ZeRO-3 on CUDA)")
 def _bmtrain_train() -> None:
     _require_cuda("bmtrain", "--backend", "bmtrain==1.0.1")
-    raise CpmantError("the bmtrain training path is not built yet (it arrives with the CUDA issue)",
-                      "use --backend torch, which also runs on GPUs (torchrun for several processes)")
+    _not_built("bmtrain", "training", "use --backend torch, which also runs on GPUs (torchrun for several processes)")
 
 
-@register_backend("compress", "torch")
+@register_backend("compress", "torch", "PyTorch on CPU or GPU")
 def _torch_compress() -> None:
     return None
 
 
-@register_backend("compress", "bmcook")
+@register_backend("compress", "bmcook", "BMCook (CUDA)")
 def _bmcook_compress() -> None:
     _require_cuda("bmcook", "--backend", "bmcook==0.1.2 (with bmtrain, model_center, cpm_kernels)")
-    raise CpmantError("the BMCook compression path is not built yet (it arrives with the CUDA issue)",
-                      "use --backend torch: the same recipes run on CPU or GPU")
+    _not_built("BMCook", "compression", "use --backend torch: the same recipes run on CPU or GPU")
 
 
-def get_backend(stage: str, name: str) -> str:
-    choices = _BACKENDS.get(stage, {})
-    if name not in choices:
-        raise CpmantError(f"unknown {stage} backend {name!r}", f"choose one of: {', '.join(sorted(choices))}")
-    choices[name]()
-    return name
+@register_backend("generate", "torch", "PyTorch on CPU or GPU, KV cache")
+def _torch_generate() -> None:
+    return None
+
+
+@register_backend("generate", "bminf", "BMInf (CUDA, int8 kernels, offloading)")
+def _bminf_generate() -> None:
+    _require_cuda("bminf", "--backend", "bminf==2.0.1")
+    _not_built("BMInf", "generation", "use --backend torch, which also runs on GPUs")

@@ -1,22 +1,32 @@
-"""Prefect tasks of the compression stage: make one variant (tracked, registered), then the ladder table."""
+"""Prefect tasks of the compression stage: make one variant (tracked, registered, or reused), then the ladder table.
+
+    compress_variant(compress, tracking, parent_uri, recipe, force=False) -> dict
+    ladder_table(tracking, parent_uri, rows) -> list[dict]
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
-from cpmant.compress.pipeline import compress_checkpoint
-from cpmant.compress.recipe import Recipe, get_recipes
+from cpmant.compress.config import CompressConfig
+from cpmant.compress.pipeline import (compress_checkpoint, describe_variant, final_metrics, recipe_params,
+                                      variant_key)
+from cpmant.compress.recipe import PUBLISHED_LABEL, Recipe, get_recipes
 from cpmant.paths import subdir
+from registry import tags as T
 
-from .config import LifecycleConfig
-from .tracking import AsyncMetricLogger, MlflowCallbacks, finite, tracked_stage
+from .config import TrackingConfig
+from .tracking import AsyncMetricLogger, MlflowCallbacks, tracked_stage
 
+# the ladder's columns: report keys, with the published reference figure a labelled column (never a metric)
 LADDER_COLUMNS = ["model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params", "bytes_on_disk",
                   "lm_loss", "perplexity", "loss_increase", "published_loss_increase", "generation_tokens_per_second"]
+COLUMN_LABELS = {"published_loss_increase": PUBLISHED_LABEL}
 
 
 def resolve_recipes(spec: str) -> list[Recipe]:
@@ -24,46 +34,107 @@ def resolve_recipes(spec: str) -> list[Recipe]:
     return get_recipes(spec)
 
 
-@task(name="compress-variant", cache_policy=NONE)
-def compress_variant(cfg: LifecycleConfig, parent_uri: str, recipe: Recipe) -> dict:
-    """Make, measure and register `<base>-<recipe>` from `parent_uri` inside a tracked MLflow run."""
+def _as_recipe(recipe: Recipe | str) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    found = get_recipes(str(recipe))
+    if len(found) != 1:
+        from cpmant.errors import CpmantError
+
+        raise CpmantError(f"{recipe!r} names {len(found)} recipes, compress_variant makes one",
+                          "pass one recipe name or YAML file (the flow loops over a list)")
+    return found[0]
+
+
+def _variant_run_name() -> str:
+    """compress-<recipe>: what the task run does."""
+    from prefect.runtime import task_run
+
+    r = task_run.parameters.get("recipe")
+    try:
+        return f"compress-{_as_recipe(r).name}"
+    except Exception:  # a bad recipe fails in the task itself, with its message
+        return "compress-variant"
+
+
+def _data_params(parent_dir: Path) -> dict[str, str]:
+    from cpmant.checkpoint import CONFIG_FILE
+    from cpmant.config import ModelConfig
+    from cpmant.lineage import read_lineage
+
+    lin = read_lineage(parent_dir)
+    return {"data.corpus": lin.corpus or lin.corpus_name, "data.corpus_name": lin.corpus_name,
+            "data.valid_fraction": str(lin.valid_fraction), "data.seed": str(lin.seed),
+            "data.data_sha256": lin.data_sha256,
+            "data.vocab_size": str(ModelConfig.load(parent_dir / CONFIG_FILE).vocab_size)}
+
+
+def _reused(uri: str, recipe: Recipe) -> dict:
+    """The row of an existing version: its run's report."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name, version = uri[len("models:/"):].rsplit("/", 1)
+    mv = MlflowClient().get_model_version(name, version)
+    report = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/compress_report.json")
+    return {**report, "model": uri, "run_id": mv.run_id, "reused": True, "description": mv.description or "",
+            "published_loss_increase": recipe.published_loss_increase}
+
+
+@task(name="compress-variant", task_run_name=_variant_run_name, cache_policy=NONE)
+def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_uri: str, recipe: Recipe | str,
+                     force: bool = False) -> dict:
+    """Make, measure and register `<base>-<recipe>` from `parent_uri` inside a tracked MLflow run. A version made
+    from the same inputs (recipe and method configs, the compress settings it uses, parent version, data, code)
+    is returned instead, without a new run; `force` makes a new one."""
     import mlflow
 
-    from registry.pull import checkpoint_dir, resolve_version
-    from registry.register import register_checkpoint
+    from registry.pulling import checkpoint_dir, resolve_version
+    from registry.register import find_version, register_checkpoint
     from registry.tracking import setup_tracking
 
-    setup_tracking(cfg.tracking.experiment)
+    recipe = _as_recipe(recipe)
+    setup_tracking(tracking.experiment)
     name, version = resolve_version(parent_uri)
     parent = f"models:/{name}/{version}"
     parent_dir = checkpoint_dir(parent)
-    out = (Path(cfg.compress.output_dir) / name) if cfg.compress.output_dir else subdir("runs", f"compress-{name}")
     variant = f"{name}-{recipe.name}"
-    with tracked_stage(cfg.tracking, f"compress-{recipe.name}",
-                       tags={"cpmant.stage": "compress", "cpmant.parent": parent}) as run:
-        mlflow.log_params({f"recipe.{k}": str(v)[:500] for k, v in recipe.model_dump(mode="json").items()})
-        mlflow.log_params({f"compress.{k}": str(v)[:500] for k, v in cfg.compress.model_dump(mode="json").items()})
-        logger = AsyncMetricLogger(run.info.run_id, cfg.tracking.metric_flush_steps)
+    key = variant_key(parent_dir, recipe, compress)
+    if not force:
+        found = find_version(variant, {T.CONFIG_SHA256: key.config_sha256, T.PARENT: parent,
+                                       T.DATA_SHA256: key.data_sha256, T.GIT_SHA: key.git_sha})
+        if found:
+            return _reused(found, recipe)
+    out = (Path(compress.output_dir) / name) if compress.output_dir else subdir("runs", f"compress-{name}")
+    if force:
+        shutil.rmtree(out / recipe.name, ignore_errors=True)  # made again from scratch (distillation too)
+    with tracked_stage(tracking, f"compress-{recipe.name}", tags={T.STAGE: "compress", T.PARENT: parent}) as run:
+        mlflow.log_params({k: v[:500] for k, v in {**recipe_params(recipe, compress),
+                                                   **_data_params(parent_dir)}.items()})
+        logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
         try:
-            report = compress_checkpoint(parent_dir, recipe, cfg.compress, out / recipe.name, parent_uri=parent,
+            report = compress_checkpoint(parent_dir, recipe, compress, out / recipe.name, parent_uri=parent,
                                          callbacks=MlflowCallbacks(logger))
         finally:
             logger.close()
-        mlflow.log_metrics(finite({k: v for k, v in report.items() if isinstance(v, (int, float))
-                                   and not isinstance(v, bool)}))
+        run.final_step = int(report.get("final_step") or 0)  # the last distillation step (0 without training)
+        run.log_final(final_metrics(report))
         mlflow.log_dict(report, "compress_report.json")
-        reg = register_checkpoint(out / recipe.name / "model", variant, stage="compress", parent=parent)
-    return {"model": reg.uri, "run_id": run.info.run_id, **report}
+        description = describe_variant(recipe, parent, report)
+        reg = register_checkpoint(out / recipe.name / "model", variant, stage="compress", parent=parent,
+                                  extra_tags={T.INPUTS_SHA256: key.config_sha256}, description=description)
+    return {**report, "model": reg.uri, "run_id": run.info.run_id, "reused": False, "description": description,
+            "published_loss_increase": recipe.published_loss_increase}
 
 
 @task(name="ladder-table", cache_policy=NONE)
-def ladder_table(cfg: LifecycleConfig, parent_uri: str, rows: list[dict]) -> list[dict]:
+def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) -> list[dict]:
     """The ladder in CPM-Live's shape, as an MLflow table (in a `compress-ladder` run) and a Prefect artifact,
-    with a plot of LM loss against parameters and the published increases beside ours."""
+    with a plot of LM loss against parameters and the published increases beside ours. The published increase is
+    a reference figure, in a labelled column ("published loss increase (CPM-Ant 10B ladder)")."""
     import mlflow
 
     from .plots import plot_ladder
-    from .tracking import tracked_stage
 
     table = [{c: r.get(c) for c in LADDER_COLUMNS} for r in rows]
     if rows:
@@ -74,12 +145,13 @@ def ladder_table(cfg: LifecycleConfig, parent_uri: str, rows: list[dict]) -> lis
                       "published_loss_increase": 0.0,
                       "generation_tokens_per_second": first["parent_generation_tokens_per_second"]}
         table = [parent_row] + table
-    with tracked_stage(cfg.tracking, "compress-ladder", tags={"cpmant.stage": "compress"}):
-        mlflow.log_table({c: [r[c] for r in table] for c in LADDER_COLUMNS}, "ladder.json")
+    labelled = [{COLUMN_LABELS.get(c, c): r[c] for c in LADDER_COLUMNS} for r in table]
+    with tracked_stage(tracking, "compress-ladder", tags={T.STAGE: "compress"}):
+        mlflow.log_table({COLUMN_LABELS.get(c, c): [r[c] for r in table] for c in LADDER_COLUMNS}, "ladder.json")
         png = plot_ladder(table, subdir("runs") / "ladder.png")
         if png:
             mlflow.log_artifact(str(png), artifact_path="plots")
     fmt = [{k: (f"{v:.4g}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()}
-           for r in table]
+           for r in labelled]
     create_table_artifact(fmt, key="compression-ladder", description=f"Size ladder from {parent_uri}")
     return table

@@ -11,7 +11,7 @@ from cpmant.compress.moefy import MoEFeedForward, balanced_kmeans, build_moe_ske
 from cpmant.compress.prune import align_heads, prune, slice_model
 from cpmant.compress.quantize import (QATLinear, QuantLinear, build_quantized_skeleton, disable_qat, enable_qat,
                                       fake_quant_int8, quantize_model)
-from cpmant.compress.recipe import Recipe
+from cpmant.compress.methods import PruneConfig
 from cpmant.config import ModelConfig
 from cpmant.convert import to_cpm_live, to_hf_config
 from cpmant.errors import CpmantError
@@ -179,7 +179,7 @@ def test_prune_picks_least_important_units(batches):
         for i in range(4):
             sd[ATT.format(i) + "project_v.weight"][3 * Dh:] = 0  # head 3 is dead everywhere
             sd[FFN.format(i) + "w_out.weight"][:, [4, 11]] = 0  # neurons 4 and 11 are dead everywhere
-    target = Recipe(name="t", att_keep=0.75, ffn_keep=0.75, heads_keep=0.75, dim_ff_keep=30 / 32).target_shape(m.config)
+    target = PruneConfig(att_keep=0.75, ffn_keep=0.75, heads_keep=0.75, dim_ff_keep=30 / 32).target_shape(m.config)
     assert target == {"att_layers": 3, "ffn_layers": 3, "num_heads": 3, "dim_ff": 30}
     loss_full = lm_loss(m, batches)
     p, rep = prune(m, target, batches)

@@ -1,6 +1,7 @@
 """The compression stage end to end: `compress --recipe all,int8` on a registered micro base registers the
-variants with lineage, their sizes follow their recipes, losses are measured, the ladder table is written, and the
-int8 variant generates through the CLI."""
+variants with lineage and a description, their sizes follow their recipes, losses are measured (metrics at the last
+distillation step; the published figure a param), the ladder table is written, the int8 variant generates through
+the CLI, and a rerun returns the existing versions unless an input changed or `force` is given."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def base(tmp_path_factory, fixture_corpus):
     home = tmp_path_factory.mktemp("compress_home")
     mp, _, reg = registered_micro_model(home, fixture_corpus, {**MICRO_MODEL, "num_layers": 4, "num_heads": 4,
                                                                "dim_ff": 96},
-                                        micro_batch_size=8, max_steps=30, warmup_steps=4, lr=0.05, eval_rows=8)
+                                        micro_batch_size=8, max_steps=30, warmup_steps=4, lr=0.05, eval_rows=8,
+                                        valid_fraction=0.25)
     yield {"home": home, "uri": reg.uri, "corpus": str(fixture_corpus)}
     mp.undo()
 
@@ -40,12 +42,12 @@ def test_compress_all_and_int8(prefect_harness, base):
     from mlflow.tracking import MlflowClient
 
     from cpmant.checkpoint import load_model_dir
-    from cpmant.compress.recipe import RECIPES
+    from cpmant.compress.recipe import PUBLISHED_LABEL, RECIPES
     from flows.compress import compress_flow
-    from registry.pull import checkpoint_dir
+    from registry.pulling import checkpoint_dir
 
-    cfg = {"compress": {"corpus": base["corpus"], "valid_fraction": 0.25, "distill_steps": 8, "distill_batch_size": 4,
-                        "importance_rows": 8, "eval_rows": 8, "batch_size": 4, "gen_tokens": 4},
+    cfg = {"compress": {"distill_steps": 8, "distill_batch_size": 4, "importance_rows": 8, "eval_rows": 8,
+                        "batch_size": 4, "gen_tokens": 4, "gen_repeats": 1},
            "tracking": {"measure_power_secs": 1}}
     out = compress_flow("models:/cpm-ant-tiny@candidate", "all,int8", cfg)
     names = ["7b", "3b", "1b", "300m", "int8"]
@@ -66,10 +68,21 @@ def test_compress_all_and_int8(prefect_harness, base):
         for key in ("lm_loss", "loss_increase", "params", "bytes_on_disk", "generation_tokens_per_second",
                     "energy_kwh", "emissions_kg_co2e", "cost_rmb", "duration_s"):
             assert key in run.data.metrics, (n, key)
+        # a reference figure is a param, never a metric; final values sit at the last distillation step
+        assert "published_loss_increase" not in run.data.metrics
+        last = 0 if n == "int8" else 8
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "lm_loss")] == [last]
+        assert meta["data"]["corpus"] == str(Path(base["corpus"]).resolve())  # the parent's data, carried forward
+        assert mv.description.startswith(f"{n} recipe of {base['uri']}: ") and "M parameters, loss " in mv.description
         if n == "int8":
+            assert "int8 weights" in mv.description and "compress.importance_rows" not in run.data.params
+            assert not [k for k in run.data.params if k.startswith(("prune.", "distill."))]
             assert cfg_v.quantization == "int8"
             assert row["bytes_on_disk"] < 0.6 * parent_bytes  # int8 encoder weights; embeddings stay fp32
             continue
+        assert float(run.data.params["recipe.published_loss_increase"]) == pytest.approx(
+            RECIPES[n].published_loss_increase)
+        assert run.data.params["distill.steps"] == "8" and "compress.importance_rows" in run.data.params
         shape = RECIPES[n].target_shape(parent_cfg)
         assert cfg_v.kept() == (shape["att_layers"], shape["ffn_layers"])
         assert (cfg_v.num_heads, cfg_v.dim_ff) == (shape["num_heads"], shape["dim_ff"])
@@ -85,13 +98,29 @@ def test_compress_all_and_int8(prefect_harness, base):
     assert runs and any(a.path == "ladder.json" for a in client.list_artifacts(runs[0].info.run_id))
     table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id,
                                                                 artifact_path="ladder.json")).read_text())
-    assert "published_loss_increase" in table["columns"]
+    assert PUBLISHED_LABEL in table["columns"] and "published_loss_increase" not in table["columns"]
 
     p = subprocess.run([CLI, "generate", "models:/cpm-ant-tiny-int8/1", "床前明月光", "--max-new-tokens", "4"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().startswith("床前明月光")
 
-    # a rerun reuses the finished variants (same recipe, same parent) instead of recomputing them
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        names = {t.name for t in pc.read_task_runs()}
+    assert {"compress-3b", "compress-int8"} <= names  # task runs named by what they do
+
+    # a rerun with the same inputs returns the existing version: no new run, no new version
+    def runs(name):
+        return len(mlflow.search_runs(filter_string=f"attributes.run_name = '{name}'", output_format="list"))
+
+    before = runs("compress-3b")
     again = compress_flow("models:/cpm-ant-tiny@candidate", "3b", cfg)
+    assert again["variants"] == ["models:/cpm-ant-tiny-3b/1"] and runs("compress-3b") == before
     assert again["ladder"][1]["lm_loss"] == pytest.approx(ladder["models:/cpm-ant-tiny-3b/1"]["lm_loss"])
+    # an input that changes only the reported numbers (evaluation rows) makes a new version, as does force
+    cfg2 = {**cfg, "compress": {**cfg["compress"], "eval_rows": 4}}
+    assert compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2)["variants"] == ["models:/cpm-ant-tiny-int8/2"]
+    forced = compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2, force=True)
+    assert forced["variants"] == ["models:/cpm-ant-tiny-int8/3"]

@@ -4,7 +4,8 @@ loss = ce_weight * LM loss on the corpus targets
      + kl_weight * T^2 * KL(teacher_T || student_T) on the same target positions  (BMCook `ce_scale`, `ce_temp`)
      + hidden_weight * MSE of every layer slot's output, student vs teacher, on valid positions  (`mse_hidn`)
 Layer slots line up because pruning masks sub-blocks in place (mask_modules) rather than renumbering layers.
-Resumable like pretraining: step-N checkpoints with optimizer, scheduler and RNG; `resume="auto"` continues.
+Resumable like pretraining, with the same helper (cpmant.training.state): step-N checkpoints with optimizer, scheduler
+and RNG; `resume="auto"` continues from the newest intact one.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
+from ..config import ModelConfig
 from ..model import CPMAnt
 from ..training.data import IGNORE, PretrainStream
 from ..training.schedule import cosine
-from .recipe import DistillConfig
+from ..training.state import latest_intact_checkpoint, restore_state, save_state, seed_everything
+from .methods.distill import DistillConfig
 
 
 @dataclass
@@ -56,7 +59,11 @@ def distill_loss(student: CPMAnt, teacher: CPMAnt, batch, cfg: DistillConfig) ->
 def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: DistillConfig, ckpt_root: Path,
             vocab_path: Path, meta: dict | None = None, callbacks=None, progress: bool = True,
             resume: str = "auto") -> DistillReport:
-    """Train `student` (in place) towards `teacher` for cfg.steps steps; checkpoints under ckpt_root."""
+    """Train `student` (in place) towards `teacher` for cfg.steps steps; checkpoints under ckpt_root.
+
+    Resumes (resume="auto") from the newest intact step folder whose student has the same config and whose metadata
+    matches `meta` (the caller's identity of this student: recipe, parent, data, code); dropout is seeded from
+    (cfg.seed, step), so a resumed run draws the masks an uninterrupted one would."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -66,23 +73,19 @@ def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: Disti
                             weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(max(cfg.warmup_steps, 1), max(cfg.steps, 1), 0.1))
     start = 0
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume == "auto" else None
     losses: list[float] = []
+    latest = latest_intact_checkpoint(ckpt_root)[0] if resume == "auto" else None
     if latest is not None:
-        saved_cfg, sd, _, saved_meta = ckpt.load_model_dir(latest)
-        # resume only the same student: same shape, and the same recipe and parent when the caller names them
-        same = saved_cfg == student.config and all(saved_meta.get(k) == v for k, v in (meta or {}).items())
-        if same:
-            student.load_state_dict(sd)
-            st = ckpt.load_training_state(latest)
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            torch.set_rng_state(st["rng"]["torch"])
+        saved_cfg, saved_meta = ModelConfig.load(latest / ckpt.CONFIG_FILE), ckpt.read_meta(latest)
+        # resume only the same student: same shape, and the same identity when the caller names one
+        if saved_cfg == student.config and all(saved_meta.get(k) == v for k, v in (meta or {}).items()):
+            st = restore_state(latest, student, opt, sched)
             start, losses = int(st["step"]), list(st.get("losses", []))
     B = cfg.micro_batch_size
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(start, cfg.steps):
+        seed_everything(cfg.seed, step)  # dropout masks depend on the step only (exact resume)
         batch = stream.batch(range(step * B, (step + 1) * B))
         loss, parts = distill_loss(student, teacher, batch, cfg)
         opt.zero_grad(set_to_none=True)
@@ -96,11 +99,8 @@ def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: Disti
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if (step + 1) % cfg.save_interval == 0 or step + 1 == cfg.steps:
-            ckpt.save_training_checkpoint(
-                ckpt_root, step + 1, student.state_dict(), student.config, vocab_path,
-                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}, "step": step + 1, "losses": losses},
-                meta=meta, keep_last=1)
+            save_state(ckpt_root, step + 1, student, student.config, vocab_path, opt, sched,
+                       extra={"losses": losses}, meta=meta, keep_last=1)
     bar.close()
     student.eval()
     return DistillReport(cfg.steps, start, losses[0] if losses else math.nan, losses[-1] if losses else math.nan,

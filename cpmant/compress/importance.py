@@ -19,15 +19,11 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CpmantError
 from ..model import CPMAnt
-from ..training.data import IGNORE, Batch
-
-
-def _inputs(batch: Batch, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.model_inputs().items()}
+from ..training.data import Batch
+from ..training.evaluate import loss_sums
 
 
 def _device(model: CPMAnt) -> torch.device:
@@ -47,10 +43,8 @@ def eval_mode(model: torch.nn.Module):
 
 def _sum_ce(model: CPMAnt, batch: Batch, device) -> tuple[torch.Tensor, int]:
     """(summed token CE over the targets, number of targets) for one batch; grad follows the caller's mode."""
-    logits = model(**_inputs(batch, device))  # (B, L, V) fp32
-    target = batch.target.to(device)
-    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
+    total, _ = loss_sums(model, batch)  # the same loss as training and evaluation (logits at the targets only)
+    return total, batch.num_targets
 
 
 def _check(batches: list[Batch]) -> None:

@@ -1,6 +1,15 @@
-"""One recipe applied to one parent checkpoint: prune -> distill -> quantize -> MoEfy (as the recipe lists), then
-measured (parameters, bytes on disk, held-out LM loss and perplexity, loss increase over the parent, generation
-speed) and saved as a self-describing checkpoint folder whose metadata names its parent."""
+"""One recipe applied to one parent checkpoint: the recipe's methods in order (each looked up in the method
+registry), then measured (parameters, bytes on disk, held-out LM loss and perplexity, loss increase over the parent,
+generation speed) and saved as a self-describing checkpoint folder whose metadata names its parent and its data.
+
+Data lineage: importance, distillation and evaluation read the corpus, split and vocab the parent was trained with
+(cpmant/lineage.py). Distillation trains on the parent's train split only; the parent's held-out split is halved:
+one half scores importance (pruning, MoEfication), the other measures loss, so no choice is tuned on the numbers it
+is judged by.
+
+Reuse: a finished variant is reused only when its key matches: the recipe with every method's config, the
+CompressConfig fields the recipe uses, the parent's checkpoint sha256, the data hash and the code version.
+"""
 
 from __future__ import annotations
 
@@ -8,53 +17,64 @@ import copy
 import hashlib
 import json
 import math
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..corpus import load_corpus
-from ..encode import encode_documents
+from ..config import ModelConfig
 from ..errors import CpmantError
-from ..generate import generate
+from ..generate import GenerationConfig, generate_ids
+from ..lineage import DataLineage, load_lineage_data, read_lineage
 from ..model import CPMAnt
-from ..paths import subdir
+from ..tokenizer import BOS_ID, EOS_ID
 from ..training.data import PretrainStream
-from ..training.loop import evaluate
+from ..training.evaluate import evaluate
 from .config import CompressConfig
+from .methods import METHODS, DistillConfig, MethodContext
 from .recipe import Recipe
 
 GEN_PROMPTS = ["床前明月光", "春眠不觉晓", "白日依山尽", "学而时习之"]
+# CompressConfig fields every recipe uses (evaluation and generation speed, the backend); methods add theirs
+BASE_FIELDS = ("eval_rows", "batch_size", "gen_tokens", "gen_repeats", "backend")
+# of those, the ones that change only the reported metrics, not the weights
+METRIC_FIELDS = ("eval_rows", "gen_tokens", "gen_repeats")
+# report entries that are settings, not measurements (params, not metrics)
+NOT_METRICS = ("distill_steps", "final_step")
 
 
 @dataclass
 class CompressData:
     data_sha256: str
-    train: list[np.ndarray] = field(repr=False)
-    importance: list[np.ndarray] = field(repr=False)
-    evaluation: list[np.ndarray] = field(repr=False)
+    lineage: DataLineage
+    train: list[np.ndarray] = field(repr=False)  # the parent's train split
+    importance: list[np.ndarray] = field(repr=False)  # held-out documents 0, 2, 4, ...
+    evaluation: list[np.ndarray] = field(repr=False)  # held-out documents 1, 3, 5, ...
 
 
-def load_data(cfg: CompressConfig, vocab_path: Path, progress: bool = True) -> CompressData:
-    """The corpus encoded with the parent's vocab; the held-out split is halved: one half scores importance, the
-    other measures loss, so no choice is tuned on the numbers it is judged by."""
-    c = load_corpus(Path(cfg.corpus) if cfg.corpus else None, valid_fraction=cfg.valid_fraction, seed=cfg.seed)
-    cache = subdir("cache", "encoded")
-    train = encode_documents(list(c.train), vocab_path, cache_dir=cache, progress=progress)
-    valid = encode_documents(list(c.valid), vocab_path, cache_dir=cache, progress=progress)
-    if len(valid) < 2:
-        raise CpmantError("the held-out split has fewer than 2 documents", "use a larger corpus or valid_fraction")
-    return CompressData(c.sha256, train, valid[0::2], valid[1::2])
+def load_data(parent_dir: Path, progress: bool = True) -> CompressData:
+    """The parent's corpus, split and vocab (hash checked); the held-out split halved into importance / evaluation."""
+    d = load_lineage_data(parent_dir, progress=progress)
+    if len(d.valid) < 2:
+        raise CpmantError(
+            f"the held-out split {Path(parent_dir).name} was trained with has {len(d.valid)} document(s); compression "
+            "needs 2 (one half scores importance, the other measures loss)",
+            "pretrain the parent with a larger pretrain.valid_fraction or a larger corpus")
+    return CompressData(d.lineage.data_sha256, d.lineage, d.train, d.valid[0::2], d.valid[1::2])
 
 
-def _streams(model: CPMAnt, data: CompressData, seq_len: int, seed: int):
-    kw = dict(bos=6, eos=7, min_piece_tokens=8, max_piece_tokens=seq_len, seed=seed)  # as pretraining's default
-    return (PretrainStream(data.train, model.config, seq_len, **kw),
-            PretrainStream(data.importance, model.config, seq_len, **kw),
-            PretrainStream(data.evaluation, model.config, seq_len, **kw))
+def build_streams(config: ModelConfig, data: CompressData, seq_len: int):
+    """(train, importance, evaluation) streams with the parent's piece settings and data seed."""
+    lin = data.lineage
+    kw = dict(bos=BOS_ID, eos=EOS_ID, min_piece_tokens=lin.min_piece_tokens, max_piece_tokens=lin.max_piece_tokens,
+              seed=lin.seed)
+    return (PretrainStream(data.train, config, seq_len, **kw),
+            PretrainStream(data.importance, config, seq_len, **kw),
+            PretrainStream(data.evaluation, config, seq_len, **kw))
 
 
 def _numel(model: CPMAnt) -> int:
@@ -65,84 +85,149 @@ def _bytes_on_disk(model_dir: Path) -> int:
     return (model_dir / ckpt.WEIGHTS_FILE).stat().st_size
 
 
+# ---- generation speed ---------------------------------------------------------------------------------
+def _generated_ids(model: CPMAnt, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations as ids (not decoded text), KV cache, no repetition penalty."""
+    return generate_ids(model, tokenizer, prompts, GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.0))
+
+
 @torch.no_grad()
-def generation_speed(model: CPMAnt, tokenizer, new_tokens: int) -> float:
-    """New tokens per second, greedy, the four prompts one batch (KV cache), after one warm-up call."""
-    generate(model, tokenizer, GEN_PROMPTS[:1], max_new_tokens=2)
-    t0 = time.perf_counter()
-    outs = generate(model, tokenizer, GEN_PROMPTS, max_new_tokens=new_tokens, repetition_penalty=1.0)
-    dt = time.perf_counter() - t0
-    n = sum(len(tokenizer.encode(o)) for o in outs) or len(GEN_PROMPTS) * new_tokens
-    return n / dt
+def generation_speed(model: CPMAnt, tokenizer, new_tokens: int, repeats: int = 3) -> float:
+    """Generated ids per second: the four prompts as one batch, `repeats` timed calls after one warm-up call."""
+    was = model.training
+    model.eval()
+    try:
+        _generated_ids(model, tokenizer, GEN_PROMPTS[:1], 2)
+        n, t0 = 0, time.perf_counter()
+        for _ in range(repeats):
+            n += sum(len(ids) for ids in _generated_ids(model, tokenizer, GEN_PROMPTS, new_tokens))
+        dt = time.perf_counter() - t0
+    finally:
+        model.train(was)
+    return n / max(dt, 1e-9)
 
 
-# the CompressConfig fields that change a variant's weights (not where it is written or how it is measured)
-WEIGHT_FIELDS = ("corpus", "valid_fraction", "seed", "importance_rows", "batch_size", "backend")
+# ---- what a variant depends on ------------------------------------------------------------------------
+def apply_overrides(recipe: Recipe, cfg: CompressConfig) -> Recipe:
+    """The recipe with the CompressConfig overrides its methods declare (e.g. distill_steps -> distill.steps)."""
+    for m in recipe.methods:
+        update = {target: getattr(cfg, f) for f, target in METHODS[m.name].overrides.items()
+                  if getattr(cfg, f) is not None}
+        if update:
+            recipe = recipe.with_method(m.name, **update)
+    return recipe
 
 
-def recipe_sha256(recipe: Recipe, cfg: CompressConfig) -> str:
-    blob = json.dumps({"recipe": recipe.model_dump(mode="json"),
-                       "compress": {k: getattr(cfg, k) for k in WEIGHT_FIELDS}}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def fields_used(recipe: Recipe) -> tuple[str, ...]:
+    """The CompressConfig fields a recipe's run reads (overrides are folded into the recipe)."""
+    return tuple(dict.fromkeys(BASE_FIELDS + tuple(f for m in recipe.methods for f in METHODS[m.name].uses)))
 
 
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    config_sha256: str  # everything that affects the weights or the reported metrics (the reuse key)
+    weights_sha256: str  # everything that affects the weights (what resumable distillation state must match)
+    parent_checkpoint_sha256: str
+    data_sha256: str
+    git_sha: str
+
+
+def variant_key(parent_dir: Path, recipe: Recipe, cfg: CompressConfig) -> VariantKey:
+    """The key of `recipe` (overrides applied) on the parent in `parent_dir` with `cfg`, under this code version."""
+    recipe = apply_overrides(recipe, cfg)
+    parent_sha = ckpt.sha256_file(Path(parent_dir) / ckpt.WEIGHTS_FILE)
+    data_sha = read_lineage(parent_dir).data_sha256
+    code = ckpt.git_sha()
+    used = fields_used(recipe)
+    common = {"recipe": recipe.model_dump(mode="json"), "parent_checkpoint_sha256": parent_sha,
+              "data_sha256": data_sha, "git_sha": code}
+    weights = _sha({**common, "compress": {k: getattr(cfg, k) for k in used if k not in METRIC_FIELDS}})
+    full = _sha({**common, "compress": {k: getattr(cfg, k) for k in used}})
+    return VariantKey(full, weights, parent_sha, data_sha, code)
+
+
+def recipe_sha256(recipe: Recipe, cfg: CompressConfig, parent_dir: Path) -> str:
+    return variant_key(parent_dir, recipe, cfg).config_sha256
+
+
+def recipe_params(recipe: Recipe, cfg: CompressConfig) -> dict[str, str]:
+    """What a recipe's run records as params: the recipe, its methods' configs, the CompressConfig fields it uses,
+    and the published reference figure (a param: it is not a measurement)."""
+    recipe = apply_overrides(recipe, cfg)
+    out = {"recipe.name": recipe.name, "recipe.methods": ",".join(recipe.method_names),
+           "recipe.published_loss_increase": str(recipe.published_loss_increase)}
+    for m in recipe.methods:
+        out.update({f"{m.name}.{k}": str(v) for k, v in m.model_dump(mode="json").items() if k != "name"})
+    out.update({f"compress.{k}": str(getattr(cfg, k)) for k in fields_used(recipe)})
+    return out
+
+
+def final_metrics(report: dict) -> dict[str, float]:
+    """The report's measurements (numbers; settings and reference figures left out)."""
+    return {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in NOT_METRICS and v is not None and math.isfinite(float(v))}
+
+
+def describe_variant(recipe: Recipe, parent_uri: str, report: dict) -> str:
+    """e.g. "3b recipe of models:/cpm-ant-tiny/1: 3 attention / 3 FFN layers, 1.29 M parameters, loss +0.4%"."""
+    parts = [s for m in recipe.methods if (s := m.summary())]
+    parts.append(f"{report['attention_layers']} attention / {report['ffn_layers']} FFN layers")
+    parts.append(f"{report['params'] / 1e6:.2f} M parameters")
+    inc = report.get("loss_increase")
+    if inc is not None and math.isfinite(inc):
+        parts.append(f"loss {inc:+.1%}")
+    return f"{recipe.name} recipe of {parent_uri or 'its parent'}: " + ", ".join(parts)
+
+
+# ---- the variant ----------------------------------------------------------------------------------------
 def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, out_dir: Path, *,
                         parent_uri: str = "", data: CompressData | None = None, callbacks=None,
                         progress: bool = True) -> dict:
-    """Make, measure and save one variant; a finished variant with the same recipe and parent is reused."""
+    """Make, measure and save one variant under out_dir/model; a finished one with the same key is reused."""
     from ..backends import get_backend
-    from .distill import distill
-    from .moefy import moefy
-    from .prune import prune
-    from .quantize import disable_qat, enable_qat, quantize_model
 
     get_backend("compress", cfg.backend)
-    over = {k: v for k, v in {"steps": cfg.distill_steps, "micro_batch_size": cfg.distill_batch_size}.items()
-            if v is not None}
-    if over:
-        recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update=over)})
-    out_dir = Path(out_dir)
+    recipe = apply_overrides(recipe, cfg)
+    parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     model_dir = out_dir / "model"
-    parent_meta = ckpt.read_meta(parent_dir)
-    sha = recipe_sha256(recipe, cfg)
-    parent_sha = ckpt.sha256_file(Path(parent_dir) / ckpt.WEIGHTS_FILE)
+    key = variant_key(parent_dir, recipe, cfg)
     if ckpt.is_complete(model_dir):
         m = ckpt.read_meta(model_dir)
-        if m.get("config_sha256") == sha and m.get("parent_checkpoint_sha256") == parent_sha and "report" in m:
+        if m.get("config_sha256") == key.config_sha256 and "report" in m:
             return m["report"]
-        import shutil
-
-        shutil.rmtree(model_dir)  # another recipe or parent: remade below (its distillation restarts too)
+        shutil.rmtree(model_dir)  # another recipe, parent, data, setting or code: remade below
     teacher, tok = ckpt.load_pretrained(parent_dir)
-    data = data or load_data(cfg, Path(parent_dir) / ckpt.VOCAB_FILE, progress=progress)
-    seq_len = recipe.distill.seq_len
-    train_s, imp_s, eval_s = _streams(teacher, data, seq_len, cfg.seed)
-    imp_batches = [imp_s.batch(range(i, min(i + cfg.batch_size, cfg.importance_rows)), shuffle=True)
-                   for i in range(0, cfg.importance_rows, cfg.batch_size)]
+    data = data or load_data(parent_dir, progress=progress)
+    if data.data_sha256 != key.data_sha256:
+        raise CpmantError(f"the data given ({data.data_sha256[:16]}...) is not the data {parent_dir} was trained "
+                          f"with ({key.data_sha256[:16]}...)", "pass data=None: the parent's data is loaded")
+    distill_cfg = recipe.method("distill") or DistillConfig()
+    train_s, imp_s, eval_s = build_streams(teacher.config, data, distill_cfg.seq_len)
     parent_eval = evaluate(teacher, eval_s, cfg.eval_rows, cfg.batch_size)
-    torch.manual_seed(recipe.distill.seed)
-    student = copy.deepcopy(teacher)
-    report: dict = {"recipe": recipe.name, "methods": list(recipe.methods), "parent": parent_uri,
-                    "distill_steps": recipe.distill.steps if "distill" in recipe.methods else 0}
+    imp_cache: list = []
+
+    def importance_batches():
+        if not imp_cache:
+            imp_cache.extend(imp_s.batch(range(i, min(i + cfg.batch_size, cfg.importance_rows)), shuffle=True)
+                             for i in range(0, cfg.importance_rows, cfg.batch_size))
+        return imp_cache
+
+    torch.manual_seed(distill_cfg.seed)
+    report: dict = {"recipe": recipe.name, "methods": recipe.method_names, "parent": parent_uri}
+    ctx = MethodContext(teacher=teacher, student=copy.deepcopy(teacher), train_stream=train_s,
+                        importance_batches=importance_batches, work_dir=out_dir,
+                        vocab_path=parent_dir / ckpt.VOCAB_FILE, callbacks=callbacks, progress=progress,
+                        identity={"recipe": recipe.name, "weights_sha256": key.weights_sha256}, report=report)
     t0 = time.perf_counter()
-    for method in recipe.methods:
-        if method == "prune":
-            student, report["prune"] = prune(student, recipe.target_shape(teacher.config), imp_batches)
-        elif method == "distill" and recipe.distill.steps > 0:
-            if recipe.qat:
-                enable_qat(student)  # fake-int8 weights (straight-through) while distilling
-            r = distill(student, teacher, train_s, recipe.distill, out_dir / "checkpoints",
-                        Path(parent_dir) / ckpt.VOCAB_FILE, callbacks=callbacks, progress=progress,
-                        meta={"recipe": recipe.name, "config_sha256": sha, "parent_checkpoint_sha256": parent_sha})
-            report["distill"] = asdict(r) | {"losses": None}
-            if recipe.qat:
-                disable_qat(student)
-        elif method == "quantize":
-            student = quantize_model(student)
-        elif method == "moefy":
-            student, report["moefy"] = moefy(student, imp_batches, recipe.moe_experts, recipe.moe_top_k)
+    for m in recipe.methods:
+        ctx.student = METHODS[m.name].apply(ctx, m)
     report["compress_seconds"] = time.perf_counter() - t0
-    student.eval()
+    report["distill_steps"] = report["final_step"] = ctx.step
+    student = ctx.student.eval()
     ev = evaluate(student, eval_s, cfg.eval_rows, cfg.batch_size)
     att, ffn = student.config.kept()
     report.update({
@@ -153,21 +238,23 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
         "lm_loss": ev["valid_loss"], "perplexity": ev["valid_perplexity"],
         "parent_lm_loss": parent_eval["valid_loss"],
         "loss_increase": ev["valid_loss"] / parent_eval["valid_loss"] - 1.0,
-        "published_loss_increase": recipe.published_loss_increase,
-        "generation_tokens_per_second": generation_speed(student, tok, cfg.gen_tokens),
-        "parent_generation_tokens_per_second": generation_speed(teacher, tok, cfg.gen_tokens),
+        "generation_tokens_per_second": generation_speed(student, tok, cfg.gen_tokens, cfg.gen_repeats),
+        "parent_generation_tokens_per_second": generation_speed(teacher, tok, cfg.gen_tokens, cfg.gen_repeats),
     })
-    meta = {"stage": "compress", "recipe": recipe.name, "config_sha256": sha,
-            "data_sha256": parent_meta.get("data_sha256", data.data_sha256), "parent": parent_uri,
-            "parent_checkpoint_sha256": parent_sha}
-    ckpt.save_model_dir(model_dir, student.state_dict(), student.config, Path(parent_dir) / ckpt.VOCAB_FILE,
+    meta = {"stage": "compress", "recipe": recipe.name, "recipe_config": recipe.model_dump(mode="json"),
+            "compress_config": {k: getattr(cfg, k) for k in fields_used(recipe)},
+            "config_sha256": key.config_sha256, "weights_sha256": key.weights_sha256,
+            "data_sha256": key.data_sha256, "data": data.lineage.to_meta(), "parent": parent_uri,
+            "parent_checkpoint_sha256": key.parent_checkpoint_sha256}
+    ckpt.save_model_dir(model_dir, student.state_dict(), student.config, parent_dir / ckpt.VOCAB_FILE,
                         meta={**meta, "report": report})
     report["bytes_on_disk"] = _bytes_on_disk(model_dir)
-    report["parent_bytes_on_disk"] = _bytes_on_disk(Path(parent_dir))
-    # the metadata holds the full report (bytes included) so that a rerun can reuse this variant as is
-    full = {**ckpt.read_meta(model_dir), "report": report}
-    ckpt.write_json_atomic(model_dir / ckpt.META_FILE, full)
+    report["parent_bytes_on_disk"] = _bytes_on_disk(parent_dir)
     for k, v in list(report.items()):
         if isinstance(v, float) and not math.isfinite(v):
             report[k] = None
+    # the metadata holds the full report (bytes included) so that a rerun can reuse this variant as is
+    from ..fsutil import write_json_atomic
+
+    write_json_atomic(model_dir / ckpt.META_FILE, {**ckpt.read_meta(model_dir), "report": report})
     return report
