@@ -220,14 +220,30 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:` (imports for annotations only never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            for other in node.orelse:
+                yield from _runtime_nodes_of(other)
+            continue
+        yield from _runtime_nodes_of(node)
+
+
+def _runtime_nodes_of(node: ast.AST):
+    yield node
+    yield from _runtime_nodes(node)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the cpmant modules it imports (anywhere in the file, function bodies included)."""
+    """Module -> the cpmant modules it imports (anywhere in the file, function bodies included; imports under
+    `if TYPE_CHECKING:` are left out: they never run)."""
     files = {_module_name(p): p for p in PKG.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for mod, path in files.items():
         package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):

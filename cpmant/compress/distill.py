@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,9 @@ from ..model import CPMAnt
 from ..training.data import IGNORE, PretrainStream
 from ..training.schedule import cosine
 from ..training.state import latest_intact_checkpoint, restore_state, save_state, seed_everything
-from .methods.distill import DistillConfig
+
+if TYPE_CHECKING:  # the method module imports this one; the config is needed only for annotations
+    from .methods.distill import DistillConfig
 
 
 @dataclass
