@@ -13,5 +13,7 @@ test: setup
 test-all: setup
 	.venv/bin/python -m pytest -q -m "not gpu"
 
+# every benchmark, one after another (one per file: bench/bench_*.py); `make bench BENCH_ARGS=--quick` for smoke runs
+BENCH_ARGS ?=
 bench: setup
-	.venv/bin/python bench/bench_pretrain.py
+	@set -e; for f in bench/bench_*.py; do echo "== $$f $(BENCH_ARGS)"; .venv/bin/python $$f $(BENCH_ARGS); done

@@ -14,7 +14,7 @@ Writes bench/results/compress.json and prints a table; bench/README.md ("Compres
       (AdamW, betas 0.9/0.95, no weight decay), gradient clipping (1.0) and schedule shape (linear warmup, cosine
       to 0.1 x peak); the peak learning rate is the distillation's and the pretraining's peak (see --scratch-lr),
       and the better of the two counts (a deliberately generous baseline);
-   c. both are scored with `cpmant.training.loop.evaluate` on the same held-out rows: the evaluation half of the
+   c. both are scored with the pretraining loop's `evaluate` on the same held-out rows: the evaluation half of the
       held-out split that `compress_checkpoint` uses (the other half scores importance), every row of it.
 
 The numbers are losses, not times, so the load of the shared machine changes only how long it takes. Everything is
@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import signal
 import sys
 import time
 import types
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the environment must be isolated before cpmant modules are used)
-    RESULTS_DIR, cleanup_home, environment_info, isolate_environment, load_average, print_table, verdict, write_json,
+    core, markdown_table, prepare_default_corpus, recording_load, run_benchmark, verdict,
 )
 
 LADDER = ("7b", "3b", "1b", "300m")
-# parent pretraining steps, distillation (= scratch) steps, rows per step; --quick is a smoke run
+# parent pretraining steps, distillation (= scratch) steps, rows per step (each can be set: --parent-steps N,
+# --steps N, --batch N); --quick is a smoke run
 MODES = {
     "full": dict(parent_steps=400, steps=60, batch=16),
     "quick": dict(parent_steps=100, steps=12, batch=16),
@@ -74,12 +72,8 @@ def get_parent(args, mode: dict, threads: int, home: Path) -> tuple[Path, dict]:
 
     from cpmant.training.config import PretrainConfig
     from cpmant.training.loop import pretrain
-    from cpmant.training.prepare import prepare_data
 
-    print("   preparing the default corpus (fortunes-zh) and its 8000-token vocab", flush=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # build_vocab's note about rare characters
-        prepared = prepare_data(None, "tiny", progress=False)
+    prepared = prepare_default_corpus()
     steps = mode["parent_steps"]
     cfg = PretrainConfig(preset="tiny", max_steps=steps, eval_interval=steps, save_interval=steps, keep_last=1,
                          num_threads=threads, output_dir=str(home / "runs" / f"bench-parent-{steps}"))
@@ -105,9 +99,9 @@ def train_scratch(config, stream, steps: int, batch: int, dcfg, lr: float) -> tu
     import torch
 
     from cpmant.model import CPMAnt
-    from cpmant.training.loop import _loss_sums
     from cpmant.training.schedule import cosine
 
+    loss_sums = core("loss_sums", "_loss_sums")  # the pretraining loop's summed token CE (fp32 logits)
     torch.manual_seed(dcfg.seed)
     model = CPMAnt(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -115,7 +109,7 @@ def train_scratch(config, stream, steps: int, batch: int, dcfg, lr: float) -> tu
     losses = []
     for step in range(steps):
         b = stream.batch(range(step * batch, (step + 1) * batch))
-        s, _ = _loss_sums(model, b, False)  # the pretraining loop's summed token CE (fp32 logits)
+        s, _ = loss_sums(model, b, False)
         loss = s / max(b.num_targets, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,18 +123,50 @@ def train_scratch(config, stream, steps: int, batch: int, dcfg, lr: float) -> tu
 # ================================================================================================================
 # 3. One rung: distilled vs scratch
 # ================================================================================================================
+def distill_of(recipe):
+    """The recipe's distillation settings (recipes list their methods; older ones held a `distill` field)."""
+    return recipe.method("distill") if hasattr(recipe, "method") else recipe.distill
+
+
+def shortened(recipe, steps: int, batch: int):
+    """The recipe with its distillation cut to `steps` steps of `batch` rows; the recipe's warmup (20 of 200
+    steps) scaled to the shortened run: 10% of the steps. Everything else of the recipe is kept."""
+    update = {"steps": steps, "micro_batch_size": batch, "warmup_steps": max(1, steps // 10)}
+    if hasattr(recipe, "with_method"):
+        return recipe.with_method("distill", **update)
+    return recipe.model_copy(update={"distill": recipe.distill.model_copy(update=update)})
+
+
+def compression_data(parent_dir: Path, ccfg):
+    """What compress_checkpoint reads: the parent's corpus and vocab, the held-out split halved."""
+    import inspect
+
+    from cpmant import checkpoint as ckpt
+    from cpmant.compress import pipeline
+
+    if "parent_dir" in inspect.signature(pipeline.load_data).parameters:
+        return pipeline.load_data(parent_dir, progress=False)
+    return pipeline.load_data(ccfg, parent_dir / ckpt.VOCAB_FILE, progress=False)
+
+
+def compression_streams(parent_cfg, data, seq_len: int, ccfg):
+    """The very (train, importance, evaluation) streams compress_checkpoint builds from the parent's config."""
+    from cpmant.compress import pipeline
+
+    if hasattr(pipeline, "build_streams"):
+        return pipeline.build_streams(parent_cfg, data, seq_len)
+    return pipeline._streams(types.SimpleNamespace(config=parent_cfg), data, seq_len, ccfg.seed)
+
+
 def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, scratch_lrs: dict, out_root: Path):
     from cpmant import checkpoint as ckpt
-    from cpmant.compress.pipeline import _streams, compress_checkpoint
+    from cpmant.compress.pipeline import compress_checkpoint
     from cpmant.compress.recipe import RECIPES
-    from cpmant.training.loop import evaluate
 
+    evaluate = core("evaluate")
     steps, batch = mode["steps"], mode["batch"]
-    base = RECIPES[name]
-    # the recipe's warmup (20 of 200 steps) scaled to the shortened run: 10% of the steps
-    dist = base.distill.model_copy(update={"steps": steps, "micro_batch_size": batch,
-                                           "warmup_steps": max(1, steps // 10)})
-    recipe = base.model_copy(update={"distill": dist})
+    recipe = shortened(RECIPES[name], steps, batch)
+    dist = distill_of(recipe)
 
     t0 = time.perf_counter()
     rep = compress_checkpoint(parent_dir, recipe, ccfg, out_root / name, data=data, progress=False)
@@ -148,7 +174,7 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
     student, _ = ckpt.load_pretrained(out_root / name / "model")
 
     # the very streams compress_checkpoint trained and evaluated on (it builds them from the parent's config)
-    train_s, _, eval_s = _streams(types.SimpleNamespace(config=parent_cfg), data, dist.seq_len, ccfg.seed)
+    train_s, _, eval_s = compression_streams(parent_cfg, data, dist.seq_len, ccfg)
     ev_d = evaluate(student, eval_s, ccfg.eval_rows, ccfg.batch_size)
     t1 = time.perf_counter()
     scratch = {}
@@ -183,7 +209,7 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
         "distillation_wins": d_loss < s_loss,
         "parent_loss": parent_loss,
         "loss_increase": d_loss / parent_loss - 1.0,
-        "published_loss_increase": recipe.published_loss_increase,
+        "published_loss_increase": getattr(recipe, "published_loss_increase", None),  # CPM-ANT.md's 10B ladder
         "pruned_loss_before_distill": rep.get("prune", {}).get("loss_after"),  # on the importance rows
         "parent_loss_importance_rows": rep.get("prune", {}).get("loss_before"),
         "distill_train_loss_first_last": [rep.get("distill", {}).get("first_loss"),
@@ -196,94 +222,75 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
 
 
 # ================================================================================================================
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short parent and distillation (a smoke run, ~4 minutes)")
+def arguments(ap) -> None:
+    def rungs(text: str) -> list[str]:
+        names = [r.strip() for r in text.split(",") if r.strip()]
+        bad = [r for r in names if r not in LADDER]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown rung(s) {bad}; choose from {', '.join(LADDER)}")
+        return names
+
     ap.add_argument("--parent", help="reuse this parent (a model folder, or a pretraining run folder with model/)")
-    ap.add_argument("--home", help="CPMANT_HOME to use (kept; default: a temporary folder, removed at the end)")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "compress.json"), help="where the JSON goes")
-    ap.add_argument("--steps", type=int, help="distillation (= scratch) steps per rung (overrides the mode)")
-    ap.add_argument("--parent-steps", type=int, help="parent pretraining steps (overrides the mode)")
-    ap.add_argument("--batch", type=int, help="rows per distillation / scratch step (overrides the mode)")
-    ap.add_argument("--recipes", default=",".join(LADDER), help="comma list of ladder rungs")
+    ap.add_argument("--recipes", type=rungs, default=list(LADDER), help="comma list of ladder rungs")
     ap.add_argument("--scratch-lr", default="distill,pretrain",
                     help="peak lrs tried for scratch, comma list of numbers or distill (the distillation's peak) "
                          "and pretrain (the parent's Noam peak); the best on the held-out rows is reported")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine 2-thread OpenMP slows down badly)")
-    args = ap.parse_args(argv)
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    home, made = isolate_environment(args.home)
-    mode_name = "quick" if args.quick else "full"
-    mode = dict(MODES[mode_name])
-    for k in ("steps", "parent_steps", "batch"):
-        if getattr(args, k) is not None:
-            mode[k] = getattr(args, k)
-    rungs = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    t_start = time.perf_counter()
-    try:
-        import torch
 
-        from cpmant import checkpoint as ckpt
-        from cpmant.compress.config import CompressConfig
-        from cpmant.compress.pipeline import load_data
-        from cpmant.compress.recipe import RECIPES
-        from cpmant.training.config import PretrainConfig
+def measure(args, mode: dict, home: Path, report: dict) -> None:
+    import torch
 
-        bad = [r for r in rungs if r not in LADDER]
-        if bad:
-            ap.error(f"unknown rung(s) {bad}; choose from {', '.join(LADDER)}")
-        torch.set_num_threads(args.threads)
-        report: dict = {"meta": {"mode": mode_name, **mode, **environment_info(), "threads": args.threads,
-                                 "cpmant_home": str(home), "load_average_start": load_average(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}}
-        parent_dir, report["parent"] = get_parent(args, mode, args.threads, home)
-        torch.set_num_threads(args.threads)  # pretrain() sets its own count
-        parent_model, _ = ckpt.load_pretrained(parent_dir)
-        parent_cfg = parent_model.config
-        report["parent"].update(config=parent_cfg.to_dict(), params=parent_model.num_parameters(),
-                                encoder_params=encoder_params(parent_model))
-        del parent_model
+    from cpmant import checkpoint as ckpt
+    from cpmant.compress.config import CompressConfig
+    from cpmant.compress.recipe import RECIPES
+    from cpmant.training.config import PretrainConfig
 
-        lrs: dict[str, float] = {}
-        for item in [s.strip() for s in args.scratch_lr.split(",") if s.strip()]:
-            if item == "distill":
-                lrs[item] = RECIPES["7b"].distill.lr
-            elif item == "pretrain":
-                lrs[item] = noam_peak(PretrainConfig())
-            else:
-                lrs[f"lr={item}"] = float(item)
-        ccfg = CompressConfig(eval_rows=EVAL_ROWS, gen_tokens=GEN_TOKENS)
-        data = load_data(ccfg, parent_dir / ckpt.VOCAB_FILE, progress=False)
-        report["meta"]["scratch_peak_lrs"] = lrs
-        print(f"2. ladder on the parent ({parent_dir}): {mode['steps']} steps x {mode['batch']} rows per arm, "
-              f"scratch peak lr {', '.join(f'{k} {v:.2e}' for k, v in lrs.items())}", flush=True)
+    report["meta"].update(mode, threads=args.threads, recipes=args.recipes)
+    torch.set_num_threads(args.threads)
+    parent_dir, report["parent"] = get_parent(args, mode, args.threads, home)
+    torch.set_num_threads(args.threads)  # pretrain() sets its own count
+    parent_model, _ = ckpt.load_pretrained(parent_dir)
+    parent_cfg = parent_model.config
+    report["parent"].update(config=parent_cfg.to_dict(), params=parent_model.num_parameters(),
+                            encoder_params=encoder_params(parent_model))
+    del parent_model
 
-        rows = []
-        for name in rungs:
+    lrs: dict[str, float] = {}
+    for item in [s.strip() for s in args.scratch_lr.split(",") if s.strip()]:
+        if item == "distill":
+            lrs[item] = distill_of(RECIPES["7b"]).lr
+        elif item == "pretrain":
+            lrs[item] = noam_peak(PretrainConfig())
+        else:
+            lrs[f"lr={item}"] = float(item)
+    ccfg = CompressConfig(eval_rows=EVAL_ROWS, gen_tokens=GEN_TOKENS)
+    data = compression_data(parent_dir, ccfg)
+    report["meta"]["scratch_peak_lrs"] = lrs
+    print(f"2. ladder on the parent ({parent_dir}): {mode['steps']} steps x {mode['batch']} rows per arm, "
+          f"scratch peak lr {', '.join(f'{k} {v:.2e}' for k, v in lrs.items())}", flush=True)
+
+    rows = []
+    for name in args.recipes:
+        with recording_load(load := {}):
             r = run_rung(name, parent_dir, parent_cfg, data, ccfg, mode, lrs, home / "runs" / "bench-compress")
-            rows.append(r)
-            print(f"   {name:>4}: distilled {r['distilled_loss']:.3f}  scratch {r['scratch_loss']:.3f} "
-                  f"({r['scratch_best_lr']})  parent {r['parent_loss']:.3f}  "
-                  f"[{r['seconds']['compress_checkpoint']:.0f} s + {r['seconds']['scratch']:.0f} s]", flush=True)
-        report["rungs"] = rows
-        report["parent"]["lm_loss"] = rows[0]["parent_loss"] if rows else None
-        report["summary"] = {"distillation_wins_every_rung": all(r["distillation_wins"] for r in rows),
-                             "wins": {r["recipe"]: r["distillation_wins"] for r in rows}}
-        report["meta"]["load_average_end"] = load_average()
-        report["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
-        path = write_json(Path(args.out), report)
-        print()
-        print_table(*table(report))
-        print(f"\nload average {report['meta']['load_average_start']} -> {report['meta']['load_average_end']} "
-              f"on {os.cpu_count()} cores, {args.threads} torch thread(s); {report['meta']['seconds']} s; wrote {path}")
-    finally:
-        cleanup_home(home, made)
-    return 0
+        rows.append({**r, **load})
+        print(f"   {name:>4}: distilled {r['distilled_loss']:.3f}  scratch {r['scratch_loss']:.3f} "
+              f"({r['scratch_best_lr']})  parent {r['parent_loss']:.3f}  "
+              f"[{r['seconds']['compress_checkpoint']:.0f} s + {r['seconds']['scratch']:.0f} s]", flush=True)
+    report["rungs"] = rows
+    report["parent"]["lm_loss"] = rows[0]["parent_loss"] if rows else None
+    report["summary"] = {"distillation_wins_every_rung": all(r["distillation_wins"] for r in rows),
+                         "wins": {r["recipe"]: r["distillation_wins"] for r in rows}}
 
 
-def table(r: dict) -> tuple[list[tuple], tuple]:
+def published(x: dict) -> str:
+    p = x.get("published_loss_increase")
+    return "" if p is None else f"{100 * p:+.1f}%"
+
+
+def table(r: dict) -> str:
     header = ("rung", "att/ffn/heads/dim_ff", "params (enc)", "distilled", "scratch", "scratch-dist",
               "distill wins", "vs parent", "published")
     pc = r["parent"]["config"]
@@ -295,9 +302,10 @@ def table(r: dict) -> tuple[list[tuple], tuple]:
         rows.append((x["recipe"], f"{s['attention_layers']}/{s['ffn_layers']}/{s['num_heads']}/{s['dim_ff']}",
                      f"{x['params']:,} ({x['encoder_params']:,})", f"{x['distilled_loss']:.3f}",
                      f"{x['scratch_loss']:.3f}", f"{x['difference']:+.3f}", verdict(x["distillation_wins"]),
-                     f"{100 * x['loss_increase']:+.1f}%", f"{100 * x['published_loss_increase']:+.1f}%"))
-    return rows, header
+                     f"{100 * x['loss_increase']:+.1f}%", published(x)))
+    return markdown_table(header, rows)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark("compress", __doc__, MODES, measure, table, arguments=arguments,
+                           quick_help="a short parent and distillation (a smoke run)"))
