@@ -20,7 +20,10 @@ paragraph of at least DEDUP_MIN_CHARS characters whose hash was already seen is 
 headings like "其一" or "提示" are left alone); documents left empty are dropped.
 
 Split: each document goes to valid when a seeded hash of its text falls under valid_fraction, so adding documents
-never moves the others; valid is never empty when there are at least two documents.
+never moves the others; valid is never empty when there are at least two documents. A corpus of a single document
+(one long line, one paragraph) is split by chunks instead: the document is cut at line ends into chunks of about
+SPLIT_CHUNK_CHARS characters (a longer line is cut inside), and the chunks are split as documents
+(`stats["split_by"]` says which; the chunking is part of the hash).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CpmantError
+from .fsutil import atomic_write_text
 from .paths import cpmant_home
 
 FORTUNES_PACKAGE = "fortunes-zh"
@@ -42,6 +46,7 @@ FORTUNE_FILES = ("chinese", "song100", "tang300")
 MARKER = ".complete"  # written last by fetch_fortunes_zh: its presence means the folder is whole
 DEDUP_MIN_CHARS = 8  # paragraphs shorter than this (whitespace removed) are never treated as duplicates
 SPLIT_VERSION = 1  # bump when cleaning, dedup or split rules change: it is part of Corpus.sha256
+SPLIT_CHUNK_CHARS = 128  # chunk size when a one-document corpus is split by chunks
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]?")  # also eats broken sequences like "\x1b[;" in fortunes-zh
 _HSPACE = re.compile(r"[\t\v\f\xa0\u1680\u2000-\u200a\u202f\u205f]")
@@ -216,10 +221,37 @@ def split_documents(docs: list[str], valid_fraction: float, seed: int) -> tuple[
     return train, valid
 
 
-def corpus_sha256(docs: list[str], valid_fraction: float, seed: int) -> str:
+def split_into_chunks(doc: str, size: int = SPLIT_CHUNK_CHARS) -> list[str]:
+    """Cut one document into chunks of at most `size` characters at line ends (a longer line is cut inside it);
+    at least two chunks whenever the document has two characters, so that both sides of a split get text."""
+    chunks: list[str] = []
+    cur = ""
+    for line in doc.split("\n"):
+        while len(line) > size:
+            if cur:
+                chunks.append(cur)
+                cur = ""
+            chunks.append(line[:size])
+            line = line[size:]
+        if cur and len(cur) + 1 + len(line) > size:
+            chunks.append(cur)
+            cur = ""
+        cur = f"{cur}\n{line}" if cur else line
+    if cur:
+        chunks.append(cur)
+    chunks = [c for c in chunks if c.strip()]
+    if len(chunks) == 1 and len(doc) >= 2:
+        half = len(doc) // 2
+        chunks = [c for c in (doc[:half], doc[half:]) if c.strip()]
+    return chunks
+
+
+def corpus_sha256(docs: list[str], valid_fraction: float, seed: int, split_by: str = "documents") -> str:
     h = hashlib.sha256()
     params = {"valid_fraction": valid_fraction, "seed": seed, "dedup_min_chars": DEDUP_MIN_CHARS,
               "version": SPLIT_VERSION}
+    if split_by != "documents":  # absent for the usual split: its hashes stay what they were
+        params["split_by"] = f"{split_by}-{SPLIT_CHUNK_CHARS}"
     h.update(json.dumps(params, sort_keys=True).encode())
     for d in docs:
         b = d.encode()
@@ -245,7 +277,12 @@ def load_corpus(path: Path | None = None, valid_fraction: float = 0.05, seed: in
             f"corpus {path} is empty: {file_stats['files']} files but no text after cleaning",
             "put some UTF-8 text in the .txt/.jsonl files, or pass another `--corpus DIR`",
         )
-    train, valid = split_documents(docs, valid_fraction, seed)
+    split_by = "documents"
+    if len(docs) < 2:  # one document cannot be split: split its chunks instead
+        split_by = "chunks"
+        train, valid = split_documents(split_into_chunks(docs[0]), valid_fraction, seed)
+    else:
+        train, valid = split_documents(docs, valid_fraction, seed)
     stats = {
         **file_stats,
         "documents": len(docs),
@@ -255,9 +292,10 @@ def load_corpus(path: Path | None = None, valid_fraction: float = 0.05, seed: in
         "valid_documents": len(valid),
         "train_chars": sum(len(d) for d in train),
         "valid_chars": sum(len(d) for d in valid),
+        "split_by": split_by,
     }
     name = path.stem if path.is_file() else path.resolve().name
-    return Corpus(name, tuple(train), tuple(valid), corpus_sha256(docs, valid_fraction, seed), stats)
+    return Corpus(name, tuple(train), tuple(valid), corpus_sha256(docs, valid_fraction, seed, split_by), stats)
 
 
 def _run(cmd: list[str], cwd: Path, what: str, fix: str) -> subprocess.CompletedProcess:
@@ -319,6 +357,5 @@ def fetch_fortunes_zh(dest: Path | None = None) -> Path:
         marker = {"package": FORTUNES_PACKAGE, "deb": debs[-1].name,
                   "deb_sha256": hashlib.sha256(debs[-1].read_bytes()).hexdigest(),
                   "files": sorted(sources), "license": "GPL-3.0+"}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        (tmp / MARKER).replace(dest / MARKER)
+        atomic_write_text(dest / MARKER, json.dumps(marker, indent=1) + "\n")  # last: the folder is whole
     return dest

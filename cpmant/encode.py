@@ -8,10 +8,10 @@ TOKENIZER_VERSION, jieba's version and drop_unk, so any change re-encodes.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import multiprocessing as mp
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import CpmantError
+from .fsutil import atomic_write_bytes
 from .paths import subdir
 from .tokenizer import TOKENIZER_VERSION, CPMAntTokenizer
 
@@ -63,14 +64,9 @@ def _split(ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
 
 
 def _save(path: Path, ids: np.ndarray, offsets: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=ids, offsets=offsets)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids, offsets=offsets)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def encode_documents(

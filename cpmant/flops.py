@@ -28,10 +28,12 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, secon
     """Peak FLOP/s of square matmuls on this machine with the current torch thread count.
 
     The best single matmul over `seconds` is taken (not the mean), so that other load on the machine lowers the
-    estimate as little as possible: MFU against a lowered peak would read too high.
+    estimate as little as possible: MFU against a lowered peak would read too high. The operands come from a
+    private generator: the global random state (dropout, a resumed run's draws) is left as it was.
     """
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
     a @ b
     best, t_end = float("inf"), time.perf_counter() + seconds
     while True:

@@ -227,3 +227,36 @@ def test_default_corpus_fetched_and_loaded(fortunes_dir: Path, tmp_path: Path, m
     assert 0.03 < s["valid_documents"] / s["documents"] < 0.07
     assert not any("\x1b" in d for d in c.train + c.valid)
     assert any("床前明月光" in d for d in c.train + c.valid)
+
+
+def _one_document_corpora(root: Path, fixture_corpus: Path) -> dict[str, Path]:
+    """The fixture poems as one long line, and as one paragraph (no blank line)."""
+    lines = [ln for ln in (fixture_corpus / "poems.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    out = {}
+    for name, text in (("one-line", "".join(lines)), ("one-paragraph", "\n".join(lines))):
+        (root / name).mkdir(parents=True)
+        (root / name / "a.txt").write_text(text + "\n", encoding="utf-8")
+        out[name] = root / name
+    return out
+
+
+def test_one_document_is_split_by_chunks(tmp_path: Path, fixture_corpus: Path):
+    for name, path in _one_document_corpora(tmp_path, fixture_corpus).items():
+        c = load_corpus(path)
+        assert c.stats["documents"] == 1 and c.stats["split_by"] == "chunks", name
+        assert c.valid and c.train, name
+        assert all(len(d) <= 128 for d in c.train + c.valid), name
+        # nothing lost: the chunks are the document (cut at line ends or inside a long line)
+        text = (path / "a.txt").read_text(encoding="utf-8").replace("\n", "")
+        assert sum(len(d.replace("\n", "")) for d in c.train + c.valid) == len(text), name
+        assert c == load_corpus(path) and c.sha256 != load_corpus(path, seed=1).sha256
+
+
+@pytest.mark.parametrize("name", ["one-line", "one-paragraph"])
+def test_one_document_corpus_pretrains(tmp_path: Path, fixture_corpus: Path, micro_pretrain_cfg, name: str):
+    from cpmant.training.loop import pretrain
+
+    path = _one_document_corpora(tmp_path / "corpora", fixture_corpus)[name]
+    res = pretrain(micro_pretrain_cfg(corpus=str(path), max_steps=2, save_interval=2, eval_interval=2,
+                                      ), progress=False)
+    assert res.data["valid_docs"] >= 1 and res.valid_loss_end > 0

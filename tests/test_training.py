@@ -1,13 +1,10 @@
-"""Pretraining core: packing and targets, checkpoints, loss goes down, SIGKILL + resume, torchrun equivalence."""
+"""Pretraining core: pieces and targets, checkpoints, loss goes down, config checks, run identity, allocator.
+(Packing: test_packing.py; resume, torchrun, locks: test_resume.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +13,27 @@ import torch
 
 from cpmant import checkpoint as ckpt
 from cpmant.config import get_preset
-from cpmant.configio import dump_config
 from cpmant.errors import CpmantError
+from cpmant.tokenizer import BOS_ID, EOS_ID
 from cpmant.training.data import IGNORE, TASK_LM, TASK_MASK, PretrainStream, make_pieces, pack
 from cpmant.training.loop import pretrain
 
 pytestmark = pytest.mark.unit
-REPO = Path(__file__).resolve().parents[1]
+
+
+P = 4
 
 
 def _stream(**kw):
-    cfg = get_preset("tiny").replace(vocab_size=100, prompt_length=4)
-    docs = [np.arange(10, 10 + n, dtype=np.int32) for n in (5, 30, 12, 50, 3, 20)]
-    return PretrainStream(docs, cfg, 48, bos=6, eos=7, min_piece_tokens=6, max_piece_tokens=30, **kw)
+    cfg = get_preset("tiny").replace(vocab_size=100, prompt_length=P)
+    docs = [np.arange(30, 30 + n, dtype=np.int32) for n in (5, 30, 12, 50, 3, 20)]
+    return PretrainStream(docs, cfg, 48, bos=BOS_ID, eos=EOS_ID, min_piece_tokens=6, max_piece_tokens=30, **kw)
 
 
 def test_pieces_and_packing():
     docs = [np.arange(n, dtype=np.int32) + 10 for n in (3, 10, 40)]
-    pieces = make_pieces(docs, 6, 7, min_tokens=6, max_tokens=16)
-    assert all(p[0] == 6 and p[-1] == 7 and 6 <= len(p) <= 16 for p in pieces)
+    pieces = make_pieces(docs, BOS_ID, EOS_ID, min_tokens=6, max_tokens=16)
+    assert all(p[0] == BOS_ID and p[-1] == EOS_ID and 6 <= len(p) <= 16 for p in pieces)
     assert sum(len(p) - 2 for p in pieces) == 10 + 40  # the 3-token doc is dropped, nothing else lost
     rows = pack(pieces, 20)
     assert all(sum(len(p) for p in r) <= 20 for r in rows)
@@ -43,28 +42,29 @@ def test_pieces_and_packing():
 
 def test_row_semantics_both_tasks():
     s = _stream()
+    k = next(i for i in range(len(s)) if len(s.rows[int(s._perm(0)[i])]) >= 2)  # a row with several pieces
     for task in (TASK_MASK, TASK_LM):
-        r = s.row(0, task=task)
-        P = 4
-        assert list(r["input"][:P]) == [task * P + i for i in range(P)]
+        r = s.row(k, task=task)
         L = int(r["length"])
-        assert (r["segment"][P:L] == task).all() and (r["segment"][:P] == 0).all()
+        prompt = (r["segment"][:L] == 0)
+        starts = [i for i in range(L) if r["position"][i] == 0]  # each piece: P prompt positions, then its text
+        ends = starts[1:] + [L]
+        assert len(starts) >= 2 and sorted(set(r["span"][:L])) == list(range(len(starts)))
+        for a, b in zip(starts, ends):
+            assert list(r["input"][a:a + P]) == [task * P + i for i in range(P)]
+            assert prompt[a:a + P].all() and r["context"][a:a + P].all() and (r["segment"][a + P:b] == task).all()
+            assert r["input"][a + P] == BOS_ID and r["context"][a + P] and r["input"][b - 1] == EOS_ID
+            assert list(r["position"][a:b]) == list(range(b - a)) and (r["span"][a:b] == r["span"][a]).all()
+            if task == TASK_LM:  # a suffix per piece: once non-context, non-context to the piece end
+                nc = ~r["context"][a + P:b]
+                assert nc[np.argmax(nc):].all()
         nc = ~r["context"]
         # targets: token i+1 exactly where i+1 is non-context within one span, else ignored
-        for i in range(P, L - 1):
+        for i in range(L - 1):
             same_span = r["span"][i] == r["span"][i + 1]
             expect = r["input"][i + 1] if (nc[i + 1] and same_span) else IGNORE
             assert r["target"][i] == expect
         assert (r["target"][L - 1:] == IGNORE).all()
-        # <s> of each piece is always context; spans count pieces
-        starts = [i for i in range(P, L) if r["input"][i] == 6]
-        assert all(r["context"][i] for i in starts)
-        assert sorted(set(r["span"][P:L])) == list(range(len(starts)))
-        if task == TASK_LM:  # a suffix per piece: once non-context, non-context to the piece end
-            for a, b in zip(starts, starts[1:] + [L]):
-                seg = nc[a:b]
-                first = np.argmax(seg)
-                assert seg[first:].all()
 
 
 def test_stream_is_a_pure_function_of_the_index():
@@ -78,7 +78,7 @@ def test_stream_is_a_pure_function_of_the_index():
 def test_seq_len_over_position_range_is_refused():
     cfg = get_preset("tiny").replace(vocab_size=100, position_bias_max_distance=32)
     with pytest.raises(CpmantError, match="position"):
-        PretrainStream([np.arange(50, dtype=np.int32)], cfg, 64, bos=6, eos=7)
+        PretrainStream([np.arange(50, dtype=np.int32)], cfg, 64, bos=BOS_ID, eos=EOS_ID)
 
 
 def test_checkpoint_retention_and_latest(tmp_path):
@@ -116,70 +116,14 @@ def test_pretrain_lowers_validation_loss_and_writes_checkpoints(micro_pretrain_c
     assert [r["iter"] for r in log] == list(range(1, 31))
     assert {"loss", "lr", "time", "tokens_per_second", "grad_norm", "task_loss"} <= set(log[0])
     assert res.tokens_per_second > 0 and 0 < res.mfu < 1
+    # the final model folder names the data it was trained on, for the stages that follow
+    data = ckpt.read_meta(res.model_dir)["data"]
+    assert data == {"corpus": str(Path(cfg.corpus).resolve()), "corpus_name": "corpus", "valid_fraction": 0.05,
+                    "seed": 0, "data_sha256": res.data["data_sha256"], "vocab_size": 600, "min_piece_tokens": 4,
+                    "max_piece_tokens": 990}
     # a second call resumes at the end: nothing is retrained, the numbers are the same
     again = pretrain(cfg, progress=False)
     assert again.resumed_from == 30 and again.valid_loss_end == pytest.approx(res.valid_loss_end, abs=1e-6)
-
-
-def _run_training(cfg, tmp_path: Path, name: str, nproc: int = 1, wait: bool = True):
-    cfg_path = tmp_path / f"{name}.yaml"
-    dump_config(cfg, cfg_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "cpmant.training", "--config", str(cfg_path), "--no-progress"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "cpmant.training", "--config", str(cfg_path), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
-    return proc
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(x)["loss"] for x in (Path(run_dir) / "train_log.jsonl").read_text().splitlines()]
-
-
-def test_sigkill_then_resume_auto_matches_uninterrupted(micro_pretrain_cfg, tmp_path):
-    kw = dict(max_steps=40, save_interval=5, eval_interval=40, micro_batch_size=8, seq_len=96)
-    full = micro_pretrain_cfg(output_dir=str(tmp_path / "full"), **kw)
-    _run_training(full, tmp_path, "full")
-    ref = json.loads((tmp_path / "full" / "result.json").read_text())
-
-    killed = micro_pretrain_cfg(output_dir=str(tmp_path / "killed"), **kw)
-    proc = _run_training(killed, tmp_path, "killed", wait=False)
-    root = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not ckpt.is_complete(root / "step-00000010"):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    done = [s for s, _ in ckpt.list_complete_checkpoints(root)]
-    assert done and max(done) < 40, f"the run finished before the kill: {done}"
-
-    _run_training(killed, tmp_path, "killed")  # resume: auto is the default
-    res = json.loads((tmp_path / "killed" / "result.json").read_text())
-    assert res["resumed_from"] == max(done)
-    assert res["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-6, abs=1e-7)
-    assert res["valid_loss_end"] == pytest.approx(ref["valid_loss_end"], rel=1e-6, abs=1e-7)
-    assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
-
-
-def test_torchrun_two_processes_match_one_process(micro_pretrain_cfg, tmp_path):
-    """2 processes x 2 rows equal 1 process x 2 rows x 2 accumulation steps (same global batch)."""
-    kw = dict(max_steps=8, save_interval=8, eval_interval=8)
-    one = micro_pretrain_cfg(output_dir=str(tmp_path / "one"), micro_batch_size=2, grad_accum=2, **kw)
-    two = micro_pretrain_cfg(output_dir=str(tmp_path / "two"), micro_batch_size=2, grad_accum=1, **kw)
-    _run_training(one, tmp_path, "one")
-    _run_training(two, tmp_path, "two", nproc=2)
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(a) == len(b) == 8
-    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
-    ra = json.loads((tmp_path / "one" / "result.json").read_text())
-    rb = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert rb["valid_loss_end"] == pytest.approx(ra["valid_loss_end"], rel=1e-5)
 
 
 def test_bmtrain_backend_without_cuda_is_a_clear_error(micro_pretrain_cfg):
@@ -188,3 +132,45 @@ def test_bmtrain_backend_without_cuda_is_a_clear_error(micro_pretrain_cfg):
     with pytest.raises(CpmantError, match="needs CUDA") as e:
         pretrain(micro_pretrain_cfg(backend="bmtrain"), progress=False)
     assert "--backend torch" in str(e.value)
+
+
+def test_model_overrides_are_checked_with_the_config(fixture_corpus):
+    from cpmant.configio import build_config
+    from cpmant.training.config import PretrainConfig
+
+    bad = {"dim_modle": 32, "num_layers": "2", "dropout_p": 1.5, "num_heads": True}
+    with pytest.raises(CpmantError) as e:  # at config time: before any corpus is read (this one does not exist)
+        build_config(PretrainConfig, None, {"corpus": "/no/such/corpus", "model_overrides": bad})
+    msg = str(e.value)
+    assert "unknown ModelConfig field(s) ['dim_modle']" in msg and "dim_model" in msg  # lists the valid ones
+    assert "num_layers='2' is not of type int" in msg and "num_heads=True" in msg and "dropout_p=1.5" in msg
+    with pytest.raises(CpmantError, match="mask_modules has 1 entries"):
+        build_config(PretrainConfig, None, {"model_overrides": {"mask_modules": [[True, False]]}})
+    ok = build_config(PretrainConfig, None, {"model_overrides": {"dim_model": 64, "dropout_p": 0.1, "eps": 1e-5}})
+    assert ok.model_overrides["dim_model"] == 64
+
+
+def test_config_sha256_covers_what_shapes_weights_or_metrics(micro_pretrain_cfg):
+    from cpmant.training.runs import config_sha256, run_dir_name, run_key
+
+    base = micro_pretrain_cfg(output_dir=None)
+    same = [dict(resume="never"), dict(output_dir="/elsewhere"), dict(num_threads=2), dict(encode_workers=3),
+            dict(save_interval=7), dict(keep_last=5), dict(keep_every=10), dict(allow_changed_settings=True)]
+    for kw in same:
+        assert config_sha256(base.model_copy(update=kw)) == config_sha256(base), kw
+    for kw in (dict(lr=0.01), dict(eval_rows=9), dict(seed=1), dict(model_overrides={"dim_model": 16}),
+               dict(max_steps=99)):
+        assert config_sha256(base.model_copy(update=kw)) != config_sha256(base), kw
+    extended = base.model_copy(update={"max_steps": 99})
+    assert run_key(extended) == run_key(base) and run_dir_name(base) == f"pretrain-tiny-{run_key(base)[:8]}"
+    assert run_key(base.model_copy(update={"lr": 0.01})) != run_key(base)
+
+
+def test_training_process_keeps_freed_memory():
+    import ctypes.util
+
+    from cpmant.training.allocator import keep_freed_memory, set_mallopt
+
+    glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
+    assert keep_freed_memory() is glibc
+    assert set_mallopt(None, None) is glibc  # nothing asked: a no-op that still reports glibc

@@ -1,1 +1,2 @@
-"""Pretraining: config, data (packing, the two CPM-Ant objectives), schedules and the training loop."""
+"""Pretraining: config, data (packing, the two CPM-Ant objectives), schedules, run folders (runs), checkpoint state
+(state), evaluation (evaluate), the allocator setting and the training loop (loop)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..configio import build_config, parse_overrides
 from ..errors import CpmantError
+from ..fsutil import atomic_write_text
 from .config import PretrainConfig
 from .loop import pretrain
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(args.result) if args.result else res.run_dir / "result.json"
-        out.write_text(json.dumps(res.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic_write_text(out, json.dumps(res.to_json(), indent=2, ensure_ascii=False))
     return 0
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from ..configio import FrozenModel
 
@@ -18,7 +19,7 @@ class PretrainConfig(FrozenModel):
     seq_len: int = Field(128, ge=16, description="row length in positions, prompt included")
     min_piece_tokens: int = Field(8, ge=2, description="pieces shorter than this are dropped (CPM-Ant: 32)")
     max_piece_tokens: int = Field(990, ge=4, description="longest piece <s>..</s> (CPM-Ant: 990)")
-    lm_share: float = Field(0.5, ge=0, le=1, description="share of rows with the left-to-right LM objective")
+    lm_share: float = Field(0.5, ge=0, le=1, description="share of pieces with the left-to-right LM objective")
     mask_ratio_min: float = Field(0.15, gt=0, le=1, description="mask-and-predict: least share of tokens predicted")
     mask_ratio_max: float = Field(0.5, gt=0, le=1, description="mask-and-predict: most share of tokens predicted")
     micro_batch_size: int = Field(16, ge=1, description="rows per forward pass per process")
@@ -37,12 +38,15 @@ class PretrainConfig(FrozenModel):
     save_interval: int = Field(100, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="newest checkpoints kept")
     keep_every: int = Field(0, ge=0, description="also keep every step that is a multiple of this (0 = off)")
-    resume: str = Field("auto", description="auto (continue the latest complete checkpoint), never, or a step folder")
+    resume: str = Field("auto", description="auto (continue the run folder's newest intact checkpoint), never, or a "
+                        "step folder")
+    allow_changed_settings: bool = Field(False, description="resume a checkpoint trained with other settings (the "
+                                         "new lr/schedule apply from the resumed step on)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
     nproc: int = Field(1, ge=1, description="processes (torchrun; gloo on CPU, NCCL on CUDA)")
     backend: Literal["torch", "bmtrain"] = Field("torch", description="training backend")
     num_threads: int | None = Field(None, description="torch intra-op threads per process (None = cores/procs)")
-    output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>")
+    output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>-<key8>")
     encode_workers: int | None = Field(None, description="processes that encode the corpus (None = all cores)")
 
     @field_validator("preset")
@@ -53,6 +57,11 @@ class PretrainConfig(FrozenModel):
         if v not in PRESETS:
             raise ValueError(f"unknown preset {v!r}; choose one of: {', '.join(sorted(PRESETS))}")
         return v
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _model_overrides(cls, v: dict) -> dict:
+        return check_model_overrides(v)
 
     @field_validator("resume")
     @classmethod
@@ -65,4 +74,45 @@ class PretrainConfig(FrozenModel):
     def _ranges(self):
         if self.mask_ratio_min > self.mask_ratio_max:
             raise ValueError("mask_ratio_min must not exceed mask_ratio_max")
+        from ..config import get_preset
+        from ..errors import CpmantError
+
+        try:  # the overrides must make a valid model of this preset (e.g. mask_modules per layer)
+            get_preset(self.preset).replace(**self.model_overrides)
+        except CpmantError as e:
+            raise ValueError(f"model_overrides: {e.problem}") from None
         return self
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def check_model_overrides(overrides: dict) -> dict:
+    """Keys must be ModelConfig fields and values of their types (no strings for numbers, no bools for ints);
+    sizes positive, dropout_p in [0, 1), eps > 0. Raises ValueError listing every problem."""
+    from ..config import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    problems = []
+    unknown = sorted(set(overrides) - set(hints))
+    if unknown:
+        problems.append(f"unknown ModelConfig field(s) {unknown}; valid fields: {', '.join(sorted(hints))}")
+    for k, v in overrides.items():
+        if k not in hints:
+            continue
+        hint = hints[k]
+        strict = all(a in _SCALARS or a is type(None) for a in (typing.get_args(hint) or (hint,)))
+        try:
+            TypeAdapter(hint).validate_python(v, strict=strict)
+        except ValidationError:
+            problems.append(f"{k}={v!r} is not of type {getattr(hint, '__name__', hint)}")
+            continue
+        if hint is int and v < 1:
+            problems.append(f"{k}={v} must be at least 1")
+        if k == "dropout_p" and not 0 <= v < 1:
+            problems.append(f"dropout_p={v} must be in [0, 1)")
+        if k == "eps" and not v > 0:
+            problems.append(f"eps={v} must be positive")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return overrides

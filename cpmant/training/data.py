@@ -1,13 +1,23 @@
-"""Pretraining rows in CPM-Ant's format: pieces packed with span ids, two objectives, random access by index.
+"""Pretraining rows in CPM-Ant's format: pieces packed with span ids, each with its own task prompt, two objectives.
 
 A piece is `<s> + tokens + </s>` (documents longer than max_piece_tokens are cut into several pieces; pieces shorter
-than min_piece_tokens are dropped). Pieces are packed greedily into rows of `seq_len - prompt_length` text positions;
-`span` numbers the pieces so they never attend to each other. Every row starts with one task prompt:
+than min_piece_tokens are dropped). As CPM-Live packs (`pretrain_cpm_ant.py` BatchPacker over
+`CPMAntPretrainDataset` samples), every packed piece is a whole sample: its task prompt (prompt_length positions)
+followed by its text, all with the piece's own span id, so the piece attends to its own prompt and to nothing of the
+other pieces. Pieces and their prompts are packed greedily into rows of seq_len positions. For each piece:
 
-- task 1, mask-and-predict: a random subset of each piece's tokens is non-context (prompt ids 1*P .. 2*P-1, segment 1);
-- task 2, left-to-right LM: a random-length suffix of each piece is non-context (prompt ids 2*P .. 3*P-1, segment 2).
+- input: prompt ids task*P .. task*P+P-1, then the piece's token ids (P = prompt_length);
+- position: 0 .. P-1 on the prompt, P .. P+len-1 on the text (positions restart with every piece);
+- segment: 0 on the prompt, the task on the text; span: the piece's index in the row; context: True on the prompt;
+- task 1, mask-and-predict: a random subset of the piece's tokens is non-context (never its `<s>`);
+- task 2, left-to-right LM: a random-length suffix of the piece is non-context.
 
-The target at position i is the token at i+1 when position i+1 is non-context, else -100.
+Each piece draws its own task (LM with probability lm_share), as CPM-Live's samples each carry their own task.
+The target at position i is the token at i+1 when position i+1 is non-context in the same piece, else -100.
+As in CPM-Live, the model looks up only the row's first prompt_length positions in the prompt table: the prompts of
+later pieces are read through the token table (their ids task*P+k are fed as they are), exactly what CPM-Live's
+model sees on its packed rows.
+
 Row i of the stream is a pure function of (seed, i): resuming at a step needs only the step number, and several
 processes reading disjoint slices of one global batch see exactly what one process would.
 """
@@ -39,17 +49,20 @@ def make_pieces(docs: list[np.ndarray], bos: int, eos: int, min_tokens: int, max
     return pieces
 
 
-def pack(pieces: list[np.ndarray], row_len: int) -> list[list[np.ndarray]]:
-    """First-fit packing in order: a row is a list of pieces whose lengths sum to at most row_len."""
+def pack(pieces: list[np.ndarray], row_len: int, overhead: int = 0) -> list[list[np.ndarray]]:
+    """Greedy packing in order: a row is a list of pieces whose lengths, each plus `overhead` positions (its
+    prompt), sum to at most row_len. A piece longer than row_len - overhead is cut to fit."""
+    room = row_len - overhead
     rows: list[list[np.ndarray]] = []
     cur: list[np.ndarray] = []
     used = 0
     for p in pieces:
-        if used + len(p) > row_len and cur:
+        p = p[:room]
+        if used + len(p) + overhead > row_len and cur:
             rows.append(cur)
             cur, used = [], 0
-        cur.append(p[:row_len])
-        used += len(cur[-1])
+        cur.append(p)
+        used += len(p) + overhead
     if cur:
         rows.append(cur)
     return rows
@@ -57,14 +70,14 @@ def pack(pieces: list[np.ndarray], row_len: int) -> list[list[np.ndarray]]:
 
 @dataclass
 class Batch:
-    input: torch.Tensor  # (B, T) prompt ids then token ids
+    input: torch.Tensor  # (B, T) prompt ids and token ids, piece after piece
     length: torch.Tensor  # (B,)
     context: torch.Tensor  # (B, T) bool
     position: torch.Tensor  # (B, T)
     segment: torch.Tensor  # (B, T)
     span: torch.Tensor  # (B, T)
     target: torch.Tensor  # (B, T) next-token targets or -100
-    task: torch.Tensor  # (B,) 1 or 2
+    task: torch.Tensor  # (B, T) the task of each position's piece (1 or 2), 0 on padding
 
     def to(self, device: torch.device | str) -> "Batch":
         if torch.device(device).type == "cpu":
@@ -81,11 +94,14 @@ class Batch:
 
 
 class PretrainStream:
-    """An endless, deterministic stream of rows over packed pieces, epoch by epoch in a seeded order."""
+    """An endless, deterministic stream of rows over packed pieces, epoch by epoch in a seeded order.
+
+    `split` names the documents in error messages ("training split", "validation split").
+    """
 
     def __init__(self, docs: list[np.ndarray], config: ModelConfig, seq_len: int, *, bos: int, eos: int,
                  min_piece_tokens: int = 8, max_piece_tokens: int = 990, lm_share: float = 0.5,
-                 mask_ratio: tuple[float, float] = (0.15, 0.5), seed: int = 0):
+                 mask_ratio: tuple[float, float] = (0.15, 0.5), seed: int = 0, split: str = "corpus"):
         if seq_len > config.position_bias_max_distance:
             raise CpmantError(
                 f"seq_len {seq_len} is longer than the model's position range "
@@ -95,18 +111,25 @@ class PretrainStream:
         if config.prompt_types < 3:
             raise CpmantError(f"prompt_types={config.prompt_types} leaves no room for tasks 1 and 2",
                               "use a model config with prompt_types >= 3")
+        P = config.prompt_length
+        if (TASK_LM + 1) * P > config.vocab_size:  # later pieces' prompt ids are read through the token table
+            raise CpmantError(f"vocab_size {config.vocab_size} is under {(TASK_LM + 1) * P}, the prompt ids of "
+                              f"task {TASK_LM} with prompt_length {P}", "use a larger vocab_size")
         self.config = config
         self.seq_len = seq_len
-        self.row_len = seq_len - config.prompt_length
-        if self.row_len < min_piece_tokens:
-            raise CpmantError(f"seq_len {seq_len} leaves {self.row_len} text positions after the prompt",
+        self.piece_room = seq_len - P  # the longest piece: a row holds one prompt and one piece at least
+        if self.piece_room < min_piece_tokens:
+            raise CpmantError(f"seq_len {seq_len} leaves {self.piece_room} text positions after the prompt",
                               f"raise seq_len above prompt_length + {min_piece_tokens}")
-        pieces = make_pieces(docs, bos, eos, min_piece_tokens, min(max_piece_tokens, self.row_len))
+        pieces = make_pieces(docs, bos, eos, min_piece_tokens, min(max_piece_tokens, self.piece_room))
         if not pieces:
-            raise CpmantError("the corpus gives no training piece (every document is shorter than "
-                              f"min_piece_tokens={min_piece_tokens} tokens)",
-                              "add text to the corpus or lower min_piece_tokens")
-        self.rows = pack(pieces, self.row_len)
+            tokens = sum(len(d) for d in docs)
+            cause = ("it is empty" if not docs else
+                     f"its {len(docs)} document(s) ({tokens} tokens in all) are each shorter than "
+                     f"min_piece_tokens={min_piece_tokens} tokens with <s> and </s>")
+            raise CpmantError(f"the {split} gives no piece to train or validate on: {cause}",
+                              "add text to the corpus (more or longer documents), or lower min_piece_tokens")
+        self.rows = pack(pieces, seq_len, overhead=P)
         self.lm_share = lm_share
         self.mask_ratio = mask_ratio
         self.seed = seed
@@ -117,6 +140,7 @@ class PretrainStream:
 
     @property
     def tokens_per_epoch(self) -> int:
+        """Text tokens (prompts not counted) in one pass over the rows."""
         return sum(len(p) for r in self.rows for p in r)
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -125,13 +149,11 @@ class PretrainStream:
         return self._perm_cache[epoch]
 
     def row(self, index: int, shuffle: bool = True, task: int | None = None) -> dict[str, np.ndarray]:
-        """Row `index` of the stream as numpy arrays (one row, length seq_len)."""
+        """Row `index` of the stream as numpy arrays (one row, length seq_len); `task` forces every piece's task."""
         n = len(self.rows)
         epoch, k = divmod(index, n)
         row_id = int(self._perm(epoch)[k]) if shuffle else k
         rng = np.random.default_rng([self.seed, epoch, row_id, 7])
-        if task is None:
-            task = TASK_LM if rng.random() < self.lm_share else TASK_MASK
         P, T = self.config.prompt_length, self.seq_len
         inp = np.zeros(T, np.int64)
         context = np.ones(T, bool)
@@ -139,17 +161,25 @@ class PretrainStream:
         segment = np.zeros(T, np.int64)
         span = np.zeros(T, np.int64)
         target = np.full(T, IGNORE, np.int64)
-        inp[:P] = task * P + np.arange(P)
-        position[:P] = np.arange(P)
-        pos = P
+        tasks = np.zeros(T, np.int64)
+        pos = 0
         for s, piece in enumerate(self.rows[row_id]):
+            t = task if task is not None else (TASK_LM if rng.random() < self.lm_share else TASK_MASK)
             L = len(piece)
-            sl = slice(pos, pos + L)
+            # the piece's prompt: context, segment 0, positions 0..P-1, its span
+            pr = slice(pos, pos + P)
+            inp[pr] = t * P + np.arange(P)
+            position[pr] = np.arange(P)
+            span[pr] = s
+            tasks[pr] = t
+            # the piece's text
+            sl = slice(pos + P, pos + P + L)
             inp[sl] = piece
             position[sl] = P + np.arange(L)
-            segment[sl] = task
+            segment[sl] = t
             span[sl] = s
-            if task == TASK_LM:
+            tasks[sl] = t
+            if t == TASK_LM:
                 cut = int(rng.integers(1, L))  # positions >= cut are predicted; <s> always stays context
                 nc = np.arange(L) >= cut
             else:
@@ -159,14 +189,13 @@ class PretrainStream:
                 if not nc.any():
                     nc[int(rng.integers(1, L))] = True
             context[sl] = ~nc
-            # target at i is token i+1 when i+1 is non-context (both inside this piece)
+            # target at i is token i+1 when i+1 is non-context (both inside this piece's text)
             tgt = np.full(L, IGNORE, np.int64)
             tgt[:-1] = np.where(nc[1:], piece[1:], IGNORE)
             target[sl] = tgt
-            pos += L
-        length = pos
-        return dict(input=inp, length=np.int64(length), context=context, position=position, segment=segment,
-                    span=span, target=target, task=np.int64(task))
+            pos += P + L
+        return dict(input=inp, length=np.int64(pos), context=context, position=position, segment=segment,
+                    span=span, target=target, task=tasks)
 
     def batch(self, indices, shuffle: bool = True, task: int | None = None) -> Batch:
         rows = [self.row(i, shuffle=shuffle, task=task) for i in indices]

@@ -1,24 +1,26 @@
-"""The torch pretraining loop: one function a test, a notebook, a Prefect task or torchrun can call.
+"""The torch pretraining loop, in parts: setup, restore, step, evaluate, save, finalize (class `Pretraining`),
+and `pretrain(cfg)`, the one call a test, a notebook, a Prefect task or torchrun makes.
 
 Exactness across process counts: every micro-batch's summed token loss is divided by the number of targets in the
 whole global batch (all ranks, all micro-batches), and gradients are summed over ranks, so N processes with
-micro-batches of B rows compute the same update as one process accumulating N*B rows.
+micro-batches of B rows compute the same update as one process accumulating N*B rows. Dropout draws the same masks
+too: before each micro-batch's forward pass, the global generators are seeded from (seed, step, the global index
+of the micro-batch's first row), which is also why a resumed run needs no saved random state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
@@ -27,14 +29,25 @@ from ..config import ModelConfig, get_preset
 from ..configio import dump_config
 from ..errors import CpmantError
 from ..flops import flops_per_token, measure_matmul_peak
+from ..fsutil import atomic_write_text
 from ..model import CPMAnt
-from ..paths import subdir
+from ..tokenizer import BOS_ID, EOS_ID
+from .allocator import keep_freed_memory
 from .config import PretrainConfig
-from .data import IGNORE, TASK_LM, TASK_MASK, Batch, PretrainStream
+from .data import IGNORE, TASK_LM, TASK_MASK, PretrainStream
 from .distributed import (DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed,
                           pick_device)
+from .evaluate import evaluate, loss_sums
 from .prepare import PreparedData, prepare_data
+from .runs import (RunLock, changed_settings, config_sha256, read_saved_config, resolve_run_dir, run_key,
+                   unfinished_runs)
 from .schedule import SCHEDULES
+from .state import check_files, latest_intact_checkpoint, restore_state, save_state, seed_everything, set_aside
+
+_loss_sums = loss_sums  # transition: bench/ still imports the old private name; use cpmant.training.evaluate
+
+__all__ = ["Callbacks", "Pretraining", "TrainResult", "build_model_config", "config_sha256", "evaluate",
+           "pretrain", "resolve_run_dir"]
 
 
 class Callbacks(Protocol):
@@ -61,23 +74,12 @@ class TrainResult:
     resumed_from: int
     data: dict = field(default_factory=dict)
     config_sha256: str = ""
+    skipped_checkpoints: list = field(default_factory=list)  # "step folder: reason" of damaged ones passed over
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["run_dir"], d["model_dir"] = str(self.run_dir), str(self.model_dir)
         return d
-
-
-def config_sha256(cfg: PretrainConfig) -> str:
-    return hashlib.sha256(dump_config(cfg).encode("utf-8")).hexdigest()
-
-
-def resolve_run_dir(cfg: PretrainConfig) -> Path:
-    if cfg.output_dir:
-        p = Path(cfg.output_dir).expanduser().resolve()
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return subdir("runs", f"pretrain-{cfg.preset}")
 
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -88,44 +90,26 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         raise CpmantError(f"model_overrides: {e}", f"use ModelConfig fields: {sorted(base.to_dict())}") from e
 
 
+def build_streams(cfg: PretrainConfig, mcfg: ModelConfig, data: PreparedData) -> tuple[PretrainStream,
+                                                                                      PretrainStream]:
+    """The training and validation streams of a run (the validation rows use seed + 1)."""
+    if not data.valid_docs:
+        raise CpmantError(f"the validation split of corpus {data.corpus_name!r} is empty "
+                          f"({len(data.train_docs)} training documents)",
+                          "add documents to the corpus, or raise valid_fraction")
+    common = dict(bos=BOS_ID, eos=EOS_ID, min_piece_tokens=cfg.min_piece_tokens,
+                  max_piece_tokens=cfg.max_piece_tokens, lm_share=cfg.lm_share,
+                  mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
+    return (PretrainStream(data.train_docs, mcfg, cfg.seq_len, seed=cfg.seed, split="training split", **common),
+            PretrainStream(data.valid_docs, mcfg, cfg.seq_len, seed=cfg.seed + 1, split="validation split",
+                           **common))
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "position_bias" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _loss_sums(model: CPMAnt, b: Batch, bf16: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Summed token loss of a batch and the per-task sums (for CPM-Live's per-task log)."""
-    device = model.input_embedding.weight.device
-    b = b.to(device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    sel = b.target != IGNORE  # (B, L): the positions with a target
-    with ctx:
-        logits = model(**b.model_inputs(), logits_at=sel)  # (N, V): projected only where there are targets
-    tok_loss = F.cross_entropy(logits.float(), b.target[sel], reduction="none")  # (N,)
-    rows = sel.nonzero()[:, 0]
-    per_row = torch.zeros(sel.size(0), dtype=tok_loss.dtype, device=tok_loss.device).index_add_(0, rows, tok_loss)
-    per_task = {t: per_row[b.task == t].sum().detach().cpu() for t in (TASK_MASK, TASK_LM)}
-    return per_row.sum(), per_task
-
-
-@torch.no_grad()
-def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, bf16: bool = False) -> dict:
-    """Left-to-right LM loss on `rows` rows of a stream with fixed cut points (comparable over time). The rows are
-    the first of the stream's seeded epoch-0 order: a fixed random sample, not the corpus's first documents."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    n = min(rows, len(stream))
-    for start in range(0, n, batch_size):
-        b = stream.batch(range(start, min(n, start + batch_size)), shuffle=True, task=TASK_LM)
-        s, _ = _loss_sums(model, b, bf16)
-        total += s.item()
-        count += b.num_targets
-    model.train(was_training)
-    loss = total / max(count, 1)
-    return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0)), "valid_tokens": count}
 
 
 class _JsonlLog:
@@ -143,9 +127,7 @@ class _JsonlLog:
                         keep.append(ln)
                 except ValueError:  # a line cut short by a killed run
                     continue
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
@@ -158,8 +140,299 @@ class _JsonlLog:
             self.f.close()
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+def _refusal(what: str, diff: list[str], step_folder: Path) -> CpmantError:
+    return CpmantError(
+        f"{what} was trained with other settings ({'; '.join(diff)})",
+        f"start this configuration fresh in its own run folder with --resume never, or continue those weights "
+        f"under the new settings with --resume {step_folder} --set pretrain.allow_changed_settings=true",
+    )
+
+
+class Pretraining:
+    """One pretraining run in parts. `__init__` is the setup (threads, allocator, data, streams, model, optimizer;
+    nothing written yet); then, holding the run folder's lock: `restore()`, `step(step)` per optimizer step,
+    `evaluate()`, `save(step)`, and `finalize()`, which writes the final model folder and returns the result."""
+
+    def __init__(self, cfg: PretrainConfig, info: DistInfo | None = None, callbacks: Callbacks | None = None,
+                 prepared: PreparedData | None = None, progress: bool = True):
+        self.cfg, self.info = cfg, info or DistInfo()
+        self.callbacks = callbacks if self.info.is_main else None
+        self.progress = progress and self.info.is_main
+        keep_freed_memory()
+        torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // self.info.world_size))
+        if prepared is None:
+            prepared = prepare_data(cfg.corpus, cfg.preset, cfg.vocab_size, cfg.valid_fraction, cfg.seed,
+                                    cfg.encode_workers, progress=self.progress)
+        self.data = prepared
+        vocab_size = len(prepared.vocab_path.read_text(encoding="utf-8").splitlines())
+        self.mcfg = mcfg = build_model_config(cfg, vocab_size)
+        if cfg.seq_len > mcfg.position_bias_max_distance:
+            raise CpmantError(
+                f"seq_len {cfg.seq_len} is longer than the position range of preset {cfg.preset!r} "
+                f"(position_bias_max_distance={mcfg.position_bias_max_distance})",
+                "lower seq_len or use a preset with a larger position_bias_max_distance",
+            )
+        self.train_stream, self.valid_stream = build_streams(cfg, mcfg, prepared)
+        self.run_dir = resolve_run_dir(cfg)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.cfg_sha = config_sha256(cfg)
+
+        torch.manual_seed(cfg.seed)
+        self.device = pick_device(cfg.device, self.info)
+        self.model = CPMAnt(mcfg).to(self.device)  # initialised on the CPU from the seed: the same on any device
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(0.9, 0.95), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, SCHEDULES[cfg.schedule](cfg))
+
+        self.micro, self.accum = cfg.micro_batch_size, cfg.grad_accum
+        self.rows_per_rank = self.micro * self.accum
+        self.global_rows = self.rows_per_rank * self.info.world_size
+        self.start_step, self.valid_start, self.tokens_seen, self.data_position = 0, None, 0, 0
+        self.skipped: list[str] = []
+        self.targets_run, self.tokens_run = 0.0, 0
+        self.train_seconds, self.loss_value = 0.0, float("nan")
+        self.last_eval: dict = {}
+        self.step_times: list[tuple[int, float]] = []
+        self._lock = RunLock(self.run_dir) if self.info.is_main else None
+
+    # ---- the run folder's lock ----------------------------------------------------------------------------
+    def __enter__(self) -> "Pretraining":
+        if self._lock is not None:
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    # ---- restore --------------------------------------------------------------------------------------------
+    def resume_point(self) -> Path | None:
+        """The step folder to continue (None: start from step 0); refuses one trained with other settings."""
+        cfg = self.cfg
+        if cfg.resume == "never":
+            return None
+        if cfg.resume == "auto":
+            path, skipped = latest_intact_checkpoint(self.ckpt_root)
+            self._damaged = [p for p, _ in skipped]
+            self.skipped = [f"{p}: {why}" for p, why in skipped]
+            if path is None and not cfg.output_dir:
+                others = unfinished_runs(cfg, self.run_dir, self.data.data_sha256)
+                if others:
+                    other, step, saved = others[0]
+                    diff = changed_settings(saved, cfg)
+                    step_folder = other / "checkpoints" / ckpt.step_dir_name(step)
+                    raise _refusal(f"this configuration's run folder {self.run_dir} has no checkpoint, and the "
+                                   f"unfinished run in {other} (step {step} of {saved.get('max_steps')}, same "
+                                   f"data)", diff, step_folder)
+            if path is None:
+                return None
+        else:
+            path = Path(cfg.resume).expanduser()
+            if not path.is_dir():
+                raise CpmantError(f"checkpoint folder {path} does not exist",
+                                  "pass a step folder (runs/.../checkpoints/step-N), auto or never")
+            why = check_files(path)
+            if why is not None:
+                raise CpmantError(f"checkpoint {path} cannot be resumed: {why}",
+                                  "resume from another step folder, or use --resume auto to continue the newest "
+                                  "intact checkpoint of this run")
+        meta = ckpt.read_meta(path)
+        saved = meta.get("training_config") or read_saved_config(path.parent.parent)
+        diff = changed_settings(saved, cfg) if saved else []
+        self.changed = diff
+        if diff and not cfg.allow_changed_settings:
+            raise _refusal(f"checkpoint {path}", diff, path)
+        if meta.get("data_sha256") not in (None, self.data.data_sha256):
+            raise CpmantError(f"checkpoint {path} was trained on other data ({meta.get('data_sha256')})",
+                              "resume with the same corpus, or use --resume never / a new output_dir")
+        return path
+
+    def restore(self) -> int:
+        """Continue from the resume point: weights, optimizer, scheduler, counters. Returns the start step."""
+        self._damaged, self.changed = [], []
+        path = self.resume_point()
+        barrier(self.info)  # every rank has read the folder before the main one moves damaged steps aside
+        if self.info.is_main:
+            for p in self._damaged:
+                set_aside(p)
+        for line in self.skipped:
+            warnings.warn(f"resume skipped a damaged checkpoint (moved aside as damaged-step-N): {line}",
+                          stacklevel=2)
+        if path is None:
+            return 0
+        try:
+            saved_cfg = ModelConfig.load(path / ckpt.CONFIG_FILE)
+        except (OSError, ValueError, CpmantError) as e:
+            raise CpmantError(f"checkpoint {path} has no readable model config ({e})",
+                              "resume from another step folder, or --resume never") from None
+        if saved_cfg != self.mcfg:
+            raise CpmantError(
+                f"checkpoint {path} was trained with another model config",
+                "use --resume never (or a new output_dir) to start over, or restore the original config",
+            )
+        st = restore_state(path, self.model, self.optimizer, self.scheduler, restore_rng=False)
+        if self.changed:
+            self._apply_new_settings()
+        self.start_step = int(st["step"])
+        self.valid_start, self.tokens_seen = st.get("valid_loss_start"), int(st.get("tokens_seen", 0))
+        self.data_position = int(st.get("data_position", 0))
+        if self.start_step > self.cfg.max_steps:
+            raise CpmantError(
+                f"checkpoint {path} is at step {self.start_step}, past max_steps={self.cfg.max_steps}",
+                f"raise max_steps to at least {self.start_step}, or resume from an earlier step folder")
+        return self.start_step
+
+    def _apply_new_settings(self) -> None:
+        """allow_changed_settings: the optimizer and schedule take the new lr, weight decay and schedule."""
+        cfg, sched = self.cfg, self.scheduler
+        sched.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        new = SCHEDULES[cfg.schedule](cfg)
+        sched.lr_lambdas = [new for _ in self.optimizer.param_groups]
+        for g, wd in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            g["initial_lr"], g["weight_decay"] = cfg.lr, wd
+            g["lr"] = cfg.lr * new(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        warnings.warn(f"resuming with changed settings ({'; '.join(self.changed)}): the optimizer's lr, weight "
+                      f"decay and schedule now come from the new config (lr {self.optimizer.param_groups[0]['lr']:.3g}"
+                      f" at step {sched.last_epoch})", stacklevel=2)
+
+    # ---- one optimizer step ---------------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        cfg, info, micro = self.cfg, self.info, self.micro
+        t0 = time.perf_counter()
+        first = self.data_position + (step - self.start_step) * self.global_rows + info.rank * self.rows_per_rank
+        starts = [first + a * micro for a in range(self.accum)]  # global index of each micro-batch's first row
+        batches = [self.train_stream.batch(range(s, s + micro)) for s in starts]
+        counts = torch.tensor([float(sum(b.num_targets for b in batches)),
+                               float(sum(int(b.length.sum()) for b in batches))])
+        all_reduce_sum(counts, info)
+        n_targets, n_tokens = counts[0].item(), int(counts[1].item())
+        self.targets_run, self.tokens_run = self.targets_run + n_targets, self.tokens_run + n_tokens
+        sums = torch.zeros(3)  # total, mask task, lm task
+        counts_task = torch.zeros(2)
+        for s, b in zip(starts, batches):
+            seed_everything(cfg.seed, step, s)  # dropout masks: a function of the rows, not of the process
+            total, per_task = loss_sums(self.model, b, cfg.bf16)
+            (total / n_targets).backward()
+            sums += torch.stack([total.detach().cpu(), per_task[TASK_MASK], per_task[TASK_LM]])
+            has = b.target != IGNORE  # the CPU copy of the batch
+            counts_task += torch.stack([(has & (b.task == TASK_MASK)).sum(), (has & (b.task == TASK_LM)).sum()])
+        all_reduce_grads(self.params, info)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        red = all_reduce_sum(torch.cat([sums, counts_task]), info)
+        self.loss_value = red[0].item() / n_targets
+        dt = time.perf_counter() - t0
+        self.train_seconds += dt
+        self.tokens_seen += n_tokens
+        self.step_times.append((n_tokens, dt))
+        task_loss = {"mask": red[1].item() / max(red[3].item(), 1), "lm": red[2].item() / max(red[4].item(), 1)}
+        return {"loss": self.loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": n_tokens / dt,
+                "loss_mask": task_loss["mask"], "loss_lm": task_loss["lm"], "time": dt}
+
+    # ---- evaluate, save -------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.valid_stream, self.cfg.eval_rows, self.micro, self.cfg.bf16)
+
+    def meta(self) -> dict:
+        return {"data_sha256": self.data.data_sha256, "config_sha256": self.cfg_sha, "run_key": run_key(self.cfg),
+                "preset": self.cfg.preset, "training_config": self.cfg.model_dump(mode="json")}
+
+    def save(self, step: int) -> Path | None:
+        """Save step-N (main process), then wait for every process."""
+        path = None
+        if self.info.is_main:
+            cfg = self.cfg
+            path = save_state(
+                self.ckpt_root, step, self.model, self.mcfg, self.data.vocab_path, self.optimizer, self.scheduler,
+                extra={"tokens_seen": self.tokens_seen, "valid_loss_start": self.valid_start,
+                       "data_position": self.data_position + (step - self.start_step) * self.global_rows},
+                meta=self.meta(), keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+            if self.callbacks:
+                self.callbacks.on_checkpoint(step, path)
+        barrier(self.info)
+        return path
+
+    # ---- the whole run --------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        self.restore()
+        if info.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+            self.mcfg.save(self.run_dir / "model_config.json")
+        log = _JsonlLog(self.run_dir / "train_log.jsonl", self.start_step, info.is_main)
+        dtype = torch.bfloat16 if cfg.bf16 and self.device.type == "cuda" else torch.float32
+        self.peak = measure_matmul_peak(dtype=dtype, seconds=0.3, device=self.device.type)
+        if self.valid_start is None:
+            self.valid_start = self.evaluate()["valid_loss"]
+            if self.callbacks:
+                self.callbacks.on_eval(0, {"valid_loss": self.valid_start,
+                                           "valid_perplexity": math.exp(min(self.valid_start, 50))})
+        self.last_eval = {"valid_loss": self.valid_start}
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"pretrain {cfg.preset}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
+        try:
+            for step in range(self.start_step, cfg.max_steps):
+                m = self.step(step)
+                dt = m.pop("time")
+                log.write({"iter": step + 1, "loss": m["loss"], "lr": m["lr"], "time": dt,
+                           "tokens_per_second": m["tokens_per_second"], "grad_norm": m["grad_norm"],
+                           "task_loss": {"mask": m["loss_mask"], "lm": m["loss_lm"]}})
+                if self.callbacks:
+                    self.callbacks.on_step(step + 1, m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_second']:,.0f}", refresh=False)
+                done = step + 1 == cfg.max_steps
+                if (step + 1) % cfg.eval_interval == 0 or done:
+                    self.last_eval = self.evaluate()
+                    if self.callbacks:
+                        self.callbacks.on_eval(step + 1, self.last_eval)
+                if (step + 1) % cfg.save_interval == 0 or done:
+                    self.save(step + 1)
+        finally:
+            bar.close()
+            log.close()
+        return self.finalize()
+
+    def finalize(self) -> TrainResult:
+        """The final model folder (with the data spec in its metadata) and the run's numbers."""
+        cfg, info = self.cfg, self.info
+        if self.start_step >= cfg.max_steps:  # already complete: the numbers come from the checkpoint and log
+            self.last_eval = self.evaluate()
+            lines = (self.run_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
+            if lines:
+                self.loss_value = json.loads(lines[-1])["loss"]
+        steady = self.step_times[1:] or self.step_times
+        tps = sum(n for n, _ in steady) / max(sum(t for _, t in steady), 1e-9)
+        fpt = flops_per_token(self.mcfg, cfg.seq_len, vocab_share=self.targets_run / max(self.tokens_run, 1))
+        mfu = fpt * tps / info.world_size / self.peak if steady else 0.0
+        model_dir = self.run_dir / "model"
+        if info.is_main:
+            final_meta = {**self.meta(), "step": cfg.max_steps, "valid_loss": self.last_eval["valid_loss"],
+                          "stage": "pretrain",
+                          "data": self.data.spec(cfg.min_piece_tokens, cfg.max_piece_tokens)}
+            if ckpt.is_complete(model_dir):
+                old = ckpt.read_meta(model_dir)
+                if (old.get("step"), old.get("config_sha256"), old.get("data_sha256")) != (
+                        cfg.max_steps, self.cfg_sha, self.data.data_sha256):
+                    shutil.rmtree(model_dir)
+            if not ckpt.is_complete(model_dir):
+                ckpt.save_model_dir(model_dir, self.model.state_dict(), self.mcfg, self.data.vocab_path,
+                                    meta=final_meta, extra_files={"training_config.yaml": self.run_dir / "config.yaml"})
+        barrier(info)
+        return TrainResult(
+            run_dir=self.run_dir, model_dir=model_dir, model_config=self.mcfg.to_dict(), steps=cfg.max_steps,
+            final_loss=self.loss_value, valid_loss_start=self.valid_start,
+            valid_loss_end=self.last_eval["valid_loss"], tokens_seen=self.tokens_seen, tokens_per_second=tps,
+            train_seconds=self.train_seconds, mfu=mfu, peak_flops=self.peak,
+            num_parameters=self.model.num_parameters(), resumed_from=self.start_step, data=self.data.summary(),
+            config_sha256=self.cfg_sha, skipped_checkpoints=list(self.skipped),
+        )
 
 
 def pretrain(cfg: PretrainConfig, callbacks: Callbacks | None = None, prepared: PreparedData | None = None,
@@ -168,184 +441,8 @@ def pretrain(cfg: PretrainConfig, callbacks: Callbacks | None = None, prepared: 
     get_backend("train", cfg.backend)
     info = init_distributed()
     try:
-        return _pretrain(cfg, callbacks, prepared, progress, info)
+        run = Pretraining(cfg, info, callbacks, prepared, progress)
+        with run:
+            return run.run()
     finally:
         cleanup(info)
-
-
-def _pretrain(cfg: PretrainConfig, callbacks, prepared, progress: bool, info: DistInfo) -> TrainResult:
-    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // info.world_size))
-    if prepared is None:
-        prepared = prepare_data(cfg.corpus, cfg.preset, cfg.vocab_size, cfg.valid_fraction, cfg.seed,
-                                cfg.encode_workers, progress=progress and info.is_main)
-    vocab_size = len(prepared.vocab_path.read_text(encoding="utf-8").splitlines())
-    mcfg = build_model_config(cfg, vocab_size)
-    if cfg.seq_len > mcfg.position_bias_max_distance:
-        raise CpmantError(
-            f"seq_len {cfg.seq_len} is longer than the position range of preset {cfg.preset!r} "
-            f"(position_bias_max_distance={mcfg.position_bias_max_distance})",
-            "lower seq_len or use a preset with a larger position_bias_max_distance",
-        )
-    common = dict(bos=6, eos=7, min_piece_tokens=cfg.min_piece_tokens, max_piece_tokens=cfg.max_piece_tokens,
-                  lm_share=cfg.lm_share, mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
-    train_stream = PretrainStream(prepared.train_docs, mcfg, cfg.seq_len, seed=cfg.seed, **common)
-    valid_stream = PretrainStream(prepared.valid_docs, mcfg, cfg.seq_len, seed=cfg.seed + 1, **common)
-
-    run_dir = resolve_run_dir(cfg)
-    ckpt_root = run_dir / "checkpoints"
-    cfg_sha = config_sha256(cfg)
-    if info.is_main:
-        dump_config(cfg, run_dir / "config.yaml")
-        mcfg.save(run_dir / "model_config.json")
-
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device, info)
-    model = CPMAnt(mcfg).to(device)  # initialised on the CPU from the seed: the same weights on any device
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[cfg.schedule](cfg))
-
-    # ---- resume --------------------------------------------------------------------------------------------
-    start_step, valid_start, tokens_seen, data_position = 0, None, 0, 0
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(ckpt_root)
-    elif cfg.resume != "never":
-        resume_from = Path(cfg.resume)
-        ckpt.read_meta(resume_from)  # raises a clear error when incomplete
-    if resume_from is not None:
-        saved_cfg, sd, _, meta = ckpt.load_model_dir(resume_from)
-        if saved_cfg != mcfg:
-            raise CpmantError(
-                f"checkpoint {resume_from} was trained with another model config",
-                "use --resume never (or a new output_dir) to start over, or restore the original config",
-            )
-        if meta.get("data_sha256") not in (None, prepared.data_sha256):
-            raise CpmantError(f"checkpoint {resume_from} was trained on other data ({meta.get('data_sha256')})",
-                              "resume with the same corpus, or use --resume never / a new output_dir")
-        model.load_state_dict(sd)
-        st = ckpt.load_training_state(resume_from)
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"]["torch"])
-        start_step, valid_start, tokens_seen = int(st["step"]), st.get("valid_loss_start"), int(st["tokens_seen"])
-        data_position = int(st.get("data_position", 0))
-        if start_step > cfg.max_steps:
-            raise CpmantError(f"checkpoint {resume_from} is at step {start_step}, past max_steps={cfg.max_steps}",
-                              f"raise max_steps to at least {start_step}, or resume from an earlier step folder")
-
-    micro, accum, world = cfg.micro_batch_size, cfg.grad_accum, info.world_size
-    rows_per_rank = micro * accum
-    global_rows = rows_per_rank * world
-    # data_position (rows consumed so far) lets a resumed run continue the stream where it stopped even if the
-    # batch shape changed
-    log = _JsonlLog(run_dir / "train_log.jsonl", start_step, info.is_main)
-    peak = measure_matmul_peak(dtype=torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32,
-                               seconds=0.3, device=device.type)
-    targets_run, tokens_run = 0.0, 0
-
-    if valid_start is None:
-        valid_start = evaluate(model, valid_stream, cfg.eval_rows, micro, cfg.bf16)["valid_loss"]
-        if callbacks and info.is_main:
-            callbacks.on_eval(0, {"valid_loss": valid_start, "valid_perplexity": math.exp(min(valid_start, 50))})
-
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"pretrain {cfg.preset}", unit="step",
-               disable=not (progress and info.is_main), dynamic_ncols=True, mininterval=0.5)
-    train_seconds, loss_value, last_eval = 0.0, float("nan"), {"valid_loss": valid_start}
-    t_run = time.perf_counter()
-    step_tokens_window: list[tuple[int, float]] = []
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
-        first = data_position + (step - start_step) * global_rows + info.rank * rows_per_rank
-        batches = [train_stream.batch(range(first + a * micro, first + (a + 1) * micro)) for a in range(accum)]
-        counts = torch.tensor([float(sum(b.num_targets for b in batches)),
-                               float(sum(int(b.length.sum()) for b in batches))])
-        all_reduce_sum(counts, info)
-        n_targets, n_tokens = counts[0].item(), int(counts[1].item())
-        targets_run, tokens_run = targets_run + n_targets, tokens_run + n_tokens
-        sums = torch.zeros(3)  # total, mask task, lm task
-        counts_task = torch.zeros(2)
-        for b in batches:
-            s, per_task = _loss_sums(model, b, cfg.bf16)
-            (s / n_targets).backward()
-            sums += torch.stack([s.detach().cpu(), per_task[TASK_MASK], per_task[TASK_LM]])
-            nt = (b.target != IGNORE).sum(-1)  # the CPU copy of the batch
-            counts_task += torch.stack([nt[b.task == TASK_MASK].sum(), nt[b.task == TASK_LM].sum()]).float()
-        all_reduce_grads(params, info)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        red = all_reduce_sum(torch.cat([sums, counts_task]), info)
-        loss_value = red[0].item() / n_targets
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        tokens_seen += n_tokens
-        step_tokens_window.append((n_tokens, dt))
-        tps = n_tokens / dt
-        task_loss = {"mask": red[1].item() / max(red[3].item(), 1), "lm": red[2].item() / max(red[4].item(), 1)}
-        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps,
-                   "loss_mask": task_loss["mask"], "loss_lm": task_loss["lm"]}
-        log.write({"iter": step + 1, "loss": loss_value, "lr": lr, "time": dt, "tokens_per_second": tps,
-                   "grad_norm": grad_norm, "task_loss": task_loss})
-        if callbacks and info.is_main:
-            callbacks.on_step(step + 1, metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-        done = step + 1 == cfg.max_steps
-        if (step + 1) % cfg.eval_interval == 0 or done:
-            last_eval = evaluate(model, valid_stream, cfg.eval_rows, micro, cfg.bf16)
-            if callbacks and info.is_main:
-                callbacks.on_eval(step + 1, last_eval)
-        if (step + 1) % cfg.save_interval == 0 or done:
-            if info.is_main:
-                path = ckpt.save_training_checkpoint(
-                    ckpt_root, step + 1, model.state_dict(), mcfg, prepared.vocab_path,
-                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "rng": _rng_state(), "step": step + 1, "tokens_seen": tokens_seen,
-                                    "data_position": data_position + (step + 1 - start_step) * global_rows,
-                                    "valid_loss_start": valid_start},
-                    meta={"data_sha256": prepared.data_sha256, "config_sha256": cfg_sha, "preset": cfg.preset},
-                    keep_last=cfg.keep_last, keep_every=cfg.keep_every,
-                )
-                if callbacks:
-                    callbacks.on_checkpoint(step + 1, path)
-            barrier(info)
-    bar.close()
-    log.close()
-
-    if start_step >= cfg.max_steps:  # already complete: the numbers come back from the checkpoint and the log
-        last_eval = evaluate(model, valid_stream, cfg.eval_rows, micro, cfg.bf16)
-        lines = (run_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
-        if lines:
-            loss_value = json.loads(lines[-1])["loss"]
-    steady = step_tokens_window[1:] or step_tokens_window
-    tps_avg = sum(n for n, _ in steady) / max(sum(t for _, t in steady), 1e-9)
-    fpt = flops_per_token(mcfg, cfg.seq_len, vocab_share=targets_run / max(tokens_run, 1))
-    mfu = fpt * tps_avg / world / peak if steady else 0.0
-
-    model_dir = run_dir / "model"
-    if info.is_main:
-        final_meta = {"step": cfg.max_steps, "preset": cfg.preset, "data_sha256": prepared.data_sha256,
-                      "config_sha256": cfg_sha, "valid_loss": last_eval["valid_loss"], "stage": "pretrain"}
-        if ckpt.is_complete(model_dir):
-            old = ckpt.read_meta(model_dir)
-            if (old.get("step"), old.get("config_sha256"), old.get("data_sha256")) != (
-                    cfg.max_steps, cfg_sha, prepared.data_sha256):
-                import shutil
-
-                shutil.rmtree(model_dir)
-        if not ckpt.is_complete(model_dir):
-            ckpt.save_model_dir(model_dir, model.state_dict(), mcfg, prepared.vocab_path, meta=final_meta,
-                                extra_files={"training_config.yaml": run_dir / "config.yaml"})
-    barrier(info)
-    return TrainResult(
-        run_dir=run_dir, model_dir=model_dir, model_config=mcfg.to_dict(), steps=cfg.max_steps,
-        final_loss=loss_value, valid_loss_start=valid_start, valid_loss_end=last_eval["valid_loss"],
-        tokens_seen=tokens_seen, tokens_per_second=tps_avg, train_seconds=train_seconds, mfu=mfu,
-        peak_flops=peak, num_parameters=model.num_parameters(), resumed_from=start_step,
-        data=prepared.summary(), config_sha256=cfg_sha,
-    )

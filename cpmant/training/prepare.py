@@ -23,6 +23,10 @@ class PreparedData:
     corpus_stats: dict
     train_docs: list[np.ndarray] = field(repr=False)
     valid_docs: list[np.ndarray] = field(repr=False)
+    corpus_path: str | None = None  # the corpus folder as an absolute path; None = the default, fortunes-zh
+    vocab_size: int | None = None  # the vocab size asked for when it was built (None = the preset's)
+    valid_fraction: float | None = None
+    seed: int | None = None
 
     @property
     def train_tokens(self) -> int:
@@ -45,6 +49,12 @@ class PreparedData:
             **{f"corpus_{k}": v for k, v in self.corpus_stats.items() if isinstance(v, (int, float, str))},
         }
 
+    def spec(self, min_piece_tokens: int, max_piece_tokens: int) -> dict:
+        """What a later stage needs to read the same data: written as meta["data"] into the model folder."""
+        return {"corpus": self.corpus_path, "corpus_name": self.corpus_name, "valid_fraction": self.valid_fraction,
+                "seed": self.seed, "data_sha256": self.data_sha256, "vocab_size": self.vocab_size,
+                "min_piece_tokens": min_piece_tokens, "max_piece_tokens": max_piece_tokens}
+
 
 def prepare_data(corpus: str | None, preset: str, vocab_size: int | None = None, valid_fraction: float = 0.05,
                  seed: int = 0, encode_workers: int | None = None, progress: bool = True) -> PreparedData:
@@ -61,4 +71,6 @@ def prepare_data(corpus: str | None, preset: str, vocab_size: int | None = None,
                              progress=progress)
     valid = encode_documents(list(c.valid), vocab_path, cache_dir=cache, num_workers=encode_workers,
                              progress=progress)
-    return PreparedData(c.name, c.sha256, vocab_path, tok.vocab_sha256, dict(c.stats), train, valid)
+    return PreparedData(c.name, c.sha256, vocab_path, tok.vocab_sha256, dict(c.stats), train, valid,
+                        corpus_path=str(Path(corpus).expanduser().resolve()) if corpus else None,
+                        vocab_size=vocab_size, valid_fraction=valid_fraction, seed=seed)

@@ -1,0 +1,163 @@
+"""Run folders: what identifies a pretraining configuration, where it trains, and one process at a time in it.
+
+- `config_sha256(cfg)`: sha256 of the resolved PretrainConfig fields that shape the weights or the reported
+  metrics: every field except NOT_HASHED (where to write, how many threads/encoders, checkpoint cadence and
+  retention, how to resume). The corpus is taken as its absolute path (None = fortunes-zh). This is the run's
+  identity for reuse (registered as cpmant.config_sha256).
+- `run_key(cfg)`: the same hash without max_steps, so a run that is only extended stays in its folder.
+- `resolve_run_dir(cfg)`: output_dir when given, else $CPMANT_HOME/runs/pretrain-<preset>-<run_key[:8]>.
+- `RunLock`: an exclusive, non-blocking flock on `<run>/.lock` held while a process trains there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from .. import checkpoint as ckpt
+from ..errors import CpmantError
+from ..paths import subdir
+from .config import PretrainConfig
+
+# fields that change neither the weights nor the reported numbers
+NOT_HASHED = frozenset({"resume", "output_dir", "num_threads", "encode_workers", "save_interval", "keep_last",
+                        "keep_every", "allow_changed_settings"})
+LOCK_FILE = ".lock"
+
+
+def settings(cfg: PretrainConfig | dict, with_max_steps: bool = True) -> dict:
+    """The hashed fields of a config (or of a saved config's dict), the corpus as an absolute path."""
+    d = cfg.model_dump(mode="json") if isinstance(cfg, PretrainConfig) else dict(cfg)
+    out = {k: v for k, v in d.items() if k not in NOT_HASHED}
+    if out.get("corpus"):
+        out["corpus"] = str(Path(out["corpus"]).expanduser().resolve())
+    if not with_max_steps:
+        out.pop("max_steps", None)
+    return out
+
+
+def _sha(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def config_sha256(cfg: PretrainConfig) -> str:
+    """Hash of every setting that affects the weights or the reported metrics (see the module doc)."""
+    return _sha(settings(cfg))
+
+
+def run_key(cfg: PretrainConfig) -> str:
+    """config_sha256 without max_steps: the run folder's key."""
+    return _sha(settings(cfg, with_max_steps=False))
+
+
+def run_dir_name(cfg: PretrainConfig) -> str:
+    return f"pretrain-{cfg.preset}-{run_key(cfg)[:8]}"
+
+
+def resolve_run_dir(cfg: PretrainConfig, create: bool = True) -> Path:
+    if cfg.output_dir:
+        p = Path(cfg.output_dir).expanduser().resolve()
+    else:
+        p = subdir("runs") / run_dir_name(cfg)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def changed_settings(old: dict, new: PretrainConfig | dict) -> list[str]:
+    """`field: old -> new` for each training-affecting setting (max_steps aside) that differs."""
+    a, b = settings(old, with_max_steps=False), settings(new, with_max_steps=False)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def read_saved_config(run_dir: Path) -> dict | None:
+    """A run folder's saved config.yaml as a dict (None when missing or unreadable)."""
+    try:
+        d = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+class RunLock:
+    """Exclusive lock of a run folder for this process (flock on <run>/.lock, released on exit or death)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.f = None
+
+    def acquire(self) -> "RunLock":
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            run = self.path.parent
+            raise CpmantError(
+                f"run folder {run} is in use by another process (pid {pid})",
+                f"wait for it to finish or stop it (`kill {pid}`), or train elsewhere with "
+                "--set pretrain.output_dir=DIR",
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self.f = f
+        return self
+
+    def release(self) -> None:
+        if self.f is not None:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+            self.f.close()
+            self.f = None
+
+    @staticmethod
+    def is_held(run_dir: Path) -> bool:
+        path = Path(run_dir) / LOCK_FILE
+        if not path.is_file():
+            return False
+        with open(path, "a+", encoding="utf-8") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def unfinished_runs(cfg: PretrainConfig, own: Path, data_sha256: str) -> list[tuple[Path, int, dict]]:
+    """Other run folders of this preset with checkpoints of an unfinished run on the same data, newest first:
+    (folder, latest step, saved config). Folders another process is training in are left out."""
+    root = subdir("runs")
+    found = []
+    for d in root.glob(f"pretrain-{cfg.preset}-*"):
+        if d.resolve() == own.resolve() or not d.is_dir():
+            continue
+        saved = read_saved_config(d)
+        ckpts = ckpt.list_complete_checkpoints(d / "checkpoints")
+        if saved is None or not ckpts:
+            continue
+        step, latest = ckpts[-1]
+        try:
+            meta = ckpt.read_meta(latest)
+        except (CpmantError, ValueError, OSError):
+            continue
+        if step >= int(saved.get("max_steps", 0)) or meta.get("data_sha256") != data_sha256:
+            continue
+        if RunLock.is_held(d):
+            continue
+        found.append((latest.stat().st_mtime, d, step, saved))
+    return [(d, s, saved) for _, d, s, saved in sorted(found, key=lambda x: x[0], reverse=True)]
