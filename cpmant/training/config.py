@@ -44,10 +44,17 @@ class PretrainConfig(FrozenModel):
                                          "new lr/schedule apply from the resumed step on)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
     nproc: int = Field(1, ge=1, description="processes (torchrun; gloo on CPU, NCCL on CUDA)")
-    backend: Literal["torch", "bmtrain"] = Field("torch", description="training backend")
+    backend: str = Field("torch", description="training backend (cpmant.backends: torch, bmtrain)")
     num_threads: int | None = Field(None, description="torch intra-op threads per process (None = cores/procs)")
     output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>-<key8>")
     encode_workers: int | None = Field(None, description="processes that encode the corpus (None = all cores)")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from ..backends import check_backend_name
+
+        return check_backend_name("train", v)
 
     @field_validator("preset")
     @classmethod
