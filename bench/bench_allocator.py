@@ -30,7 +30,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--corpus", default=None, help="corpus folder (default: fortunes-zh, fetched once)")
     ap.add_argument("--home", default=None, help="CPMANT_HOME (default: a temporary folder)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 6 steps")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 2, 6
     home = args.home or tempfile.mkdtemp(prefix="bench-allocator-")
     os.environ["CPMANT_HOME"] = home
 
