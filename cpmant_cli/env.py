@@ -1,24 +1,117 @@
-"""Environment defaults set before Prefect or MLflow is imported: homes under CPMANT_HOME, telemetry off, and an
-ephemeral Prefect API start-up timeout that suits a 2-core machine. Explicit settings in the environment win."""
+"""The environment of the `cpmant` process, set before Prefect or MLflow is imported: homes under CPMANT_HOME,
+telemetry off, no progress bars or INFO chatter from MLflow's internals, an ephemeral Prefect API start-up timeout
+that suits a 2-core machine. Explicit settings in the environment win.
+
+Also what keeps Prefect quiet and interruptible around the flows: a reachable API checked first, the temporary
+server started outside the terminal's process group (Ctrl+C stops the flow, not the server it must report to), and
+a clear error printed once instead of Prefect's tracebacks."""
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import urllib.error
+import urllib.request
+import warnings
+
+from cpmant.errors import CpmantError
+
+DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_API_REQUEST_TIMEOUT": "120",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "5",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bars for the registry's internal downloads
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # no "Creating initial MLflow database tables..." and the like
+    "DO_NOT_TRACK": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def configure_environment() -> None:
     from cpmant.paths import cpmant_home
 
     home = cpmant_home()
-    defaults = {
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_API_REQUEST_TIMEOUT": "120",
-        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "5",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    for k, v in defaults.items():
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    for k, v in DEFAULTS.items():
         os.environ.setdefault(k, v)
+    # MLflow's advice to type-hint `predict` is for model authors, not for the user registering a checkpoint
+    warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method")
+
+
+def check_prefect_api(timeout: float = 5.0) -> None:
+    """With PREFECT_API_URL set, ask the server's /health first: an unreachable server is one CpmantError, not
+    Prefect's retries and a long traceback."""
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if not url:
+        return
+    if not url.startswith(("http://", "https://")):
+        raise CpmantError(f"PREFECT_API_URL={url!r} is not an http(s) URL",
+                          "set it to the server's API, e.g. http://127.0.0.1:4200/api, or unset it")
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            problem = f"answered HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        problem = f"answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        problem = f"is unreachable ({getattr(e, 'reason', e)})"
+    raise CpmantError(
+        f"the Prefect API at {url} {problem}",
+        "start it (`prefect server start`, see infra/), or unset PREFECT_API_URL to run on a temporary local server",
+    )
+
+
+class _OwnProcessGroup:
+    """`subprocess` as Prefect's server module sees it: Popen starts the child in a new process group, so the
+    terminal's Ctrl+C (sent to the foreground group) interrupts the flow and leaves the server it reports to."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802  (the name Prefect calls)
+        kwargs.setdefault("process_group", 0)
+        return subprocess.Popen(*args, **kwargs)
+
+
+def isolate_prefect_server() -> None:
+    """Start Prefect's temporary API server (used when PREFECT_API_URL is unset) in its own process group.
+
+    Prefect 3.9 starts it with `subprocess.Popen` in the caller's process group; Ctrl+C then kills it with the flow,
+    and the flow's final state reports and event flushes retry against a dead server for minutes before an httpx
+    traceback. The server is still stopped at exit (Prefect's atexit hook terminates it)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api import server
+
+    if not isinstance(server.subprocess, _OwnProcessGroup):
+        server.subprocess = _OwnProcessGroup()
+
+
+class _HideCpmantErrors(logging.Filter):
+    """Drop Prefect's console records about a CpmantError (the failed task's and flow's tracebacks and state
+    lines) or a Ctrl+C: the CLI prints that error once, as `error:` and `fix:`, or says how to resume. The records
+    still reach Prefect's API (the UI shows the failed or crashed runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (CpmantError, KeyboardInterrupt)):
+            return False
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            msg = record.getMessage()
+            if any(w in msg for w in ("CpmantError", "KeyboardInterrupt", "aborted by an interrupt signal")):
+                return False
+        return True
+
+
+def quiet_prefect_console() -> None:
+    """Add the filter to Prefect's console handlers (on the root logger once Prefect has set up logging)."""
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for h in logger.handlers:
+            if type(h).__name__ == "PrefectConsoleHandler" and not any(
+                    isinstance(f, _HideCpmantErrors) for f in h.filters):
+                h.addFilter(_HideCpmantErrors())

@@ -1,100 +1,191 @@
-"""`cpmant`: one console script over the flows and the registry. `cpmant VERB --help` describes each verb."""
+"""`cpmant`: one console script over the flows and the registry. `cpmant VERB --help` describes each verb.
+
+The CLI reaches the core directly in a few places only:
+- the choices it offers: presets (cpmant.config.PRESETS), recipes (cpmant.compress.recipe), backends
+  (cpmant.backends), generation defaults and checks (cpmant.generate.GenerationConfig); a backend that cannot run
+  here and an unknown recipe are reported before any flow starts;
+- config parsing (cpmant.configio: YAML file plus `--set` overrides);
+- `convert` (cpmant.convert) and `generate` (cpmant.checkpoint.load_pretrained, cpmant.generate), which run no flow
+  and record nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
+import time
 
 from cpmant.errors import CpmantError
 
-from .env import configure_environment
+from .env import check_prefect_api, configure_environment, isolate_prefect_server, quiet_prefect_console
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
+class _UsageError(Exception):
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag like every other bad input: one `error:` and one `fix:` line, exit 2."""
+
+    def error(self, message: str):  # noqa: D102
+        raise _UsageError(message, self.prog)
+
+
+# ---- argument types: bad values are errors here, not silently replaced by defaults ---------------------------
+def _int_at_least(low: int):
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is below the least allowed value {low}")
+        return v
+
+    conv.__name__ = f"integer >= {low}"
+    return conv
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value is not allowed")
+    return text
+
+
+_nonempty.__name__ = "non-empty value"
+
+
+def _preset_names() -> str:
+    from cpmant.config import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def _recipe_names() -> str:
+    from cpmant.compress.recipe import recipe_names
+
+    return ", ".join(recipe_names())
+
+
+def _backend_names(stage: str) -> tuple[str, ...]:
+    from cpmant.backends import backend_names
+
+    return backend_names(stage)
+
+
+# ---- config ------------------------------------------------------------------------------------------------
 def _stage_overrides(args, section: str = "pretrain") -> dict:
     from cpmant.configio import deep_merge, parse_overrides
 
-    o: dict = {}
-    p = {}
-    if getattr(args, "preset", None):
-        p["preset"] = args.preset
-    if getattr(args, "corpus", None):
-        p["corpus"] = args.corpus
-    if getattr(args, "max_steps", None):
-        p["max_steps"] = args.max_steps
-    if getattr(args, "resume", None):
-        p["resume"] = args.resume
-    if getattr(args, "nproc", None):
-        p["nproc"] = args.nproc
-    if getattr(args, "backend", None):
-        p["backend"] = args.backend
-    if p:
-        o[section] = p
-    return deep_merge(parse_overrides(args.set), o)
+    p = {k: getattr(args, k) for k in ("preset", "corpus", "max_steps", "resume", "nproc", "backend")
+         if getattr(args, k, None) is not None}
+    return deep_merge(parse_overrides(args.set), {section: p} if p else {})
 
 
 def _load_lifecycle(args) -> dict:
     from cpmant.backends import get_backend
     from cpmant.configio import build_config
-    from flows import LifecycleConfig
+    from flows.config import LifecycleConfig
 
     cfg = build_config(LifecycleConfig, args.config, _stage_overrides(args))
     get_backend("train", cfg.pretrain.backend)  # a backend that cannot run here fails before any flow starts
     return cfg.model_dump(mode="json")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="model preset (tiny, small, 10b, 7b, 3b, 1b, 300m)")
-    p.add_argument("--corpus", help="folder of .txt/.jsonl files (default: Debian fortunes-zh)")
-    p.add_argument("--config", help="YAML file (a saved LifecycleConfig; see configs/)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. pretrain.lr=0.05 tracking.country_iso_code=FRA")
+# ---- what a user sees after a run ----------------------------------------------------------------------------
+def format_summary(rows: list[dict]) -> str:
+    """stage | model | key metric | time | reused, one line per model made or reused."""
+    head = ("stage", "model", "key metric", "time", "reused")
+    lines = []
+    for r in rows:
+        v = r.get("value")
+        metric = f"{r['metric']} {v:.4g}" if isinstance(v, (int, float)) else f"{r['metric']} -"
+        if r.get("note"):
+            metric += f" ({r['note']})"
+        lines.append((r["stage"], str(r["model"]), metric, f"{r['seconds']:.1f} s", "yes" if r["reused"] else "no"))
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*x).rstrip() for x in [head, tuple("-" * w for w in widths), *lines])
 
 
-def cmd_pretrain(args) -> int:
-    from flows.pretrain import pretrain_flow
-
-    out = pretrain_flow(_load_lifecycle(args))
-    print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+def _report(out: dict, args, started: float) -> int:
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+        return 0
+    print(format_summary(out["summary"]))
+    reused = all(r["reused"] for r in out["summary"])
+    tail = "; every result was reused (--force reruns)" if reused else ""
+    print(f"done in {time.perf_counter() - started:.1f} s{tail}")
     return 0
+
+
+def _run_flow(fn, *a, **kw):
+    """Run a flow with Prefect reachable, interruptible and quiet about errors the CLI prints itself."""
+    check_prefect_api()
+    isolate_prefect_server()
+    quiet_prefect_console()
+    return fn(*a, **kw)
+
+
+# ---- verbs --------------------------------------------------------------------------------------------------
+def cmd_pretrain(args) -> int:
+    from flows.pretrain import pretrain_flow, pretrain_run_folder
+
+    t0 = time.perf_counter()
+    cfg = _load_lifecycle(args)
+    args.interrupt_hint = lambda: pretrain_run_folder(cfg)
+    return _report(_run_flow(pretrain_flow, cfg, force=args.force), args, t0)
 
 
 def cmd_lifecycle(args) -> int:
     from flows.lifecycle import lifecycle_flow
+    from flows.pretrain import pretrain_run_folder
 
-    out = lifecycle_flow(_load_lifecycle(args))
-    print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
-    return 0
+    t0 = time.perf_counter()
+    cfg = _load_lifecycle(args)
+    args.interrupt_hint = lambda: pretrain_run_folder(cfg)
+    return _report(_run_flow(lifecycle_flow, cfg, force=args.force), args, t0)
 
 
 def cmd_compress(args) -> int:
-    from cpmant.configio import build_config, parse_overrides
-    from flows import LifecycleConfig
-    from flows.compress import compress_flow
-
-    over = parse_overrides(args.set)
-    if args.backend:
-        over.setdefault("compress", {})["backend"] = args.backend
-    cfg = build_config(LifecycleConfig, args.config, over).model_dump(mode="json")
     from cpmant.backends import get_backend
+    from cpmant.compress.recipe import get_recipes
+    from cpmant.configio import build_config, parse_overrides
+    from flows.compress import compress_flow
+    from flows.config import LifecycleConfig
 
-    get_backend("compress", cfg["compress"]["backend"])  # fail before any flow starts
-    out = compress_flow(args.uri, args.recipe, cfg)
-    print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
-    return 0
+    t0 = time.perf_counter()
+    over = parse_overrides(args.set)
+    if args.backend is not None:
+        over.setdefault("compress", {})["backend"] = args.backend
+    cfg = build_config(LifecycleConfig, args.config, over)
+    get_backend("compress", cfg.compress.backend)  # fail before any flow starts
+    get_recipes(args.recipe or cfg.compress.recipes)  # an unknown recipe too
+    out = _run_flow(compress_flow, args.uri, args.recipe, cfg.model_dump(mode="json"), force=args.force)
+    return _report(out, args, t0)
+
+
+def _generation_config(args):
+    """The generation settings given on the command line over GenerationConfig's defaults, checked by it."""
+    from cpmant.generation_config import GenerationConfig
+
+    return GenerationConfig.from_params({k: getattr(args, k) for k in GenerationConfig.field_names()
+                                         if getattr(args, k, None) is not None})
 
 
 def cmd_generate(args) -> int:
     from cpmant.checkpoint import load_pretrained
     from cpmant.generate import generate
-    from registry.pull import checkpoint_dir
+    from registry.pulling import checkpoint_dir
 
+    gen = _generation_config(args)  # bad settings fail before the model is fetched
     model, tok = load_pretrained(checkpoint_dir(args.uri))
-    outs = generate(model, tok, args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
-                    repetition_penalty=args.repetition_penalty)
+    outs = generate(model, tok, args.text, gen)
     for text, out in zip(args.text, outs):
         print(f"{text}{out}")
     return 0
@@ -118,7 +209,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from registry.pull import download
+    from registry.pulling import download
 
     out = download(args.uri, args.to)
     print(f"pulled {args.uri} into {out} (every file verified against its sha256 tag)")
@@ -126,7 +217,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    from registry.lineage import format_lineage, lineage
+    from registry.ancestry import format_lineage, lineage
 
     chain = lineage(args.uri)
     print(json.dumps(chain, indent=2) if args.json else format_lineage(chain))
@@ -134,31 +225,50 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """`mlflow models serve` on the version, with this environment (--env-manager local), on 127.0.0.1."""
-    import os
-    import subprocess
+    """MLflow's scoring server on the version, verified first (registry.serve checks the URI, host, port, workers)."""
+    from registry.serve import serve
 
-    from registry.pull import resolve_version
-    from registry.tracking import setup_tracking, tracking_uri
+    print(serve(args.uri, host=args.host, port=args.port, workers=args.workers))
+    return 0
 
-    setup_tracking()
-    if args.uri.startswith("models:/"):
-        name, version = resolve_version(args.uri)
-        model_uri = f"models:/{name}/{version}"
-    else:
-        model_uri = args.uri
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
-    print(f"serving {model_uri} on http://{args.host}:{args.port}/invocations", flush=True)
-    # mlflow execs `uvicorn` by name: put this environment's scripts first on PATH even when it is not activated
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_REGISTRY_URI": tracking_uri()}
-    return subprocess.call(cmd, env=env)
+
+# ---- the parser ---------------------------------------------------------------------------------------------
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", type=_nonempty, help=f"model preset: {_preset_names()}")
+    p.add_argument("--corpus", type=_nonempty, help="folder of .txt/.jsonl files (default: Debian fortunes-zh)")
+    p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; see configs/)")
+    p.add_argument("--max-steps", type=_int_at_least(1), help="optimizer steps (1 or more)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. pretrain.lr=0.05 tracking.country_iso_code=FRA")
+    _add_outcome_args(p)
+
+
+def _add_outcome_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="run again even when a version made from the same inputs exists (default: reuse it)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """One flag per GenerationConfig field, with its default; GenerationConfig checks the values and their mix."""
+    from cpmant.generation_config import GenerationConfig
+
+    d = GenerationConfig()
+    helps = {"max_new_tokens": "tokens to add (1 or more)", "temperature": "0 = greedy; more = more random",
+             "top_k": "sample among the k likeliest tokens (0 = no limit)",
+             "top_p": "sample among the likeliest tokens up to this probability, in (0, 1] (1 = no limit)",
+             "num_beams": "beam search width (1 = none)", "repetition_penalty": "1 = off; above 1 discourages repeats",
+             "seed": "seed of the sampling generator"}
+    for name in GenerationConfig.field_names():
+        default = getattr(d, name)
+        kind = int if isinstance(default, int) or name == "seed" else float
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
+                       help=f"{helps.get(name, name)} (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cpmant", description="The whole life of a CPM-Ant model: Prefect flows, "
-                                 "MLflow tracking and registry. State lives under CPMANT_HOME (default ./.cpmant).")
+    ap = _Parser(prog="cpmant", description="The whole life of a CPM-Ant model: Prefect flows, MLflow tracking "
+                 "and registry. State lives under CPMANT_HOME (default ./.cpmant).")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("lifecycle", help="run every stage on the embedded default (now: pretrain, compress)")
@@ -167,43 +277,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a preset on a corpus and register cpm-ant-<preset>")
     _add_run_args(p)
-    p.add_argument("--resume", help="auto (continue the latest complete checkpoint), never, or a step folder")
-    p.add_argument("--nproc", type=int, help="processes through torchrun (gloo on CPU)")
-    p.add_argument("--backend", choices=["torch", "bmtrain"], help="training backend (bmtrain needs CUDA)")
+    p.add_argument("--resume", type=_nonempty,
+                   help="auto (continue the latest complete checkpoint; the default), never, or a step folder")
+    p.add_argument("--nproc", type=_int_at_least(1), help="processes through torchrun (gloo on CPU)")
+    p.add_argument("--backend", choices=_backend_names("train"), help="training backend")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("compress", help="compress a registered model into size variants (the published ladder)")
     p.add_argument("uri", help="the parent: models:/NAME/VERSION or models:/NAME@ALIAS")
-    p.add_argument("--recipe", default=None,
-                   help="7b, 3b, 1b, 300m, int8, moe, all (the four ladder rungs), a comma list, or recipe YAML "
-                        "files; default: the config's compress.recipes (all,int8)")
-    p.add_argument("--config", help="YAML file (a saved LifecycleConfig; its compress section applies)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. compress.eval_rows=32")
-    p.add_argument("--backend", choices=["torch", "bmcook"], help="compression backend (bmcook needs CUDA)")
+    p.add_argument("--recipe", type=_nonempty, default=None,
+                   help=f"{_recipe_names()} (all = the ladder rungs), a comma list, or recipe YAML files; "
+                        "default: the config's compress.recipes")
+    p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its compress section applies)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. compress.eval_rows=32")
+    p.add_argument("--backend", choices=_backend_names("compress"), help="compression backend")
+    _add_outcome_args(p)
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("generate", help="continue a text with a registered model")
     p.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint folder")
     p.add_argument("text", nargs="+", help="prompt text(s)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--repetition-penalty", type=float, default=1.2)
-    p.add_argument("--seed", type=int, default=0)
+    _add_generation_args(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("pull", help="download a version's checkpoint, verifying every file's sha256")
     p.add_argument("uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
-    p.add_argument("--to", required=True, help="a new or empty folder")
+    p.add_argument("--to", required=True, type=_nonempty, help="a new or empty folder")
     p.set_defaults(fn=cmd_pull)
 
     p = sub.add_parser("serve", help="serve a version over HTTP (MLflow's /invocations protocol) on 127.0.0.1")
-    p.add_argument("uri")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5001)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it to the network (printed as a warning)")
+    p.add_argument("--port", type=int, default=5001, help="1-65535")
+    p.add_argument("--workers", type=int, default=1, help="1 or more")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("lineage", help="a version's chain back through its parents to the corpus and code")
@@ -227,14 +334,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupted(args) -> int:
+    hint = getattr(args, "interrupt_hint", None)
+    print("\ninterrupted: stopped by Ctrl+C", file=sys.stderr)
+    if hint is not None:
+        try:
+            where = hint()
+        except Exception:  # the message must not fail
+            where = None
+        kept = f"the checkpoints written so far are kept in {where}/checkpoints; " if where else ""
+        print(f"fix: {kept}run the same command again to continue from the last one (--resume auto, the default)",
+              file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"fix: see `{e.prog} --help` for the accepted values", file=sys.stderr)
+        return EXIT_USAGE
     try:
         configure_environment()
         return args.fn(args)
     except CpmantError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e.problem}", file=sys.stderr)
+        if e.fix:
+            print(f"fix: {e.fix}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return _interrupted(args)
 
 
 if __name__ == "__main__":

@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow
 
-from tasks.config import LifecycleConfig
-from tasks.pretrain import prepare_corpus, register_model, train_model
+from tasks.pretrain import find_pretrained, model_name, prepare_corpus, register_model, run_folder, train_model
+
+from .config import LifecycleConfig
+from .summary import summary_row
 
 
 @flow(name="pretrain", log_prints=True)
-def pretrain_flow(config: dict | None = None) -> dict:
+def pretrain_flow(config: dict | None = None, force: bool = False) -> dict:
     """Pretrain a CPM-Ant model and register it.
 
     Steps:
       1. prepare-corpus: fetch/read the corpus, clean and deduplicate, build the vocab, encode (cached)
-      2. pretrain: train with the torch backend, tracked in MLflow (loss, throughput, MFU, energy, cost)
-      3. register-model: register `cpm-ant-<preset>` with the contract's tags and alias `candidate`
+      2. find: a version of `cpm-ant-<preset>` made from the same config, data and code is returned as it is
+         (no run, no training); `force` skips this
+      3. pretrain: train, tracked in MLflow (loss, throughput, MFU, energy, cost)
+      4. register-model: register `cpm-ant-<preset>` in the training run with the contract's tags and alias
+         `candidate`
     """
     cfg = LifecycleConfig.model_validate(config or {})
+    t0 = time.perf_counter()
     data = prepare_corpus(cfg.pretrain)
-    trained = train_model(cfg, data)
-    uri = register_model(trained, f"cpm-ant-{cfg.pretrain.preset}", stage="pretrain")
-    return {"model_uri": uri, "run_id": trained["run_id"], **{k: trained["result"][k] for k in (
-        "valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps", "model_dir")}}
+    found = None if force else find_pretrained(cfg.pretrain, cfg.tracking, data)
+    if found is not None:
+        out = found
+    else:
+        trained = train_model(cfg.pretrain, cfg.tracking, data, force=force)
+        uri = register_model(trained, model_name(cfg.pretrain), stage="pretrain")
+        res = trained["result"]
+        out = {"model_uri": uri, "run_id": trained["run_id"], "reused": False,
+               **{k: res[k] for k in ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps",
+                                      "model_dir")}}
+    out["seconds"] = time.perf_counter() - t0
+    out["summary"] = [summary_row("pretrain", out["model_uri"], "valid_loss", out.get("valid_loss_end"),
+                                  out["seconds"], out["reused"])]
+    return out
+
+
+def pretrain_run_folder(config: dict | None = None) -> str:
+    """Where `cpmant pretrain` with this config keeps its checkpoints (what `--resume auto` continues)."""
+    return str(run_folder(LifecycleConfig.model_validate(config or {}).pretrain))

@@ -1,12 +1,14 @@
-"""The lifecycle config: one YAML file with a section per stage plus tracking (energy, emissions, cost)."""
+"""The config sections tasks take: each task gets its stage's section (PretrainConfig, CompressConfig) and the
+tracking section defined here (energy, emissions, cost). The whole-lifecycle config lives with the flows
+(flows/config.py)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from cpmant.compress.config import CompressConfig
-from cpmant.configio import FrozenModel
-from cpmant.training.config import PretrainConfig
+from cpmant.compress.config import CompressConfig  # noqa: F401  (the compress tasks' section)
+from cpmant.configio import FrozenModel  # noqa: F401  (the base of every config section)
+from cpmant.training.config import PretrainConfig  # noqa: F401  (the pretrain tasks' section)
 
 
 class TrackingConfig(FrozenModel):
@@ -24,8 +26,3 @@ class TrackingConfig(FrozenModel):
     electricity_rmb_per_kwh: float = Field(0.0, ge=0, description="added per kWh (0 when the hour price has it)")
     metric_flush_steps: int = Field(50, ge=1, description="per-step metrics are sent to MLflow in batches")
 
-
-class LifecycleConfig(FrozenModel):
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    compress: CompressConfig = Field(default_factory=CompressConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -1,4 +1,5 @@
-"""Prefect tasks of the pretraining stage: prepare the corpus, train (tracked), register the model."""
+"""Prefect tasks of the pretraining stage: prepare the corpus, find an identical earlier result, train (tracked),
+register the model inside its training run."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from prefect.cache_policies import NONE
 
 from cpmant.configio import dump_config
 from cpmant.errors import CpmantError
-from cpmant.training.config import PretrainConfig
-from cpmant.training.loop import TrainResult, pretrain
+from cpmant.training.loop import TrainResult, config_sha256, resolve_run_dir
+from cpmant.training.loop import pretrain as pretrain_fn
 from cpmant.training.prepare import PreparedData, prepare_data
 
-from .config import LifecycleConfig
+from .config import PretrainConfig, TrackingConfig
 from .plots import plot_loss
-from .tracking import AsyncMetricLogger, MlflowCallbacks, finite, tracked_stage
+from .tracking import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
+                       tracked_stage)
+
+SUMMARY_KEYS = ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps", "model_dir")
 
 
 def _flat_params(prefix: str, d: dict) -> dict[str, str]:
@@ -34,10 +38,56 @@ def _flat_params(prefix: str, d: dict) -> dict[str, str]:
     return out
 
 
-@task(name="prepare-corpus", cache_policy=NONE, retries=1, retry_delay_seconds=5)
-def prepare_corpus(cfg: PretrainConfig) -> PreparedData:
-    """Fetch/read the corpus, build its vocab, encode both splits (all cached by content hash)."""
-    return prepare_data(cfg.corpus, cfg.preset, cfg.vocab_size, cfg.valid_fraction, cfg.seed, cfg.encode_workers)
+def model_name(pretrain: PretrainConfig) -> str:
+    """The registered model a pretraining config makes: `cpm-ant-<preset>`."""
+    return f"cpm-ant-{pretrain.preset}"
+
+
+def run_folder(pretrain: PretrainConfig) -> Path:
+    """The run folder (checkpoints, logs) of a pretraining config: where an interrupted run resumes from."""
+    return resolve_run_dir(pretrain)
+
+
+@task(name="prepare-corpus", task_run_name="prepare-corpus-{pretrain.preset}", cache_policy=NONE, retries=1,
+      retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def prepare_corpus(pretrain: PretrainConfig) -> PreparedData:
+    """Fetch/read the corpus, build its vocab, encode both splits (all cached by content hash). Retried only for
+    transient failures (a download), never for a bad corpus."""
+    with default_sigterm():
+        return prepare_data(pretrain.corpus, pretrain.preset, pretrain.vocab_size, pretrain.valid_fraction,
+                            pretrain.seed, pretrain.encode_workers)
+
+
+def reuse_match(pretrain: PretrainConfig, data: PreparedData) -> dict[str, str]:
+    """The version tags that identify a pretraining result: its config hash (the fields that affect weights or
+    metrics), its data hash and the code version."""
+    from cpmant.checkpoint import git_sha
+    from registry.tags import CONFIG_SHA256, DATA_SHA256, GIT_SHA
+
+    return {CONFIG_SHA256: config_sha256(pretrain), DATA_SHA256: data.data_sha256, GIT_SHA: git_sha()}
+
+
+@task(name="find-pretrained", task_run_name="find-{pretrain.preset}", cache_policy=NONE, retries=1,
+      retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def find_pretrained(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData) -> dict | None:
+    """The registered version of `cpm-ant-<preset>` made from the same config, data and code, with its run's
+    summary metrics; None when there is none."""
+    from mlflow.tracking import MlflowClient
+
+    from registry.register import find_version
+    from registry.tracking import setup_tracking
+
+    setup_tracking(tracking.experiment)
+    uri = find_version(model_name(pretrain), reuse_match(pretrain, data))
+    if uri is None:
+        return None
+    client = MlflowClient()
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    mv = client.get_model_version(name, version)
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    print(f"reusing {uri}: same config, data and code (pass --force to train again)")
+    return {"model_uri": uri, "run_id": mv.run_id, "reused": True, "steps": pretrain.max_steps,
+            "model_dir": None, **{k: metrics.get(k) for k in SUMMARY_KEYS if k in metrics}}
 
 
 def _train_multiprocess(cfg: PretrainConfig, logger: AsyncMetricLogger) -> TrainResult:
@@ -57,35 +107,54 @@ def _train_multiprocess(cfg: PretrainConfig, logger: AsyncMetricLogger) -> Train
     for line in (res.run_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         logger.log(rec["iter"], {"loss": rec["loss"], "lr": rec["lr"], "grad_norm": rec["grad_norm"],
-                                 "tokens_per_second": rec["tokens_per_second"]})
+                                 STEP_METRIC_NAMES["tokens_per_second"]: rec["tokens_per_second"]})
     return res
 
 
-@task(name="pretrain", cache_policy=NONE)
-def train_model(cfg: LifecycleConfig, data: PreparedData) -> dict:
-    """Pretrain with the torch backend inside a tracked MLflow run; returns the result and the run id."""
+def resolved_params(pretrain: PretrainConfig, data: PreparedData) -> dict[str, str]:
+    """The config as it ran: the corpus's real path (or the default corpus's name), the vocab size the corpus gave,
+    the device actually used; then the data summary under `data.`."""
+    import torch
+
+    vocab_size = len(Path(data.vocab_path).read_text(encoding="utf-8").splitlines())
+    device = pretrain.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    corpus = str(Path(pretrain.corpus).expanduser().resolve()) if pretrain.corpus else data.corpus_name
+    resolved = {**pretrain.model_dump(mode="json"), "corpus": corpus, "vocab_size": vocab_size, "device": device}
+    return {**_flat_params("", resolved), **_flat_params("data.", data.summary())}
+
+
+@task(name="pretrain", task_run_name="pretrain-{pretrain.preset}", cache_policy=NONE)
+def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData, force: bool = False) -> dict:
+    """Pretrain inside a tracked MLflow run; returns the result and the run id. The summary metrics are logged at
+    the final step, beside the last loss, where the registered model reads them. `force`: start from step 0 even
+    when the run folder holds checkpoints of this config (`resume: auto` would return the finished model)."""
     import mlflow
 
-    p = cfg.pretrain
-    with tracked_stage(cfg.tracking, f"pretrain-{p.preset}", tags={"cpmant.stage": "pretrain"}) as run:
-        mlflow.log_params(_flat_params("", p.model_dump(mode="json")))
-        mlflow.log_params(_flat_params("data.", data.summary()))
-        logger = AsyncMetricLogger(run.info.run_id, cfg.tracking.metric_flush_steps)
+    from registry.tags import CONFIG_SHA256, DATA_SHA256, PRESET, STAGE
+
+    p = pretrain
+    if force and p.resume == "auto":
+        p = p.model_copy(update={"resume": "never"})
+    with tracked_stage(tracking, f"pretrain-{p.preset}", tags={STAGE: "pretrain"}) as run:
+        mlflow.log_params(resolved_params(p, data))
+        logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
         try:
             if p.nproc > 1:
                 res = _train_multiprocess(p, logger)
             else:
-                res = pretrain(p, MlflowCallbacks(logger), prepared=data)
+                res = pretrain_fn(p, MlflowCallbacks(logger), prepared=data)
         finally:
             logger.close()
-        mlflow.log_metrics(finite({
+        run.final_step = res.steps
+        run.log_final({
             "tokens_per_second": res.tokens_per_second, "mfu": res.mfu, "peak_flops": res.peak_flops,
             "valid_loss_start": res.valid_loss_start, "valid_loss_end": res.valid_loss_end,
             "final_loss": res.final_loss, "num_parameters": res.num_parameters, "tokens_seen": res.tokens_seen,
             "train_seconds": res.train_seconds,
-        }))
-        mlflow.set_tags({"cpmant.data_sha256": data.data_sha256, "cpmant.config_sha256": res.config_sha256,
-                         "cpmant.preset": p.preset})
+        })
+        mlflow.set_tags({DATA_SHA256: data.data_sha256, CONFIG_SHA256: res.config_sha256, PRESET: p.preset})
         mlflow.log_artifact(str(res.run_dir / "config.yaml"), artifact_path="config")
         mlflow.log_artifact(str(res.run_dir / "model_config.json"), artifact_path="config")
         log = res.run_dir / "train_log.jsonl"
@@ -96,15 +165,35 @@ def train_model(cfg: LifecycleConfig, data: PreparedData) -> dict:
     return {"result": res.to_json(), "run_id": run.info.run_id}
 
 
-@task(name="register-model", cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def register_model(trained: dict, name: str, stage: str = "pretrain", parent: str = "") -> str:
-    """Register the trained checkpoint (inside its training run) as a new version with alias `candidate`."""
-    import mlflow
+def describe(result: dict) -> str:
+    """A version's description: what it is, in one line."""
+    corpus = (result.get("data") or {}).get("corpus") or "its corpus"
+    return (f"pretrained {result['steps']} steps on {corpus}: {result['num_parameters'] / 1e6:.2f} M parameters, "
+            f"held-out loss {result['valid_loss_end']:.3f}")
+
+
+def _register(model_dir, name: str, stage: str, parent: str, step: int, description: str):
+    """registry.register.register_checkpoint, logging the model at `step` (the training run's final step, so the
+    logged model shows the final metrics) where the registry takes a step."""
+    import inspect
 
     from registry.register import register_checkpoint
+
+    kw = {"step": step} if "step" in inspect.signature(register_checkpoint).parameters else {}
+    return register_checkpoint(model_dir, name, stage=stage, parent=parent, description=description, **kw)
+
+
+@task(name="register-model", task_run_name="register-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def register_model(trained: dict, name: str, stage: str = "pretrain", parent: str = "") -> str:
+    """Register the trained checkpoint as a new version with alias `candidate`, logged in its training run at the
+    run's final step."""
+    import mlflow
+
     from registry.tracking import setup_tracking
 
     setup_tracking()
     with mlflow.start_run(run_id=trained["run_id"]):
-        reg = register_checkpoint(trained["result"]["model_dir"], name, stage=stage, parent=parent)
+        res = trained["result"]
+        reg = _register(res["model_dir"], name, stage, parent, int(res["steps"]), f"{name}: {describe(res)}")
     return reg.uri

@@ -4,8 +4,10 @@ asynchronous metric logging so tracking stays under 1% of training time."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -20,6 +22,30 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
     """Only finite values: a NaN metric at a step makes MLflow's later log_model at that step fail on SQLite
     (the metrics table's unique key; mlflow/mlflow#26108), which would lose the registration."""
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """A task's `retry_condition_fn`: retry only failures that may pass on a second try. A CpmantError (bad input,
+    bad environment) is deterministic: it fails at once, without the retry delay."""
+    from cpmant.errors import CpmantError
+
+    return not isinstance(getattr(state, "data", None), CpmantError)
+
+
+@contextlib.contextmanager
+def default_sigterm():
+    """SIGTERM's default action while a task forks worker processes (the corpus encoder's pool): a flow run
+    installs Prefect's SIGTERM bridge (it raises TerminationSignal), and forked workers would inherit it and print
+    a TerminationSignal traceback each when the pool terminates them at its end."""
+    try:
+        old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: nothing was changed
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cost_rmb(tracking: TrackingConfig, duration_s: float, energy_kwh: float) -> float:
@@ -85,14 +111,19 @@ class AsyncMetricLogger:
                           stacklevel=2)
 
 
+# per-step metrics whose name the stage's summary metric takes (logged once, at the final step)
+STEP_METRIC_NAMES = {"tokens_per_second": "step_tokens_per_second"}
+
+
 class MlflowCallbacks:
-    """The core loop's callbacks, recording into the active MLflow run."""
+    """The core loop's callbacks, recording into the active MLflow run. A step's throughput is logged as
+    `step_tokens_per_second`: `tokens_per_second` is the stage's summary (the steady-state average)."""
 
     def __init__(self, logger: AsyncMetricLogger):
         self.logger = logger
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.logger.log(step, metrics)
+        self.logger.log(step, {STEP_METRIC_NAMES.get(k, k): v for k, v in metrics.items()})
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.logger.log(step, {k: v for k, v in metrics.items() if k != "valid_tokens"})
@@ -101,10 +132,29 @@ class MlflowCallbacks:
         pass
 
 
+class StageRun:
+    """The active MLflow run of a stage (`.info`, `.data` as mlflow's Run) and the step its final values are
+    logged at: set `final_step` once it is known (a training run's last step) so that the summary metrics, the
+    energy and the cost sit beside the last loss, where the logged model reads them."""
+
+    def __init__(self, run):
+        self.run, self.final_step = run, 0
+
+    def __getattr__(self, name):
+        return getattr(self.run, name)
+
+    def log_final(self, metrics: dict[str, float]) -> None:
+        """Log summary metrics at the final step (finite values only)."""
+        import mlflow
+
+        mlflow.log_metrics(finite(metrics), step=self.final_step)
+
+
 @contextlib.contextmanager
 def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] | None = None):
     """An MLflow run wrapped in codecarbon's offline tracker; logs energy_kwh, emissions_kg_co2e, cost_rmb,
-    duration_s and the emissions CSV on exit (also when the stage fails)."""
+    duration_s (at the run's final step) and the emissions CSV on exit (also when the stage fails). Yields a
+    StageRun."""
     import mlflow
     from codecarbon import OfflineEmissionsTracker
 
@@ -112,7 +162,9 @@ def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] 
 
     cost_rmb(tracking, 0.0, 0.0)  # an unpriced device is an error now, not after the stage has run
     setup_tracking(tracking.experiment)
-    with mlflow.start_run(run_name=run_name, tags=tags) as run, tempfile.TemporaryDirectory() as tmp:
+    logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its start-up chatter is not the user's business
+    with mlflow.start_run(run_name=run_name, tags=tags) as mlrun, tempfile.TemporaryDirectory() as tmp:
+        run = StageRun(mlrun)
         tracker = OfflineEmissionsTracker(
             country_iso_code=tracking.country_iso_code, output_dir=tmp, output_file="emissions.csv",
             measure_power_secs=tracking.measure_power_secs, log_level="error", save_to_file=True,
@@ -127,12 +179,12 @@ def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] 
             emissions = tracker.stop() or 0.0
             data = tracker.final_emissions_data
             energy = float(getattr(data, "energy_consumed", 0.0) or 0.0)
-            mlflow.log_metrics(finite({
+            run.log_final({
                 "energy_kwh": energy,
                 "emissions_kg_co2e": float(emissions),
                 "cost_rmb": cost_rmb(tracking, duration, energy),
                 "duration_s": duration,
-            }))
+            })
             mlflow.log_params({"tracking.country_iso_code": tracking.country_iso_code,
                                "tracking.device": tracking.device, "tracking.devices": tracking.devices})
             csv = Path(tmp) / "emissions.csv"

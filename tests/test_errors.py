@@ -53,8 +53,8 @@ def test_config_errors_are_collected(tmp_path):
         build_config(PretrainConfig, tmp_path / "missing.yaml")
 
 
-def test_model_overrides_with_unknown_field(micro_pretrain_cfg):
-    from cpmant.training.loop import pretrain
-
-    with pytest.raises(CpmantError, match="model_overrides"):
-        pretrain(micro_pretrain_cfg(model_overrides={"dim_modle": 8}), progress=False)
+def test_model_overrides_with_unknown_field():
+    """Checked when the config is built, before any corpus is prepared."""
+    with pytest.raises(CpmantError, match="model_overrides") as e:
+        build_config(PretrainConfig, None, {"model_overrides": {"dim_modle": 8}})
+    assert "dim_modle" in str(e.value)

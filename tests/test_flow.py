@@ -3,8 +3,12 @@ artifacts, the registered version's contract tags and alias, generation from the
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +37,7 @@ def test_pretrain_flow_tracks_and_registers(prefect_harness, mlflow_store, fixtu
     from flows.pretrain import pretrain_flow
 
     out = pretrain_flow(_config(fixture_corpus, tmp_path / "run"))
-    assert out["model_uri"] == "models:/cpm-ant-tiny/1"
+    assert out["model_uri"] == "models:/cpm-ant-tiny/1" and out["reused"] is False
     assert out["valid_loss_end"] < out["valid_loss_start"]
 
     client = MlflowClient()
@@ -48,11 +52,21 @@ def test_pretrain_flow_tracks_and_registers(prefect_harness, mlflow_store, fixtu
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(h.step for h in history) == list(range(1, 17))  # every step, batched, none lost
     assert run.data.params["preset"] == "tiny" and run.data.params["max_steps"] == "16"
+    # params are the config as it ran: the corpus's real path, the vocab the corpus gave, the device used
+    vocab = len((tmp_path / "run" / "model" / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    assert run.data.params["corpus"] == str(Path(fixture_corpus).resolve())
+    assert run.data.params["vocab_size"] == str(vocab) and run.data.params["device"] == "cpu"
+    # summary values sit at the final step, beside the last loss; a step's throughput has its own name
+    assert [(h.step, h.value) for h in client.get_metric_history(run.info.run_id, "tokens_per_second")] == [
+        (16, pytest.approx(out["tokens_per_second"]))]
+    assert len(client.get_metric_history(run.info.run_id, "step_tokens_per_second")) == 16
+    assert {h.step for h in client.get_metric_history(run.info.run_id, "energy_kwh")} == {16}
     arts = {a.path for d in ("config", "emissions", "plots", "logs") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config/config.yaml", "emissions/emissions.csv", "plots/loss.png", "logs/train_log.jsonl"} <= arts
 
     mv = client.get_model_version_by_alias("cpm-ant-tiny", "candidate")
-    assert int(mv.version) == 1 and mv.run_id == out["run_id"]
+    assert int(mv.version) == 1 and mv.run_id == out["run_id"]  # logged and registered in its training run
+    assert mv.description.startswith("cpm-ant-tiny: pretrained 16 steps on ")
     assert set(CONTRACT_TAGS) <= set(mv.tags)
     assert mv.tags["cpmant.stage"] == "pretrain" and mv.tags["cpmant.parent"] == ""
     assert mv.tags["cpmant.checkpoint_sha256"] == sha256_file(tmp_path / "run" / "model" / "model.safetensors")
@@ -65,6 +79,84 @@ def test_pretrain_flow_tracks_and_registers(prefect_harness, mlflow_store, fixtu
     assert proc.returncode == 0, proc.stderr
     printed = proc.stdout.strip()
     assert printed.startswith("床前明月光") and len(printed) > len("床前明月光")
+
+    # --force trains again and registers a new version even though version 1 matches
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    forced = pretrain_flow(_config(fixture_corpus, tmp_path / "run"), force=True)
+    assert forced["model_uri"] == "models:/cpm-ant-tiny/2" and forced["reused"] is False
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before + 1
+
+    # the logged model shows the final values (before: the step-0 valid_loss from before training)
+    (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{out['run_id']}'", output_format="list")
+    model_metrics = {m.key: m for m in logged.metrics}
+    assert model_metrics["valid_loss"].step == 16
+    assert model_metrics["valid_loss"].value == pytest.approx(out["valid_loss_end"])
+    assert model_metrics["tokens_per_second"].value == pytest.approx(out["tokens_per_second"])
+
+
+def test_cli_rerun_reuses_and_prints_a_summary(prefect_harness, mlflow_store, fixture_corpus, tmp_path, capsys):
+    """A second `cpmant pretrain` on the same home registers nothing and trains nothing; the CLI ends with a
+    summary table (stage, model, key metric, time, reused), and --json prints the result instead."""
+    import mlflow
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from cpmant_cli.main import main
+
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(yaml.safe_dump(_config(fixture_corpus, tmp_path / "run", steps=8)))
+    assert main(["pretrain", "--config", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert not first.lstrip().startswith("{")
+    head, _, row = first.strip().splitlines()[:3]
+    assert head.split()[:2] == ["stage", "model"] and "reused" in head
+    assert row.split()[:2] == ["pretrain", "models:/cpm-ant-tiny/1"] and row.split()[-1] == "no"
+    runs = len(mlflow.search_runs(search_all_experiments=True))
+
+    assert main(["pretrain", "--config", str(cfg), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["model_uri"] == "models:/cpm-ant-tiny/1" and again["reused"] is True
+    assert again["valid_loss_end"] is not None
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs  # no new run, no training
+    assert [int(v.version) for v in MlflowClient().search_model_versions("name = 'cpm-ant-tiny'")] == [1]
+
+
+def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_resume(fixture_corpus, tmp_path):
+    """Ctrl+C (SIGINT to the terminal's whole process group) during `cpmant pretrain` stops within seconds with exit
+    130, keeps the checkpoints and names --resume auto. Before: Prefect's temporary server died with the signal and
+    the client retried for about 2.5 minutes, then printed an httpx traceback."""
+    import yaml
+
+    from cpmant.checkpoint import list_complete_checkpoints
+
+    run = tmp_path / "run"
+    cfg = _config(fixture_corpus, run, steps=100000)
+    cfg["pretrain"].update(save_interval=2, eval_interval=100000)
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "CPMANT_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("cpmant")), "pretrain", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own group, as a shell gives a foreground job
+    try:
+        deadline = time.monotonic() + 300
+        while not list_complete_checkpoints(run / "checkpoints"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert took < 20, took
+    assert "--resume auto" in err and str(run) in err
+    assert "Traceback" not in err and "Crash detected" not in err, err[-3000:]
+    assert list_complete_checkpoints(run / "checkpoints")
 
 
 def test_unreachable_server_keeps_checkpoint(micro_pretrain_cfg, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cpmant.configio import build_config
-from tasks.config import LifecycleConfig
+from flows.config import LifecycleConfig
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,14 @@
+"""The lifecycle config: one YAML file (a saved `LifecycleConfig`, see configs/) with a section per stage plus
+tracking. Flows read it; each task takes only its sections."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tasks.config import CompressConfig, FrozenModel, PretrainConfig, TrackingConfig
+
+
+class LifecycleConfig(FrozenModel):
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
