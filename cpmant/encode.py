@@ -12,6 +12,7 @@ import io
 import math
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def _encode_one(tok: CPMAntTokenizer, doc: str, drop_unk: bool) -> np.ndarray:
 
 def _init_worker(vocab_path: str, drop_unk: bool) -> None:
     global _worker_tokenizer, _worker_drop_unk
+    # a forked worker inherits its parent's SIGTERM handler (Prefect's, in a flow run, raises and prints a
+    # traceback); the pool ends its workers with SIGTERM, which must simply end them
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_tokenizer = CPMAntTokenizer(vocab_path)
     _worker_drop_unk = drop_unk
 

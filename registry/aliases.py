@@ -4,18 +4,36 @@ from __future__ import annotations
 
 from cpmant.errors import CpmantError
 
-KNOWN = ("candidate", "champion")
+from .tags import ALIAS_CHAMPION, ALIASES
+
+KNOWN = ALIASES
+
+
+def check_alias(alias: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(alias, str) or not alias or "/" in alias or "@" in alias:
+        raise CpmantError(f"bad alias {alias!r}", f"use a plain word such as {' or '.join(ALIASES)}")
+    try:  # MLflow's own rules (letters, digits, - and _; `latest` and `vN` are reserved)
+        from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except ImportError:
+        pass
+    except MlflowException as e:
+        raise CpmantError(f"bad alias {alias!r}: {e.message}",
+                          f"use a plain word such as {' or '.join(ALIASES)}") from None
 
 
 def set_alias(uri: str, alias: str) -> int:
     """Point `alias` of the model at the version `uri` names (moving it if it pointed elsewhere); return it."""
     from mlflow.tracking import MlflowClient
 
-    from .pull import resolve_version
+    from .pulling import resolve_version
     from .tracking import setup_tracking
 
-    if not alias or "/" in alias or "@" in alias:
-        raise CpmantError(f"bad alias {alias!r}", "use a plain word such as candidate or champion")
+    check_alias(alias)
     setup_tracking()
     name, version = resolve_version(uri)
     MlflowClient().set_registered_model_alias(name, alias, str(version))
@@ -23,6 +41,7 @@ def set_alias(uri: str, alias: str) -> int:
 
 
 def get_alias(name: str, alias: str) -> int | None:
+    """The version number `alias` of model `name` points at; None when either does not exist."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -46,4 +65,4 @@ def remove_alias(name: str, alias: str) -> None:
 
 def promote(uri: str) -> int:
     """Make `uri` the champion (validation calls this only when its gate passes)."""
-    return set_alias(uri, "champion")
+    return set_alias(uri, ALIAS_CHAMPION)

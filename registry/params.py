@@ -1,4 +1,6 @@
-"""Generation parameters of the pyfunc model (its predict params), with their defaults."""
+"""Generation parameters of the pyfunc model (its predict params), with their defaults: those of
+`cpmant.generation_config.GenerationConfig`, the one home of the generation settings."""
 
-DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "num_beams": 1,
-                  "repetition_penalty": 1.2, "seed": 0}
+from cpmant.generation_config import GenerationConfig
+
+DEFAULT_PARAMS: dict = GenerationConfig().to_params()

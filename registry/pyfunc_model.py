@@ -1,15 +1,36 @@
 """The MLflow pyfunc model of a CPM-Ant checkpoint, logged as code (models-from-code): no pickled object.
 
-Its only artifact is the checkpoint folder (safetensors, config.json, vocab.txt, metadata). `predict` takes a list
-of prompts (or a DataFrame with a `text` column) and returns their continuations.
+Its only artifact is the checkpoint folder (safetensors, config.json, vocab.txt, metadata). `predict` takes the
+prompts and returns their continuations; its params are `cpmant.generation_config.GenerationConfig`'s fields.
+
+The input's type hint is `pd.DataFrame` because that is what MLflow hands over: the logged signature is
+column-based (one string column, see registry/register.py), so MLflow turns a list of prompts into a one-column
+DataFrame before `predict`. A DataFrame hint also keeps that signature (a `list[str]` hint would make MLflow infer
+one from the hint and the input example instead) and silences MLflow's warning about missing type hints. A plain
+list or a str, as a direct caller may pass, is accepted too.
+
+Bad params (`num_beams: 0`) raise MlflowException(INVALID_PARAMETER_VALUE) with the message alone: the scoring
+server answers 400 with that message and no stack trace.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from registry.params import DEFAULT_PARAMS
+
+def _texts(model_input: Any) -> list[str]:
+    if hasattr(model_input, "columns"):  # pandas DataFrame
+        col = "text" if "text" in model_input.columns else model_input.columns[0]
+        return [str(x) for x in model_input[col].tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(x) for x in model_input]
 
 
 class CPMAntPyfunc(PythonModel):
@@ -18,21 +39,16 @@ class CPMAntPyfunc(PythonModel):
 
         self.model, self.tokenizer = load_pretrained(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
-        from cpmant.generate import generate
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        from cpmant.errors import CpmantError
+        from cpmant.generate import GenerationConfig, generate
 
-        if hasattr(model_input, "columns"):  # pandas DataFrame
-            col = "text" if "text" in model_input.columns else model_input.columns[0]
-            texts = [str(x) for x in model_input[col].tolist()]
-        elif isinstance(model_input, str):
-            texts = [model_input]
-        else:
-            texts = [str(x) for x in model_input]
-        p = {**DEFAULT_PARAMS, **(params or {})}
-        return generate(self.model, self.tokenizer, texts, max_new_tokens=int(p["max_new_tokens"]),
-                        temperature=float(p["temperature"]), top_k=int(p["top_k"]), top_p=float(p["top_p"]),
-                        repetition_penalty=float(p["repetition_penalty"]), num_beams=int(p["num_beams"]),
-                        seed=int(p["seed"]))
+        try:
+            config = GenerationConfig.from_params(params)
+            return generate(self.model, self.tokenizer, _texts(model_input), config)
+        except CpmantError as e:  # bad params or input: the message only, as a 400 (no traceback)
+            message = e.problem if e.fix is None else f"{e.problem} (fix: {e.fix})"
+            raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(CPMAntPyfunc())

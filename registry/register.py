@@ -1,12 +1,14 @@
-"""Register a checkpoint folder as a version of a registered model, with the contract's tags and an alias.
+"""Register a checkpoint folder as a version of a registered model, with the contract's tags and an alias; find
+the version an identical earlier run made.
 
 Every version carries `cpmant.stage`, `cpmant.parent`, `cpmant.checkpoint_sha256`, `cpmant.config_sha256`,
-`cpmant.data_sha256`, `cpmant.git_sha`. A failed registration leaves the checkpoint where it is and says how to
-register it again.
+`cpmant.data_sha256`, `cpmant.git_sha`. The folder and the name are checked before any run or model is created; a
+failed registration leaves the checkpoint where it is and says how to register it again.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -16,10 +18,14 @@ from cpmant.checkpoint import WEIGHTS_FILE, read_meta, sha256_file
 from cpmant.errors import CpmantError
 
 from .params import DEFAULT_PARAMS
+from .pulling import check_local_checkpoint
+from .tags import (ALIAS_CANDIDATE, CHECKPOINT_SHA256, CONFIG_SHA256, DATA_SHA256, FILE_SHA256_PREFIX, GIT_SHA,
+                   LINEAGE, PARENT, STAGE, STAGES)
 from .tracking import setup_tracking
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-STAGES = ("pretrain", "compress", "delta")
+MAX_NAME_LENGTH = 256
+NAME_FIX = "use letters, digits, '-', '_' and '.', e.g. cpm-ant-tiny (no '/', ':', '@', quotes or spaces at the ends)"
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,32 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-from .pull import FILE_TAG_PREFIX
+def check_name(name: str) -> str:
+    """A registered-model name MLflow accepts and a models:/ URI can carry; a CpmantError otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(name, str) or not name.strip():
+        raise CpmantError("the model name is empty", NAME_FIX)
+    bad = sorted({c for c in name if c in "/:@'\"%" or not c.isprintable()})
+    if bad or name != name.strip() or ".." in name or len(name) > MAX_NAME_LENGTH:
+        why = (f"contains {', '.join(map(repr, bad))}" if bad else
+               "is longer than 256 characters" if len(name) > MAX_NAME_LENGTH else
+               "starts or ends with a space" if name != name.strip() else "contains '..'")
+        raise CpmantError(f"bad model name {name!r}: it {why}", NAME_FIX)
+    try:
+        from mlflow.utils.validation import _validate_model_name
+
+        _validate_model_name(name)
+    except ImportError:
+        pass
+    except MlflowException as e:
+        raise CpmantError(f"bad model name {name!r}: {e.message}", NAME_FIX) from None
+    return name
+
+
+def logged_model_name(name: str) -> str:
+    """The logged model's name: the registered model's, with the characters MLflow refuses there ('.') as '-'."""
+    return re.sub(r"[/:.%\"']", "-", name)
 
 
 def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str]:
@@ -53,66 +84,122 @@ def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str
     meta = read_meta(model_dir)
     files = {f.name: sha256_file(f) for f in sorted(model_dir.iterdir()) if f.is_file()}  # each file hashed once
     tags = {
-        "cpmant.stage": stage,
-        "cpmant.parent": parent,
-        "cpmant.checkpoint_sha256": files[WEIGHTS_FILE],
-        "cpmant.config_sha256": str(meta.get("config_sha256", "")),
-        "cpmant.data_sha256": str(meta.get("data_sha256", "")),
-        "cpmant.git_sha": str(meta.get("git_sha", "")),
+        STAGE: stage,
+        PARENT: parent,
+        CHECKPOINT_SHA256: files[WEIGHTS_FILE],
+        CONFIG_SHA256: str(meta.get("config_sha256", "")),
+        DATA_SHA256: str(meta.get("data_sha256", "")),
+        GIT_SHA: str(meta.get("git_sha", "")),
     }
-    tags.update({FILE_TAG_PREFIX + name: digest for name, digest in files.items()})
+    tags.update({FILE_SHA256_PREFIX + name: digest for name, digest in files.items()})
     return tags
 
 
-def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain", parent: str = "",
-                        alias: str | None = "candidate", extra_tags: dict[str, str] | None = None) -> Registered:
-    """Log `model_dir` as a pyfunc model in the active run (or a new one) and register it as a new version of `name`."""
-    import mlflow
+def model_signature():
+    """The pyfunc's signature: a list of prompts in, their continuations out, the generation params."""
     from mlflow.models import infer_signature
+
+    return infer_signature(["床前明月光"], ["，疑是地上霜。"], params=_default_params())
+
+
+def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain", parent: str = "",
+                        alias: str | None = ALIAS_CANDIDATE, extra_tags: dict[str, str] | None = None,
+                        description: str = "", step: int = 0) -> Registered:
+    """Log `model_dir` as a pyfunc model (named after `name`) in the active run (or a new one) and register it as a
+    new version of `name`, described by `description` (default: stage and folder). `step` is the run's step the
+    logged model is linked at (pass the final training step, so that the model shows the final metrics).
+
+    Before anything is created: the stage, the name and the alias are checked, the folder is loaded and checked
+    (a truncated or corrupt file is refused), and a parent URI is resolved to models:/NAME/VERSION."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    model_dir = Path(model_dir).resolve()
+    model_dir = Path(model_dir).expanduser().resolve()
     if stage not in STAGES:
         raise CpmantError(f"unknown stage {stage!r}", f"use one of {STAGES}")
+    check_name(name)
+    if alias is not None:
+        from .aliases import check_alias
+
+        check_alias(alias)
+    check_local_checkpoint(model_dir)
     again = f"the checkpoint is kept at {model_dir}; register it again with `cpmant register {model_dir} --name {name}`"
     try:
         setup_tracking()
         if parent:  # stored as models:/NAME/VERSION (an alias would drift); checked before anything is created
-            from .pull import resolve_version
+            from .pulling import resolve_version
 
             pname, pver = resolve_version(parent)
             parent = f"models:/{pname}/{pver}"
         tags = {**version_tags(model_dir, stage, parent), **(extra_tags or {})}
         started = mlflow.active_run() is None
         run = mlflow.start_run(run_name=f"register-{name}") if started else mlflow.active_run()
+        status = "FAILED"
         try:
             # our predict takes a DataFrame or a list, so it carries no type hints; the signature is explicit
             warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
             prompts = ["床前明月光"]  # a list of prompts; a one-column DataFrame is accepted too
-            signature = infer_signature(prompts, ["，疑是地上霜。"], params=_default_params())
             # MLflow serves the example once at logging (a real smoke test of the version); one new token keeps
             # that check cheap for large checkpoints
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(model_dir)},
-                signature=signature, input_example=(prompts, {"max_new_tokens": 1}),
-                pip_requirements=pip_requirements(),
+                name=logged_model_name(name), python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(model_dir)},
+                signature=model_signature(), input_example=(prompts, {"max_new_tokens": 1}),
+                pip_requirements=pip_requirements(), step=int(step),
             )
             mv = _register_with_retry(info.model_uri, name, tags)
             client = MlflowClient()
-            from .lineage import lineage_text
+            from .ancestry import lineage_text
 
-            client.set_model_version_tag(name, mv.version, "cpmant.lineage", lineage_text(f"models:/{name}/{mv.version}"))
-            client.update_model_version(name, mv.version, description=f"{stage} checkpoint from {model_dir.name}")
+            client.set_model_version_tag(name, mv.version, LINEAGE, lineage_text(f"models:/{name}/{mv.version}"))
+            text = description or (f"{stage} checkpoint from {model_dir.name}" + (f" (parent {parent})" if parent
+                                                                                   else ""))
+            client.update_model_version(name, mv.version, description=text)
             if alias:
                 _set_alias_with_retry(client, name, alias, mv.version)
+            status = "FINISHED"
         finally:
             if started:
-                mlflow.end_run()
+                mlflow.end_run(status=status)
     except CpmantError as e:
         raise CpmantError(f"registering {name} failed: {e.problem}", f"{e.fix}; {again}") from e
     except Exception as e:  # MLflow/store errors: keep the checkpoint, say how to retry
         raise CpmantError(f"registering {name} failed: {type(e).__name__}: {e}", again) from e
     return Registered(name, int(mv.version), run.info.run_id, alias)
+
+
+def find_version(name: str, match: dict[str, str]) -> str | None:
+    """The newest version of registered model `name` whose tags include every key/value of `match`, as
+    models:/NAME/N; None when the model does not exist or no version matches. A stage calls it with its inputs'
+    hash (tags.INPUTS_SHA256) before training or compressing, and returns that version instead of a duplicate."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        check_name(name)
+    except CpmantError:
+        return None  # no such model can exist
+    setup_tracking()
+    client = MlflowClient()
+    want = {str(k): str(v) for k, v in (match or {}).items()}
+    best, token = None, None
+    try:
+        while True:
+            page = client.search_model_versions(f"name = '{name}'", page_token=token)
+            for mv in page:
+                if getattr(mv, "status", "READY") not in ("READY", None):
+                    continue  # a registration that failed or is still pending is nothing to reuse
+                tags = mv.tags or {}
+                if mv.name == name and all(tags.get(k) == v for k, v in want.items()):
+                    if best is None or int(mv.version) > best:
+                        best = int(mv.version)
+            token = getattr(page, "token", None)
+            if not token:
+                break
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")):
+            return None
+        raise
+    return None if best is None else f"models:/{name}/{best}"
 
 
 def _register_with_retry(model_uri: str, name: str, tags: dict, attempts: int = 8):

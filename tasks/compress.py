@@ -137,6 +137,8 @@ def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) ->
     from .plots import plot_ladder
 
     table = [{c: r.get(c) for c in LADDER_COLUMNS} for r in rows]
+    if rows and all(r.get("reused") for r in rows):  # nothing new: the ladder of these versions is logged already
+        return table
     if rows:
         first = rows[0]
         parent_row = {"model": parent_uri, "attention_layers": None, "ffn_layers": None, "num_heads": None,

@@ -3,6 +3,7 @@ the pyfunc model in a fresh process, HTTP serving, lineage, aliases, concurrent 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -66,7 +67,7 @@ def test_cli_pull_verifies_and_refuses_tampered_or_truncated(store, tmp_path):
 
     from cpmant.checkpoint import sha256_file
     from cpmant.errors import CpmantError
-    from registry.pull import checkpoint_dir, download
+    from registry.pulling import checkpoint_dir, download
 
     run = lambda *a: subprocess.run([CLI, *a], capture_output=True, text=True, timeout=300)  # noqa: E731
     p = run("pull", "models:/cpm-ant-tiny/1", "--to", str(tmp_path / "good"))
@@ -138,20 +139,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_answers_invocations(store):
-    port = _free_port()
-    proc = subprocess.Popen([CLI, "serve", "models:/cpm-ant-tiny/1", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _descendants(pid: int) -> list:
+    import psutil
+
     try:
-        deadline, ok = time.time() + 180, False
-        while time.time() < deadline and proc.poll() is None:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_serve_answers_invocations_and_stops_its_whole_group(store):
+    """`cpmant serve --port 0` prints the port it really listens on; killing `cpmant serve` by its PID (not its
+    group) stops MLflow's server processes too."""
+    import threading
+
+    import psutil
+
+    proc = subprocess.Popen([CLI, "serve", "models:/cpm-ant-tiny/1", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    children = []
+    try:
+        deadline, port, ok = time.time() + 180, None, False
+        while time.time() < deadline and proc.poll() is None and not ok:
+            if port is None:
+                hit = [ln for ln in list(lines) if ln.startswith("serving ")]
+                if hit:
+                    assert "models:/cpm-ant-tiny/1 on http://127.0.0.1:" in hit[0], hit[0]
+                    port = int(hit[0].split("http://127.0.0.1:")[1].split("/")[0])
+                    assert port != 0
+                time.sleep(0.2)
+                continue
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
                     ok = r.status == 200
-                    break
             except OSError:
                 time.sleep(0.5)
-        assert ok, proc.stdout.read() if proc.poll() is not None else "server did not answer /ping"
+        assert ok, "".join(lines)[-4000:] or "server did not answer /ping"
         body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [["床前明月光"], ["春眠不觉晓"]]},
                            "params": {"max_new_tokens": 4}}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -159,8 +184,20 @@ def test_serve_answers_invocations(store):
         with urllib.request.urlopen(req, timeout=120) as r:
             preds = json.loads(r.read())["predictions"]
         assert len(preds) == 2 and all(isinstance(p, str) and p for p in preds)
+
+        children = _descendants(proc.pid)
+        assert children, "MLflow's server runs in child processes"
+        os.kill(proc.pid, signal.SIGTERM)  # the PID only, as `kill PID` would
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        alive = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"left running after `cpmant serve` was killed: {alive}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for c in children:
+            with contextlib.suppress(Exception):
+                c.kill()
         proc.wait(timeout=30)
 
 
@@ -231,3 +268,281 @@ def test_nan_metric_at_step_does_not_break_registration(store):
     hist = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "valid_loss")
     assert [h.step for h in hist] == [0] and reg.version == 1
     assert mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss") == []
+
+
+# ---- issue 7: one name per thing, reuse, integrity, shared state, serving checks, clear errors ----------------
+def test_registry_submodules_are_not_hidden_by_functions():
+    import importlib
+    import pkgutil
+    import types
+
+    import registry
+
+    for m in pkgutil.iter_modules(registry.__path__):
+        importlib.import_module(f"registry.{m.name}")
+        assert isinstance(getattr(registry, m.name), types.ModuleType), f"registry.{m.name} is not the module"
+    from registry import lineage, pull  # the README's three lines still work
+
+    assert callable(pull) and callable(lineage)
+    assert not isinstance(pull, types.ModuleType) and not isinstance(lineage, types.ModuleType)
+
+
+def test_find_version_returns_the_newest_matching_version(store):
+    """Reuse: the newest version whose tags hold every key of `match`; None for no model or no match."""
+    from mlflow.tracking import MlflowClient
+
+    from registry import find_version
+    from registry.tags import INPUTS_SHA256, STAGE
+
+    name = "cpm-ant-tiny-reuse"
+    assert find_version(name, {INPUTS_SHA256: "a"}) is None  # no such model
+    client = MlflowClient()
+    base = client.get_model_version("cpm-ant-tiny", "1")
+    client.create_registered_model(name)
+    for inputs in ("a", "a", "b"):  # versions 1, 2, 3 (tags only: what find_version reads)
+        client.create_model_version(name, base.source, run_id=base.run_id,
+                                    tags={INPUTS_SHA256: inputs, STAGE: "compress"})
+    assert find_version(name, {INPUTS_SHA256: "a"}) == f"models:/{name}/2"
+    assert find_version(name, {INPUTS_SHA256: "b", STAGE: "compress"}) == f"models:/{name}/3"
+    assert find_version(name, {INPUTS_SHA256: "b", STAGE: "pretrain"}) is None
+    assert find_version(name, {INPUTS_SHA256: "c"}) is None
+    assert find_version(name, {}) == f"models:/{name}/3"
+    assert find_version("", {}) is None and find_version("a/b", {}) is None
+    assert find_version("cpm-ant-tiny", {"cpmant.checkpoint_sha256": base.tags["cpmant.checkpoint_sha256"]}) \
+        == "models:/cpm-ant-tiny/1"
+
+
+def test_logged_model_named_after_registered_model_with_description(store):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from registry.register import logged_model_name, register_checkpoint
+
+    text = "0.5x recipe of models:/cpm-ant-tiny/1"
+    with mlflow.start_run() as run:
+        for step in (0, 6):
+            mlflow.log_metric("valid_loss", 9.0 - step, step=step)
+        reg = register_checkpoint(store["model_dir"], "cpm-ant-tiny-0.5x", description=text, step=6)
+    mv = MlflowClient().get_model_version(reg.name, str(reg.version))
+    assert mv.description == text
+    logged = mlflow.get_logged_model(mv.model_id or mv.source.removeprefix("models:/"))
+    assert logged.name == logged_model_name(reg.name) == "cpm-ant-tiny-0-5x"  # not `model`; '.' is refused there
+    assert reg.run_id == run.info.run_id
+    assert {(m.key, m.step, m.value) for m in logged.metrics} >= {("valid_loss", 6, 3.0)}  # the final value
+
+
+def _all_runs() -> int:
+    import mlflow
+
+    return len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+
+
+def test_register_refuses_damaged_folder_and_bad_names_before_any_run(store, tmp_path):
+    from cpmant.errors import CpmantError
+    from registry import find_version
+    from registry.register import register_checkpoint
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(store["model_dir"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = _all_runs()
+    with pytest.raises(CpmantError) as e:
+        register_checkpoint(bad, "cpm-ant-tiny-truncated")
+    assert str(bad) in str(e.value) or "model.safetensors" in str(e.value)
+    for name in ("", " ", "a/b", "a:b", "x@y", "it's"):
+        with pytest.raises(CpmantError, match="name"):
+            register_checkpoint(store["model_dir"], name)
+    with pytest.raises(CpmantError, match="not a folder|does not exist"):
+        register_checkpoint(weights, "cpm-ant-tiny-file")
+    assert _all_runs() == before, "a refused registration left a run behind"
+    assert find_version("cpm-ant-tiny-truncated", {}) is None
+
+
+INIT_HELPER = """
+import sys
+from registry.tracking import setup_tracking
+import mlflow
+print("READY", flush=True)
+sys.stdin.readline()
+setup_tracking()
+from mlflow.tracking import MlflowClient
+MlflowClient().search_registered_models(max_results=1)
+print("OK", flush=True)
+"""
+
+
+def test_fresh_store_initialised_by_concurrent_processes(tmp_path):
+    """Two processes opening a fresh SQLite store at once: no schema race ("table ... already exists")."""
+    helper = tmp_path / "init.py"
+    helper.write_text(INIT_HELPER)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(CPMANT_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))  # this checkout's registry
+    procs = [subprocess.Popen([sys.executable, str(helper)], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "READY", p.stderr.read()
+    for p in procs:  # all at once
+        p.stdin.write("GO\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "OK" in out, err[-3000:]
+
+
+def test_new_store_version_1_never_gets_an_old_cached_folder(store, micro_pretrain_cfg, tmp_path, monkeypatch):
+    """Deleting mlflow.db renumbers from 1: the load cache is keyed by what a version is (its files' sha256 tags,
+    run and logged model), so version 1 of the new store (other weights) is not answered from the old one's."""
+    import mlflow
+
+    from cpmant.checkpoint import sha256_file
+    from cpmant.training.loop import pretrain
+    from registry.pulling import checkpoint_dir
+    from registry.register import register_checkpoint
+
+    other = pretrain(micro_pretrain_cfg(max_steps=2, eval_interval=2, save_interval=2), progress=False).model_dir
+    first, second = (sha256_file(Path(d) / "model.safetensors") for d in (store["model_dir"], other))
+    assert first != second
+    home = tmp_path / "home"
+    monkeypatch.setenv("CPMANT_HOME", str(home))
+    try:
+        for folder, want, uri in ((store["model_dir"], first, f"sqlite:///{home}/mlflow.db"),
+                                  (other, second, f"sqlite:///{home}/./mlflow.db")):  # the same file, a fresh store
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # (spelled anew: MLflow caches a store per URI)
+            reg = register_checkpoint(folder, "cpm-ant-tiny", alias=None)
+            assert reg.uri == "models:/cpm-ant-tiny/1"
+            assert sha256_file(checkpoint_dir(reg.uri) / "model.safetensors") == want
+            (home / "mlflow.db").unlink()
+    finally:
+        mlflow.set_tracking_uri(None)
+    cached = sorted((home / "cache" / "models" / "cpm-ant-tiny").glob("1-*"))
+    assert len(cached) == 2 and {json.loads((c / "cpmant-cache-key.json").read_text())["checkpoint_sha256"]
+                                 for c in cached} == {first, second}
+
+
+def test_lineage_and_pull_answer_bad_input_clearly(store, tmp_path):
+    from cpmant.errors import CpmantError
+    from registry import download, lineage
+    from registry.ancestry import format_lineage
+
+    for uri in ("", "foo", "models:/", "models:/cpm-ant-tiny", "models:/cpm-ant-tiny/99", "models:/nope@champion"):
+        with pytest.raises(CpmantError):
+            lineage(uri)
+    with pytest.raises(CpmantError):
+        format_lineage([])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(CpmantError, match="is a file"):
+        download("models:/cpm-ant-tiny/1", a_file)
+    with pytest.raises(CpmantError, match="is a file"):
+        download("models:/cpm-ant-tiny/1", a_file / "sub")
+
+
+def test_internal_downloads_print_no_progress_bars(store, tmp_path, capfd):
+    from registry import download
+
+    capfd.readouterr()
+    download("models:/cpm-ant-tiny/1", tmp_path / "quiet")
+    err = capfd.readouterr().err
+    assert "Downloading artifacts" not in err and "%|" not in err, err
+
+
+def test_aliases_use_the_contract_names(store):
+    from cpmant.errors import CpmantError
+    from registry import get_alias, promote, set_alias
+    from registry.tags import ALIAS_CHAMPION
+
+    assert promote("models:/cpm-ant-tiny/1") == 1 and get_alias("cpm-ant-tiny", ALIAS_CHAMPION) == 1
+    for bad in ("", "a/b", "latest", "v3"):
+        with pytest.raises(CpmantError, match="alias"):
+            set_alias("models:/cpm-ant-tiny/1", bad)
+
+
+class _NoServer:
+    """Stands in for subprocess.Popen as serve's `launch`: records the command, or fails if a server would start."""
+
+    def __init__(self, rc: int | None = 0):
+        self.rc, self.cmds = rc, []
+
+    def __call__(self, cmd, **kw):
+        if self.rc is None:
+            raise AssertionError(f"a server was started: {cmd}")
+        self.cmds.append(cmd)
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({self.rc})"], start_new_session=True)
+
+
+def test_serve_refuses_bad_arguments_before_serving(store, tmp_path):
+    import registry.serve as srv
+    from cpmant.errors import CpmantError
+
+    never = _NoServer(rc=None)
+    said: list[str] = []
+    uri = "models:/cpm-ant-tiny/1"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(CpmantError, match="already in use"):
+            srv.serve(uri, port=busy.getsockname()[1], say=said.append, launch=never)
+    cases = [(dict(port=99999), "not a TCP port"), (dict(port=-1), "not a TCP port"),
+             (dict(workers=0), "positive"), (dict(host="no-such-host.invalid"), "cannot listen")]
+    for kw, match in cases:
+        with pytest.raises(CpmantError, match=match):
+            srv.serve(uri, **{"port": 0, **kw}, say=said.append, launch=never)
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    for bad, match in (("foo", "not an existing folder"), ("runs:/abc/model", "runs: URI"), ("", "no model"),
+                       (str(a_file), "is a file"), (str(tmp_path), "neither"),
+                       ("models:/nope/1", "not in the registry")):
+        with pytest.raises(CpmantError, match=match):
+            srv.serve(bad, port=0, say=said.append, launch=never)
+    assert said == []
+
+
+def test_serve_refuses_a_bit_flipped_stored_model(store):
+    import registry.serve as srv
+    from cpmant.errors import CpmantError
+
+    stored = _stored_checkpoint_file("cpm-ant-tiny", 1, "model.safetensors")
+    original = stored.read_bytes()
+    for c in (store["home"] / "cache" / "models" / "cpm-ant-tiny").glob("1-*"):
+        shutil.rmtree(c)  # not a copy verified earlier
+    try:
+        stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(CpmantError, match="does not match its registered sha256"):
+            srv.serve("models:/cpm-ant-tiny/1", port=0, say=print, launch=_NoServer(rc=None))
+    finally:
+        stored.write_bytes(original)
+
+
+def test_serve_picks_a_free_port_warns_for_public_host_and_serves_verified_folders(store, tmp_path):
+    import registry.serve as srv
+    from cpmant.errors import CpmantError
+
+    fake = _NoServer(rc=0)
+    said: list[str] = []
+    out = srv.serve("models:/cpm-ant-tiny@candidate", host="0.0.0.0", port=0, workers=2, say=said.append,
+                    launch=fake)
+    assert said[0].startswith("warning: --host 0.0.0.0") and len(said) == 2
+    port = int(said[1].split("http://0.0.0.0:")[1].split("/")[0])
+    cmd = fake.cmds[-1]
+    assert port != 0 and cmd[cmd.index("--port") + 1] == str(port) and cmd[cmd.index("--workers") + 1] == "2"
+    assert said[1].startswith("serving models:/cpm-ant-tiny/1 on ") and "stopped" in out
+    served = Path(cmd[cmd.index("serve") + 2])
+    assert (served / "MLmodel").is_file() and served.is_relative_to(store["home"] / "cache")  # the verified copy
+
+    said.clear()
+    srv.serve(str(store["model_dir"]), port=0, say=said.append, launch=fake)  # a checkpoint folder, wrapped
+    assert len(said) == 1 and said[0].startswith(f"serving {store['model_dir']} on http://127.0.0.1:")
+    wrapped = Path(fake.cmds[-1][fake.cmds[-1].index("serve") + 2])
+    assert not wrapped.exists()  # the temporary wrapper is removed afterwards
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(store["model_dir"], bad)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:100])
+    n = len(fake.cmds)
+    with pytest.raises(CpmantError):
+        srv.serve(str(bad), port=0, say=said.append, launch=fake)
+    assert len(fake.cmds) == n
+
+    with pytest.raises(CpmantError, match="exited with code 3"):
+        srv.serve("models:/cpm-ant-tiny/1", port=0, say=said.append, launch=_NoServer(rc=3))

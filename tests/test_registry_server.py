@@ -183,6 +183,12 @@ def test_register_and_pull_through_server(at_server, micro_pretrain_cfg, tmp_pat
     assert all(sha256_file(p) == want for p in stored)
     assert _pg_rows(at_server, name) == [(name, 1)]
 
+    from registry import find_version  # reuse works through the server too
+
+    assert find_version(name, {"cpmant.checkpoint_sha256": want, "cpmant.stage": "pretrain"}) == reg.uri
+    assert find_version(name, {"cpmant.checkpoint_sha256": "0" * 64}) is None
+    assert find_version("cpm-ant-no-such-model", {}) is None
+
 
 HELPER = """
 import sys

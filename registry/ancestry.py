@@ -1,18 +1,26 @@
-"""Lineage: a version's chain back through `cpmant.parent` tags to its corpus hash and code version."""
+"""Lineage: a version's chain back through `cpmant.parent` tags to its corpus hash and code version.
+
+(This module is `registry.ancestry`, so that `registry.lineage` is only ever the function.)
+"""
 
 from __future__ import annotations
 
 from cpmant.errors import CpmantError
 
+from .tags import CHECKPOINT_SHA256, CONFIG_SHA256, DATA_SHA256, GIT_SHA, PARENT, STAGE
+
 
 def lineage(uri: str, max_depth: int = 32) -> list[dict]:
-    """[{uri, name, version, stage, data_sha256, config_sha256, checkpoint_sha256, git_sha, run_id}, ...] from
-    `uri` (first) back to its base model (last)."""
+    """[{uri, name, version, stage, parent, data_sha256, config_sha256, checkpoint_sha256, git_sha, run_id,
+    aliases}, ...] from `uri` (first) back to its base model (last). A URI that is not a registered version is a
+    CpmantError (never an empty chain)."""
     from mlflow.tracking import MlflowClient
 
-    from .pull import resolve_version
+    from .pulling import resolve_version
     from .tracking import setup_tracking
 
+    if not isinstance(uri, str) or not uri.strip():
+        raise CpmantError("no model URI given", "pass models:/NAME/VERSION or models:/NAME@ALIAS")
     setup_tracking()
     client = MlflowClient()
     chain, seen = [], set()
@@ -26,13 +34,13 @@ def lineage(uri: str, max_depth: int = 32) -> list[dict]:
         mv = client.get_model_version(name, str(version))
         t = mv.tags
         chain.append({"uri": f"models:/{name}/{version}", "name": name, "version": version,
-                      "stage": t.get("cpmant.stage", ""), "parent": t.get("cpmant.parent", ""),
-                      "data_sha256": t.get("cpmant.data_sha256", ""),
-                      "config_sha256": t.get("cpmant.config_sha256", ""),
-                      "checkpoint_sha256": t.get("cpmant.checkpoint_sha256", ""),
-                      "git_sha": t.get("cpmant.git_sha", ""), "run_id": mv.run_id,
+                      "stage": t.get(STAGE, ""), "parent": t.get(PARENT, ""),
+                      "data_sha256": t.get(DATA_SHA256, ""),
+                      "config_sha256": t.get(CONFIG_SHA256, ""),
+                      "checkpoint_sha256": t.get(CHECKPOINT_SHA256, ""),
+                      "git_sha": t.get(GIT_SHA, ""), "run_id": mv.run_id,
                       "aliases": list(getattr(mv, "aliases", []) or [])})
-        cur = t.get("cpmant.parent", "")
+        cur = t.get(PARENT, "")
     return chain
 
 
@@ -47,6 +55,8 @@ def lineage_text(uri: str) -> str:
 
 def format_lineage(chain: list[dict]) -> str:
     """A tree for the terminal, newest first, ending at the corpus and code version."""
+    if not chain:
+        raise CpmantError("the lineage is empty", "pass the URI of a registered version to `cpmant lineage`")
     lines = []
     for depth, c in enumerate(chain):
         pad = "" if depth == 0 else "   " * (depth - 1) + "└─ "
