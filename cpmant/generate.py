@@ -9,19 +9,30 @@ Batching: rows are laid out `[prompt][padding][text]` so every row ends at the s
 tensor. Padding gets span 1 (the text has span 0), so no real position attends to it, and positions skip it, so
 each row computes exactly what it would alone. Cached decoding equals a full forward in which the generated tokens
 are non-context (each sees the past only), which is what CPM-Live's cached `inference` computes.
+
+Speed: the KV cache (`cpmant.model.KVCache`) and the inputs of every column are allocated once for the prompt plus
+`max_new_tokens`, and each step writes one column in place; the per-row work (bans, penalty, finished rows, `</s>`,
+beam bookkeeping) is tensor operations over all rows at once. The host waits for the device only to ask whether
+every row has finished (every step on CPU, every few steps on an accelerator) and once at the end for the ids.
+
+Settings: `GenerationConfig` (cpmant/generation_config.py) holds them, their defaults and their allowed ranges.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CpmantError
+from .generation_config import GenerationConfig
+
+__all__ = ["GenerationConfig", "generate", "generate_ids", "encode_inputs", "build_batch"]
 
 PAD_SPAN = 1  # span id of the padding between prompt and text
+SYNC_EVERY_ACCELERATED = 8  # on an accelerator, steps between checks that every row has finished (each check waits)
 
 
 def _prompt_task(config) -> int:
@@ -74,32 +85,83 @@ def build_batch(rows: list[list[int]], config, device) -> dict[str, torch.Tensor
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _extend(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One more column: a context token of segment 2, span 0, at the next position of each row."""
-    one = lambda t, v: torch.cat([t, torch.full_like(t[:, :1], v)], dim=1)  # noqa: E731
-    return dict(
-        context=one(batch["context"], 1),
-        position=torch.cat([batch["position"], batch["position"][:, -1:] + 1], dim=1),
-        segment=one(batch["segment"], 2),
-        span=one(batch["span"], 0),
-        length=batch["length"] + 1,
-    )
+class _Sequence:
+    """A batch being decoded: the inputs of every column, allocated once for T0 + max_new_tokens columns, and the
+    model's KV cache. `start` runs the T0 given columns, `step` one more token per row."""
+
+    def __init__(self, model, batch: dict[str, torch.Tensor], max_new_tokens: int):
+        self.model = model
+        B, T0 = batch["input"].shape
+        dev = batch["input"].device
+        more = lambda t, v: torch.cat([t, t.new_full((B, max_new_tokens), v)], dim=1)  # noqa: E731
+        # each new column: a context token of segment 2, span 0, at the next position of its row
+        self.columns = dict(
+            context=more(batch["context"], 1),
+            position=torch.cat([batch["position"], batch["position"][:, -1:]
+                                + torch.arange(1, max_new_tokens + 1, device=dev)], dim=1),
+            segment=more(batch["segment"], 2),
+            span=more(batch["span"], 0),
+        )
+        self.input, self.T, self.capacity = batch["input"], T0, T0 + max_new_tokens
+        self.cache = None
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {k: v[:, : self.T] for k, v in self.columns.items()}
+        state["length"] = torch.full((self.input.size(0),), self.T, dtype=torch.long, device=self.input.device)
+        return state
+
+    def start(self) -> torch.Tensor:
+        """Logits (B, V) after the given columns."""
+        logits, self.cache = self.model.inference(self.input, **self._state(), max_length=self.capacity)
+        return logits[:, -1]
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Append tok (R,) to every row; logits (R, V) after it."""
+        self.T += 1
+        logits, self.cache = self.model.inference(tok[:, None], past_key_values=self.cache, **self._state())
+        return logits[:, -1]
+
+    def expand(self, index: torch.Tensor) -> None:
+        """Rows become rows `index` (R,) of the current ones (beam search: each text's row num_beams times)."""
+        self.columns = {k: v.index_select(0, index) for k, v in self.columns.items()}
+        self.input = self.input.index_select(0, index)
+        self.cache.reorder_(index)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beams of one text swap histories: only the cache differs (their input columns are equal)."""
+        self.cache.reorder_(index)
 
 
-def _repeat(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    return {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
+class _Bans:
+    """Bans and CTRL repetition penalty, in place on fresh logits (R, V) fp32; seen (R, V) bool: tokens so far."""
+
+    def __init__(self, tokenizer, repetition_penalty: float, device):
+        ids = lambda *xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        self.always = ids(tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id)
+        self.first = ids(tokenizer.eos_id, tokenizer.newline_id)
+        self.penalty = float(repetition_penalty)
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, step: int) -> torch.Tensor:
+        logits.index_fill_(1, self.always, float("-inf"))
+        if step == 0:
+            logits.index_fill_(1, self.first, float("-inf"))
+        if self.penalty != 1.0:
+            p = self.penalty
+            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        return logits
 
 
 def process_logits(logits, seen, step: int, tokenizer, repetition_penalty: float):
-    """Bans and CTRL repetition penalty. logits (R, V) fp32, seen (R, V) bool: tokens generated so far."""
-    logits = logits.clone()
-    logits[:, [tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id]] = float("-inf")
-    if step == 0:
-        logits[:, [tokenizer.eos_id, tokenizer.newline_id]] = float("-inf")
-    if repetition_penalty != 1.0:
-        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    return logits
+    """Bans and CTRL repetition penalty (a new tensor). logits (R, V) fp32, seen (R, V) bool: tokens so far."""
+    return _Bans(tokenizer, repetition_penalty, logits.device)(logits.clone(), seen, step)
+
+
+def _sync_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else SYNC_EVERY_ACCELERATED
+
+
+def _until_eos(rows: list[list[int]], eos_id: int) -> list[list[int]]:
+    return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
 
 
 def sample(logits, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator]):
@@ -120,132 +182,146 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator: Opti
 
 
 @torch.no_grad()
-def _sample_loop(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator):
-    B, V = batch["input"].size(0), model.config.vocab_size
+def _sample_loop(model, tokenizer, batch, cfg: GenerationConfig,
+                 generator: Optional[torch.Generator] = None) -> list[list[int]]:
+    """Greedy (temperature 0) or sampled decoding; per row the generated ids before </s>."""
+    B, V, n = batch["input"].size(0), model.config.vocab_size, cfg.max_new_tokens
     dev = batch["input"].device
-    logits, past = model.inference(**batch)  # (B, T, V)
-    logits = logits[:, -1]
+    seq, bans, every = _Sequence(model, batch, n), _Bans(tokenizer, cfg.repetition_penalty, dev), _sync_every(dev)
+    rows = torch.arange(B, device=dev)
     seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    out: list[list[int]] = [[] for _ in range(B)]
-    state = batch
-    for step in range(max_new_tokens):
-        tok = sample(process_logits(logits, seen, step, tokenizer, repetition_penalty), temperature, top_k, top_p,
-                     generator)
-        tok = tok.masked_fill(done, tokenizer.pad_id)
-        for b in range(B):
-            if not done[b] and tok[b] != tokenizer.eos_id:
-                out[b].append(int(tok[b]))
-        seen[torch.arange(B, device=dev), tok] = True
+    out = torch.full((B, n), tokenizer.pad_id, dtype=torch.long, device=dev)
+    logits, steps = seq.start(), 0
+    for step in range(n):
+        tok = sample(bans(logits, seen, step), cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        tok = tok.masked_fill(done, tokenizer.pad_id)  # finished rows emit padding (they no longer count)
+        out[:, step] = tok
+        seen[rows, tok] = True
         done |= tok == tokenizer.eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+        steps = step + 1
+        if steps == n or (steps % every == 0 and bool(done.all())):
             break
-        state = _extend(state)
-        logits, past = model.inference(tok[:, None], past_key_values=past, **state)
-        logits = logits[:, -1]
-    return out
+        logits = seq.step(tok)
+    return _until_eos(out[:, :steps].tolist(), tokenizer.eos_id)
 
 
 @torch.no_grad()
-def _beam_loop(model, tokenizer, batch, max_new_tokens, num_beams, repetition_penalty, length_penalty=1.0):
-    """Beam search (HF-style bookkeeping): 2*num_beams candidates per step, a hypothesis ends at </s>."""
-    B, V, nb = batch["input"].size(0), model.config.vocab_size, num_beams
+def _beam_loop(model, tokenizer, batch, cfg: GenerationConfig, length_penalty: float = 1.0) -> list[list[int]]:
+    """Beam search (HF-style bookkeeping): 2*num_beams candidates per step, a hypothesis ends at </s>.
+
+    Per text: the finished hypotheses are the best num_beams (score / length**length_penalty) of those whose </s>
+    was among the best num_beams candidates of its step; the live beams are the best num_beams candidates that are
+    not </s>; a text is done when it holds num_beams hypotheses and the worst beats the best live beam. All of it
+    is kept in tensors (B, num_beams, ...) and updated for every text at once.
+    """
+    B, V, nb, n = batch["input"].size(0), model.config.vocab_size, cfg.num_beams, cfg.max_new_tokens
     dev = batch["input"].device
-    logits, past = model.inference(**batch)
+    seq, bans, every = _Sequence(model, batch, n), _Bans(tokenizer, cfg.repetition_penalty, dev), _sync_every(dev)
     idx = torch.arange(B, device=dev).repeat_interleave(nb)
-    logits, past, state = logits[:, -1].index_select(0, idx), model.reorder_cache(past, idx), _repeat(batch, nb)
-    scores = torch.full((B, nb), float("-inf"), device=dev)
+    logits = seq.start().index_select(0, idx)
+    seq.expand(idx)
+    ninf = float("-inf")
+    scores = torch.full((B, nb), ninf, device=dev)
     scores[:, 0] = 0.0  # only the first beam is live at the start
-    tokens = torch.zeros(B * nb, 0, dtype=torch.long, device=dev)
+    tokens = torch.full((B * nb, n), tokenizer.pad_id, dtype=torch.long, device=dev)  # each beam's ids so far
     seen = torch.zeros(B * nb, V, dtype=torch.bool, device=dev)
-    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    done = [False] * B
-    for step in range(max_new_tokens):
-        logp = F.log_softmax(process_logits(logits, seen, step, tokenizer, repetition_penalty), dim=-1)
+    rows = torch.arange(B * nb, device=dev)
+    first_row = (torch.arange(B, device=dev) * nb)[:, None]  # (B, 1)
+    home = torch.cat([rows.view(B, nb), rows.new_zeros(B, 1)], dim=1)  # a slot no candidate fills keeps its row
+    in_top = torch.arange(2 * nb, device=dev) < nb  # an </s> outside the best num_beams candidates is no hypothesis
+    # finished hypotheses, best first: scores (fp64, as the lengths divide them), ids, lengths, how many
+    hyp_scores = torch.full((B, nb), ninf, dtype=torch.float64, device=dev)
+    hyp_tokens = torch.full((B, nb, n), tokenizer.pad_id, dtype=torch.long, device=dev)
+    hyp_len = torch.zeros(B, nb, dtype=torch.long, device=dev)
+    hyp_count = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    steps = 0
+    for step in range(n):
+        logp = F.log_softmax(bans(logits, seen, step), dim=-1)
         cand = (scores.view(-1, 1) + logp).view(B, nb * V)
-        top_scores, top_ids = cand.topk(2 * nb, dim=1)
-        next_scores = torch.full((B, nb), float("-inf"), device=dev)
-        next_tok = torch.full((B, nb), tokenizer.pad_id, dtype=torch.long, device=dev)
-        next_src = torch.arange(B * nb, device=dev).view(B, nb).clone()
-        for b in range(B):
-            if done[b]:
-                continue
-            live = 0
-            for rank, (s, i) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
-                beam, t = divmod(i, V)
-                if s == float("-inf"):
-                    break
-                if t == tokenizer.eos_id:
-                    if rank < nb:  # an </s> outside the best num_beams candidates is not a hypothesis
-                        hyps[b].append((s / (step + 1) ** length_penalty, tokens[b * nb + beam].tolist()))
-                    continue
-                next_scores[b, live], next_tok[b, live], next_src[b, live] = s, t, b * nb + beam
-                live += 1
-                if live == nb:
-                    break
-            hyps[b] = sorted(hyps[b], key=lambda h: -h[0])[:nb]
-            best_live = next_scores[b, 0].item() / (step + 1) ** length_penalty
-            done[b] = len(hyps[b]) == nb and hyps[b][-1][0] >= best_live
-        src = next_src.view(-1)
-        tokens = torch.cat([tokens.index_select(0, src), next_tok.view(-1, 1)], dim=1)
-        seen = seen.index_select(0, src)
-        seen[torch.arange(B * nb, device=dev), next_tok.view(-1)] = True
-        scores = next_scores
-        if all(done) or step == max_new_tokens - 1:
+        top_scores, top_ids = cand.topk(2 * nb, dim=1)  # (B, 2nb), best first
+        tok, src = top_ids % V, top_ids // V + first_row  # candidate token and the row of its beam
+        valid = (top_scores != ninf) & ~done[:, None]
+        is_eos = tok == tokenizer.eos_id
+        denom = float((step + 1) ** length_penalty)
+        # new hypotheses join the old ones; keep the best nb (a stable sort: earlier ones first among equals)
+        new = valid & is_eos & in_top
+        all_scores = torch.cat([hyp_scores, torch.where(new, top_scores.double() / denom, ninf)], dim=1)
+        order = all_scores.sort(dim=1, descending=True, stable=True).indices[:, :nb]
+        hyp_scores = all_scores.gather(1, order)
+        hyp_tokens = torch.cat([hyp_tokens, tokens[src]], dim=1).gather(1, order[..., None].expand(-1, -1, n))
+        hyp_len = torch.cat([hyp_len, torch.full_like(src, step)], dim=1).gather(1, order)
+        hyp_count = (hyp_count + new.sum(1)).clamp(max=nb)
+        # live beams: the best nb candidates that are not </s>, in order; slot nb collects the rest (dropped)
+        live = valid & ~is_eos
+        rank = live.cumsum(1) - 1
+        slot = torch.where(live & (rank < nb), rank, nb)
+        next_scores = scores.new_full((B, nb + 1), ninf).scatter(1, slot, top_scores)[:, :nb].contiguous()
+        next_tok = tok.new_full((B, nb + 1), tokenizer.pad_id).scatter(1, slot, tok)[:, :nb].reshape(-1)
+        next_src = home.scatter(1, slot, src)[:, :nb].reshape(-1)
+        best_live = next_scores[:, 0].double() / denom
+        done |= (hyp_count == nb) & (hyp_scores[:, -1] >= best_live)
+        tokens = tokens.index_select(0, next_src)
+        tokens[:, step] = next_tok
+        seen = seen.index_select(0, next_src)
+        seen[rows, next_tok] = True
+        scores, steps = next_scores, step + 1
+        if steps == n or (steps % every == 0 and bool(done.all())):
             break
-        past = model.reorder_cache(past, src)
-        state = _extend(state)
-        logits, past = model.inference(next_tok.view(-1, 1), past_key_values=past, **state)
-        logits = logits[:, -1]
+        seq.reorder(next_src)
+        logits = seq.step(next_tok)
+    hs, ht, hl, hc = hyp_scores.tolist(), hyp_tokens.tolist(), hyp_len.tolist(), hyp_count.tolist()
+    live_scores, live_tokens, finished = scores.tolist(), tokens[:, :steps].tolist(), done.tolist()
     out = []
     for b in range(B):
-        if not done[b]:  # out of steps: the live beams compete with the finished ones
-            for j in range(nb):
-                hyps[b].append((scores[b, j].item() / len(tokens[0]) ** length_penalty, tokens[b * nb + j].tolist()))
-        out.append(max(hyps[b], key=lambda h: h[0])[1] if hyps[b] else [])
+        hyps = [(hs[b][j], ht[b][j][: hl[b][j]]) for j in range(hc[b])]
+        if not finished[b]:  # out of steps: the live beams compete with the finished ones
+            hyps += [(live_scores[b][j] / steps**length_penalty, live_tokens[b * nb + j]) for j in range(nb)]
+        out.append(max(hyps, key=lambda h: h[0])[1] if hyps else [])
     return out
 
 
-def generate(
-    model,
-    tokenizer,
-    texts: list[str],
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.2,
-    num_beams: int = 1,
-    seed: Optional[int] = None,
-) -> list[str]:
-    """Continue each text; returns only the continuations (decoded). Greedy when temperature == 0.
+def _resolve(config: Union[GenerationConfig, Mapping[str, Any], None], overrides: dict) -> GenerationConfig:
+    if config is None:
+        config = GenerationConfig()
+    elif isinstance(config, Mapping):
+        config = GenerationConfig.from_params(config)
+    elif not isinstance(config, GenerationConfig):
+        raise CpmantError(f"config must be a GenerationConfig or a dict, not {type(config).__name__}",
+                          "pass GenerationConfig(...) or keyword settings such as max_new_tokens=32")
+    return GenerationConfig.from_params(overrides, base=config) if overrides else config
 
-    num_beams > 1 runs beam search (deterministic; temperature, top_k and top_p must stay at their defaults).
+
+def generate_ids(model, tokenizer, texts: list[str],
+                 config: Union[GenerationConfig, Mapping[str, Any], None] = None, **overrides) -> list[list[int]]:
+    """Continue each text; per text the generated ids (no prompt, no </s>), at most max_new_tokens of them.
+
+    `config` (default GenerationConfig()) with `overrides` (its field names) replaced. Greedy when temperature 0;
+    num_beams > 1 runs beam search.
     """
+    cfg = _resolve(config, overrides)
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise CpmantError("texts must be a list of strings", "pass [text] for one text")
     if not texts:
         return []
-    if num_beams < 1 or max_new_tokens < 1:
-        raise CpmantError(f"num_beams {num_beams} and max_new_tokens {max_new_tokens} must be >= 1",
-                          "pass positive values")
-    if repetition_penalty < 1.0:
-        raise CpmantError(f"repetition_penalty {repetition_penalty} < 1", "use 1.0 (off) or more, e.g. 1.2")
-    if num_beams > 1 and (temperature > 0 or top_k > 0 or top_p < 1.0):
-        raise CpmantError("beam search does not sample", "use num_beams=1 to sample, or drop temperature/top_k/top_p")
-    config = model.config
     device = next(model.parameters()).device
-    batch = build_batch(encode_inputs(tokenizer, texts, config, max_new_tokens), config, device)
+    batch = build_batch(encode_inputs(tokenizer, list(texts), model.config, cfg.max_new_tokens), model.config, device)
     was_training = model.training
     model.eval()
     try:
-        if num_beams > 1:
-            ids = _beam_loop(model, tokenizer, batch, max_new_tokens, num_beams, repetition_penalty)
-        else:
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(seed)
-            ids = _sample_loop(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p,
-                               repetition_penalty, gen)
+        if cfg.num_beams > 1:
+            return _beam_loop(model, tokenizer, batch, cfg)
+        gen = None
+        if cfg.temperature > 0 and cfg.seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(cfg.seed)
+        return _sample_loop(model, tokenizer, batch, cfg, gen)
     finally:
         model.train(was_training)
-    return [tokenizer.decode(x) for x in ids]
+
+
+def generate(model, tokenizer, texts: list[str], config: Union[GenerationConfig, Mapping[str, Any], None] = None,
+             **overrides) -> list[str]:
+    """Continue each text; returns only the continuations, decoded. Settings as `generate_ids`."""
+    return [tokenizer.decode(x) for x in generate_ids(model, tokenizer, texts, config, **overrides)]

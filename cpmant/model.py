@@ -15,6 +15,8 @@ Speed: one gather builds the additive attention mask (position bias, -inf where 
 F.scaled_dot_product_attention there (its CPU kernels fall back to the math path when the bias needs a gradient);
 on CUDA it is F.scaled_dot_product_attention. Each Linear applies its 1/sqrt(dim_in) to whichever of input, weight
 or output is smallest. Padding rows (fully masked) are given their own diagonal, so nothing is ever NaN.
+Decoding: `KVCache` holds every layer's keys/values in buffers allocated once for the whole generation and
+filled in place (`inference(..., max_length=...)`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,75 @@ from torch import nn
 from .config import ModelConfig
 from .errors import CpmantError
 
-KVCache = list  # one (k, v) pair per layer, each (H, B, T, Dh) (head-major); None for a layer whose attention is masked
+
+class KVCache:
+    """Keys and values of the positions decoded so far: per layer one (H, B, capacity, Dh) buffer each (head-major,
+    as attention uses them), filled in place up to `length`. Decoding n more positions writes n columns; nothing is
+    copied unless the capacity runs out (then it doubles). A layer whose attention is masked keeps None.
+
+    `cache[i]` is layer i's filled (keys, values), views of shape (H, B, length, Dh), or None.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity, self.length = int(capacity), 0
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self._spare: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers  # reorder_'s targets
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        k, v = self.keys[i], self.values[i]
+        return None if k is None else (k[:, :, : self.length], v[:, :, : self.length])
+
+    def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer i's new keys/values (H, B, n, Dh) after the first `length` columns; return all of them,
+        (H, B, length + n, Dh) views of the buffers. `advance(n)` moves `length` once every layer has written."""
+        end = self.length + k.size(2)
+        buf = self.keys[i]
+        if buf is None or end > buf.size(2):  # first write, or out of room: a larger buffer, the filled part copied
+            cap = max(end, self.capacity if buf is None else 2 * buf.size(2))
+            nk, nv = k.new_empty(*k.shape[:2], cap, k.size(3)), v.new_empty(*v.shape[:2], cap, v.size(3))
+            if buf is not None:
+                nk[:, :, : self.length] = buf[:, :, : self.length]
+                nv[:, :, : self.length] = self.values[i][:, :, : self.length]
+            self.keys[i], self.values[i], self._spare[i] = nk, nv, None
+            self.capacity = max(self.capacity, cap)
+        self.keys[i][:, :, self.length : end] = k
+        self.values[i][:, :, self.length : end] = v
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder_(self, index: torch.Tensor) -> "KVCache":
+        """Batch row r becomes row index[r] (beam search); index (R,). The filled columns are gathered into a spare
+        pair of buffers that then swaps with the current one (one copy, no allocation after the first); R may
+        differ from B (new buffers with R rows)."""
+        n = self.length
+        for i, k in enumerate(self.keys):
+            if k is None:
+                continue
+            v = self.values[i]
+            if index.numel() != k.size(1):
+                self.keys[i], self.values[i], self._spare[i] = k.index_select(1, index), v.index_select(1, index), None
+                continue
+            sk, sv = self._spare[i] or (torch.empty_like(k), torch.empty_like(v))
+            for src, dst in ((k, sk), (v, sv)):
+                out = torch.index_select(src[:, :, :n], 1, index, out=dst[:, :, :n])
+                if out.data_ptr() != dst.data_ptr():  # written elsewhere (never seen): put it in place
+                    dst[:, :, :n] = out
+            self.keys[i], self.values[i], self._spare[i] = sk, sv, (k, v)
+        return self
+
+    def reordered(self, index: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `index` of this one (this one unchanged)."""
+        out = KVCache(len(self), self.capacity)
+        out.length = self.length
+        out.keys = [None if k is None else k.index_select(1, index) for k in self.keys]
+        out.values = [None if v is None else v.index_select(1, index) for v in self.values]
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -142,14 +212,14 @@ class Attention(nn.Module):
         B, L, _ = t.shape
         return t.view(B, L, self.num_heads, self.dim_head).permute(2, 0, 1, 3).contiguous()
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, past_kv=None):
-        # x (B, Lq, D); bias (H, B, Lq, Lk) additive, -inf where masked; past_kv: (H, B, T, Dh) pair or None.
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, past_kv: Optional[tuple[KVCache, int]] = None):
+        # x (B, Lq, D); bias (H, B, Lq, Lk) additive, -inf where masked; past_kv: (cache, this layer's index) or None.
         # Head-major (H, B, ...) layout throughout: the bias is gathered in it, q/k/v take one copy each into it.
         B, Lq, _ = x.shape
         H, Dh = self.num_heads, self.dim_head
         q, k, v = self._heads(self.project_q(x)), self._heads(self.project_k(x)), self._heads(self.project_v(x))
-        if past_kv is not None:  # incremental decoding: keys/values of earlier positions
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        if past_kv is not None:  # incremental decoding: the new keys/values join the earlier ones in the cache
+            k, v = past_kv[0].write(past_kv[1], k, v)  # (H, B, T, Dh) views of preallocated buffers
         p = self.dropout_p if self.training else 0.0
         if x.is_cuda:  # fused kernels (they also give the bias its gradient)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (H, B, Lq, Dh)
@@ -160,7 +230,7 @@ class Attention(nn.Module):
             s = F.dropout(s.softmax(-1), p, True) if p else s.softmax(-1)  # dropout on the probabilities (CPM-Live)
             o = torch.bmm(s, vf).view(H, B, Lq, Dh)  # (H, B, Lq, Dh)
         o = o.permute(1, 2, 0, 3).reshape(B, Lq, H * Dh)
-        return self.attention_out(o), (k, v)  # (B, Lq, D)
+        return self.attention_out(o)  # (B, Lq, D)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -172,10 +242,10 @@ class SelfAttentionBlock(nn.Module):
         self.dropout_p = c.dropout_p
 
     def forward(self, h, bias, past_kv=None):
-        out, kv = self.self_attention(self.layernorm_before_attention(h), bias, past_kv)
+        out = self.self_attention(self.layernorm_before_attention(h), bias, past_kv)
         if self.dropout_p and self.training:
             out = F.dropout(out, self.dropout_p, True)
-        return h + out, kv
+        return h + out
 
 
 class DenseGatedACT(nn.Module):
@@ -226,12 +296,11 @@ class TransformerBlock(nn.Module):
         self.ffn = None if mask_ffn else FFNBlock(config)
 
     def forward(self, h, bias, past_kv=None):
-        kv = None
         if self.self_att is not None:
-            h, kv = self.self_att(h, bias, past_kv)
+            h = self.self_att(h, bias, past_kv)
         if self.ffn is not None:
             h = self.ffn(h)
-        return h, kv
+        return h
 
 
 class Encoder(nn.Module):
@@ -241,14 +310,15 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList([TransformerBlock(config, a, f) for a, f in masks])
         self.output_layernorm = RMSNorm(config.dim_model, config.eps)
 
-    def forward(self, h, bias, past_key_values=None, hidden: Optional[list] = None):
-        present = []
+    def forward(self, h, bias, past_key_values: Optional[KVCache] = None, hidden: Optional[list] = None):
+        """h (B, L, D) -> normed (B, L, D). With a cache, layer i writes its L new keys/values into it."""
         for i, layer in enumerate(self.layers):
-            h, kv = layer(h, bias, None if past_key_values is None else past_key_values[i])
-            present.append(kv)
+            h = layer(h, bias, None if past_key_values is None else (past_key_values, i))
             if hidden is not None:
                 hidden.append(h)
-        return self.output_layernorm(h), present
+        if past_key_values is not None:
+            past_key_values.advance(h.size(1))
+        return self.output_layernorm(h)
 
 
 class CPMAnt(nn.Module):
@@ -337,30 +407,35 @@ class CPMAnt(nn.Module):
         h = self.embed(input, segment)  # (B, L, D)
         bias = self.attention_bias(length, context, position, segment, span)  # (H, B, L, L)
         hidden = [] if return_hidden else None
-        h, _ = self.encoder(h, bias, hidden=hidden)  # (B, L, D), normed
+        h = self.encoder(h, bias, hidden=hidden)  # (B, L, D), normed
         if logits_at is not None:
             h = h[logits_at]  # (N, D)
         logits = self.input_embedding.projection(h).float()  # (B, L, V) or (N, V), tied to the token table
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()
-    def inference(self, input, length, context, position, segment, span, past_key_values: Optional[KVCache] = None):
+    def inference(self, input, length, context, position, segment, span, past_key_values: Optional[KVCache] = None,
+                  max_length: Optional[int] = None):
         """CPM-Live's incremental decoding. context/position/segment/span (B, T) and length (B,) describe the whole
         sequence so far; `input` holds only the positions not yet in `past_key_values` (all T on the first call).
-        Returns (logits (B, n, V) fp32, present key values). Equals `forward` when later tokens are non-context."""
+        Returns (logits (B, n, V) fp32, the cache): the cache is updated in place (a new one, with room for
+        `max_length` positions (default T), when none is given). Equals `forward` when later tokens are
+        non-context."""
         T, n = position.size(1), input.size(1)
         self._check_length(T)
         q_start = T - n
-        h = self.embed(input, segment[:, q_start:], first=past_key_values is None)
+        cache = past_key_values if past_key_values is not None else KVCache(len(self.encoder.layers), max_length or T)
+        if cache.length != q_start:
+            raise ValueError(f"the cache holds {cache.length} positions but the inputs describe {T} with {n} new")
+        h = self.embed(input, segment[:, q_start:], first=q_start == 0)
         bias = self.attention_bias(length, context, position, segment, span, q_start)  # (H, B, n, T)
-        h, present = self.encoder(h, bias, past_key_values)
-        return self.input_embedding.projection(h).float(), present
+        h = self.encoder(h, bias, cache)
+        return self.input_embedding.projection(h).float(), cache
 
     @staticmethod
     def reorder_cache(past_key_values: KVCache, index: torch.Tensor) -> KVCache:
-        """Pick rows of a KV cache (beam search): index (R,) into the batch dimension (dim 1, head-major)."""
-        return [None if kv is None else (kv[0].index_select(1, index), kv[1].index_select(1, index))
-                for kv in past_key_values]
+        """A cache of rows `index` (R,) of `past_key_values` (beam search); `KVCache.reorder_` does it in place."""
+        return past_key_values.reordered(index)
 
 
 def build_model(config: ModelConfig, device=None, dtype: Optional[torch.dtype] = None) -> CPMAnt:

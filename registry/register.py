@@ -9,7 +9,6 @@ failed registration leaves the checkpoint where it is and says how to register i
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -136,8 +135,6 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
         run = mlflow.start_run(run_name=f"register-{name}") if started else mlflow.active_run()
         status = "FAILED"
         try:
-            # our predict takes a DataFrame or a list, so it carries no type hints; the signature is explicit
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
             prompts = ["床前明月光"]  # a list of prompts; a one-column DataFrame is accepted too
             # MLflow serves the example once at logging (a real smoke test of the version); one new token keeps
             # that check cheap for large checkpoints

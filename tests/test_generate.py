@@ -1,13 +1,17 @@
 """Generation: greedy determinism, beam search with one beam equals greedy, seeded sampling, first-step bans,
-batching equals one at a time, left truncation."""
+batching equals one at a time, left truncation; cached decoding equals a full recompute, the KV cache is filled in
+place, the settings are validated, generate_ids counts what it generates."""
+
+import math
 
 import pytest
 import torch
 
 from cpmant.config import ModelConfig
 from cpmant.errors import CpmantError
-from cpmant.generate import _beam_loop, _sample_loop, build_batch, encode_inputs, generate
-from cpmant.model import CPMAnt, build_model
+from cpmant.generate import (GenerationConfig, _beam_loop, _sample_loop, build_batch, encode_inputs, generate,
+                             generate_ids)
+from cpmant.model import CPMAnt, KVCache, build_model
 
 pytestmark = pytest.mark.unit
 
@@ -39,6 +43,15 @@ class FakeTokenizer:
 TEXTS = ["hello world", "abc", "the quick brown fox"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro models gain nothing from threads, and on a busy machine waiting threads cost much (100x seen)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -67,8 +80,8 @@ def test_batch_equals_one_at_a_time(model, tok):
 
 def test_beam_one_equals_greedy(model, tok):
     batch = build_batch(encode_inputs(tok, TEXTS, CFG, 10), CFG, "cpu")
-    greedy = _sample_loop(model, tok, batch, 10, 0.0, 0, 1.0, 1.2, None)
-    beam = _beam_loop(model, tok, batch, 10, num_beams=1, repetition_penalty=1.2)
+    greedy = _sample_loop(model, tok, batch, GenerationConfig(max_new_tokens=10))
+    beam = _beam_loop(model, tok, batch, GenerationConfig(max_new_tokens=10, num_beams=1))
     assert beam == greedy
     assert generate(model, tok, TEXTS, max_new_tokens=10, num_beams=1) == [tok.decode(x) for x in greedy]
 
@@ -104,11 +117,12 @@ def test_first_step_never_emits_eos_or_newline_and_eos_stops(model, tok):
     fav.eval()
     batch = build_batch(encode_inputs(tok, TEXTS, CFG, 5), CFG, "cpu")
     for seed in range(3):
-        ids = _sample_loop(fav, tok, batch, 5, 1.0, 0, 1.0, 1.2, torch.Generator().manual_seed(seed))
+        ids = _sample_loop(fav, tok, batch, GenerationConfig(max_new_tokens=5, temperature=1.0),
+                           torch.Generator().manual_seed(seed))
         assert all(len(x) == 1 and x[0] not in (tok.eos_id, tok.newline_id) for x in ids)  # then </s> stops it
     out = generate(fav, tok, TEXTS, max_new_tokens=5)
     assert all(len(s) == 1 and s != "\n" for s in out)
-    for x in _beam_loop(fav, tok, batch, 5, num_beams=2, repetition_penalty=1.2):
+    for x in _beam_loop(fav, tok, batch, GenerationConfig(max_new_tokens=5, num_beams=2)):
         assert len(x) == 1 and x[0] not in (tok.eos_id, tok.newline_id)
 
 
@@ -133,3 +147,126 @@ def test_unk_dropped_and_layout(tok):
     assert b["span"][0].tolist() == [0] * P + [1, 1] + [0] * 3  # padding between prompt and text
     assert b["position"][0, -3:].tolist() == [P, P + 1, P + 2]
     assert b["segment"][1].tolist() == [0] * P + [2] * 5
+
+
+# ---- cached decoding, batching, settings, counts ---------------------------------------------------------------
+
+def full_recompute_greedy(model, tok, texts, n, penalty):
+    """Greedy decoding with no cache: a full forward over the whole sequence at every step, the generated tokens
+    non-context (each sees the input and the tokens before it), the same bans and CTRL penalty as generation."""
+    cols = build_batch(encode_inputs(tok, texts, CFG, n), CFG, "cpu")
+    del cols["length"]
+    B = len(texts)
+    seen = torch.zeros(B, CFG.vocab_size, dtype=torch.bool)
+    out, done = [[] for _ in range(B)], [False] * B
+    with torch.no_grad():
+        for step in range(n):
+            T = cols["input"].size(1)
+            logits = model(length=torch.full((B,), T), **cols)[:, -1]
+            logits[:, [tok.pad_id, tok.unk_id, tok.bos_id]] = -math.inf
+            if step == 0:
+                logits[:, [tok.eos_id, tok.newline_id]] = -math.inf
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+            nxt = logits.argmax(-1)
+            for b in range(B):
+                if not done[b]:
+                    done[b] = int(nxt[b]) == tok.eos_id
+                    if not done[b]:
+                        out[b].append(int(nxt[b]))
+            seen[torch.arange(B), nxt] = True
+            new = dict(input=nxt, context=0, position=cols["position"][:, -1] + 1, segment=2, span=0)
+            cols = {k: torch.cat([v, torch.as_tensor(new[k]).expand(B)[:, None]], dim=1) for k, v in cols.items()}
+    return out
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.2])
+def test_cached_greedy_equals_full_recompute(model, tok, penalty):
+    want = full_recompute_greedy(model, tok, TEXTS, 12, penalty)
+    assert generate_ids(model, tok, TEXTS, max_new_tokens=12, repetition_penalty=penalty) == want
+    assert sum(map(len, want)) > 12  # the rows really decode several steps
+
+
+def test_kv_cache_is_preallocated_and_filled_in_place(model):
+    batch = build_batch([[6, 10, 11, 12], [6, 13]], CFG, "cpu")
+    T = batch["input"].size(1)
+    logits, cache = model.inference(**batch, max_length=T + 3)
+    assert isinstance(cache, KVCache) and cache.length == T and cache[0][0].shape == (2, 2, T, 16)
+    buffers = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.keys, cache.values)]
+    assert all(k.size(2) == T + 3 for k in cache.keys)
+    state = {k: v for k, v in batch.items() if k != "input"}
+    for t in range(3):  # three more columns: written into the same buffers, nothing reallocated
+        state = {k: torch.cat([v, v[:, -1:] + (k == "position")], dim=1) for k, v in state.items() if k != "length"}
+        state["length"] = torch.full((2,), T + t + 1)
+        logits, cache2 = model.inference(torch.tensor([[20], [21]]), past_key_values=cache, **state)
+        assert cache2 is cache and cache.length == T + t + 1
+    assert [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.keys, cache.values)] == buffers
+    with pytest.raises(ValueError, match="cache holds"):  # inputs that skip a column are refused
+        model.inference(torch.tensor([[20], [21]]), past_key_values=cache, **state)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(num_beams=3), dict(repetition_penalty=1.0, num_beams=2)])
+def test_left_padded_batch_equals_single_rows(model, tok, settings):
+    texts = ["a", "the quick brown fox", "hello", "zz"]  # lengths 1..19: up to 18 padding columns
+    batched = generate_ids(model, tok, texts, max_new_tokens=9, **settings)
+    assert batched == [generate_ids(model, tok, [t], max_new_tokens=9, **settings)[0] for t in texts]
+
+
+class NeverEos(CPMAnt):
+    def inference(self, *args, **kwargs):
+        logits, past = super().inference(*args, **kwargs)
+        logits[..., FakeTokenizer.eos_id] = -1e9
+        return logits, past
+
+
+def test_generate_ids_counts(model, tok):
+    never = NeverEos(CFG)
+    never.load_state_dict(model.state_dict())
+    never.eval()
+    for settings in (dict(), dict(num_beams=2), dict(temperature=1.0, seed=1)):
+        ids = generate_ids(never, tok, TEXTS, max_new_tokens=7, **settings)
+        assert [len(x) for x in ids] == [7, 7, 7]  # no prompt ids, exactly max_new_tokens each
+        assert not {tok.eos_id, tok.pad_id, tok.bos_id, tok.unk_id} & {i for x in ids for i in x}
+    fav = FavoursEos(CFG)
+    fav.load_state_dict(model.state_dict())
+    fav.eval()
+    assert [len(x) for x in generate_ids(fav, tok, TEXTS, max_new_tokens=7)] == [1, 1, 1]  # </s> not counted
+    assert generate_ids(model, tok, [], max_new_tokens=3) == []
+    cfg = GenerationConfig(max_new_tokens=5)
+    assert generate(model, tok, TEXTS, cfg) == [tok.decode(x) for x in generate_ids(model, tok, TEXTS, cfg)]
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("max_new_tokens", 0, ">= 1"), ("max_new_tokens", 2.5, ">= 1"), ("temperature", -1, ">= 0"),
+    ("temperature", float("nan"), ">= 0"), ("top_k", -5, ">= 0"), ("top_p", 2, "0 < top_p <= 1"),
+    ("top_p", 0, "0 < top_p <= 1"), ("num_beams", 0, ">= 1"), ("repetition_penalty", 0, "> 0"),
+    ("seed", -1, "0.."), ("num_beams", True, ">= 1"), ("temperature", "hot", ">= 0"),
+])
+def test_invalid_setting_names_field_value_and_range(model, tok, field, value, allowed):
+    with pytest.raises(CpmantError) as e:
+        GenerationConfig(**{field: value})
+    assert f"{field}={value!r}" in e.value.problem and allowed in e.value.problem
+    with pytest.raises(CpmantError, match=field):  # the same check guards generate's keyword settings
+        generate(model, tok, TEXTS, **{field: value})
+
+
+def test_settings_validation_collects_problems_and_coerces(model, tok):
+    with pytest.raises(CpmantError) as e:
+        GenerationConfig(top_p=2.0, top_k=-5, temperature=-1)
+    assert all(f in e.value.problem for f in ("top_p=2.0", "top_k=-5", "temperature=-1"))
+    with pytest.raises(CpmantError, match="beam search does not sample"):
+        GenerationConfig(num_beams=2, temperature=0.7)
+    with pytest.raises(CpmantError, match="unknown generation setting.*beams"):
+        generate(model, tok, TEXTS, beams=2)
+    with pytest.raises(CpmantError, match="list of strings"):
+        generate(model, tok, "abc")
+    c = GenerationConfig(max_new_tokens=4.0, temperature=1, seed=None)  # 4.0 is an integer; 1 a number
+    assert c.max_new_tokens == 4 and isinstance(c.max_new_tokens, int) and isinstance(c.temperature, float)
+    assert GenerationConfig.from_params({"num_beams": 2, "temperature": 0}, base=c).num_beams == 2
+    assert GenerationConfig(repetition_penalty=0.9).repetition_penalty == 0.9  # < 1 favours repeats: allowed
+
+
+def test_pyfunc_default_params_are_the_generation_defaults():
+    from registry.params import DEFAULT_PARAMS
+
+    assert DEFAULT_PARAMS == GenerationConfig().to_params()
+    assert set(DEFAULT_PARAMS) == set(GenerationConfig.field_names())

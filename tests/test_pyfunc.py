@@ -1,0 +1,91 @@
+"""The pyfunc model under MLflow's own scoring server (in process): params validated against GenerationConfig,
+a bad request answered with its message and no stack trace, no warning about `predict` type hints, the logged
+signature's params and defaults those of GenerationConfig."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.flow
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, fixture_corpus):
+    """A micro checkpoint saved as the registry logs it (same code file, signature and example), loaded back and
+    put behind MLflow's scoring app with a test client."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.models import infer_signature
+    from mlflow.pyfunc import scoring_server
+
+    from cpmant.checkpoint import save_model_dir
+    from cpmant.config import ModelConfig
+    from cpmant.model import CPMAnt
+    from cpmant.tokenizer import build_vocab
+    from registry.params import DEFAULT_PARAMS
+    from registry.register import PYFUNC_CODE
+
+    tmp = tmp_path_factory.mktemp("pyfunc")
+    vocab = build_vocab((fixture_corpus / "poems.txt").read_text(encoding="utf-8").splitlines(), 600,
+                        tmp / "vocab.txt")
+    cfg = ModelConfig(vocab_size=600, dim_model=32, dim_ff=48, num_layers=2, num_heads=2, dim_head=16,
+                      position_bias_num_buckets=16, position_bias_max_distance=64, prompt_types=4, prompt_length=4,
+                      segment_types=4)
+    torch.manual_seed(0)
+    ckpt = save_model_dir(tmp / "ckpt", CPMAnt(cfg).state_dict(), cfg, vocab)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlflow.pyfunc.save_model(
+            tmp / "model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(ckpt)},
+            signature=infer_signature(["床前明月光"], ["，疑是地上霜。"], params=dict(DEFAULT_PARAMS)),
+            input_example=(["床前明月光"], {"max_new_tokens": 1}),
+        )
+        model = mlflow.pyfunc.load_model(str(tmp / "model"))
+    return model, TestClient(scoring_server.init(model)), [str(w.message) for w in caught]
+
+
+def _post(client, body):
+    return client.post("/invocations", content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
+def test_no_type_hint_warning_and_signature_kept(served):
+    from cpmant.generation_config import GenerationConfig
+
+    model, _, caught = served
+    assert not [m for m in caught if "type hint" in m], caught
+    params = {p.name: p.default for p in model.metadata.signature.params.params}
+    assert params == GenerationConfig().to_params()
+
+
+def test_served_request_generates(served):
+    _, client, _ = served
+    r = _post(client, {"inputs": ["床前明月光", "白日依山尽"], "params": {"max_new_tokens": 3, "num_beams": 2}})
+    assert r.status_code == 200, r.text
+    out = r.json()["predictions"]
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+@pytest.mark.parametrize("params,says", [
+    ({"num_beams": 0}, "num_beams=0 (allowed: an integer >= 1"), ({"top_p": 2.0}, "top_p=2.0 (allowed"),
+    ({"temperature": -1.0}, "temperature=-1.0 (allowed"), ({"num_beams": 2, "temperature": 0.7}, "does not sample"),
+    ({"max_new_tokens": 100}, "max_new_tokens 100 leaves no room"),
+])
+def test_bad_params_answer_the_message_only(served, params, says):
+    _, client, _ = served
+    r = _post(client, {"inputs": ["床前明月光"], "params": params})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE" and says in body["message"]
+    assert "stack_trace" not in body and "Traceback" not in r.text
+
+
+def test_predict_raises_mlflow_invalid_parameter(served):
+    from mlflow.exceptions import MlflowException
+
+    model, _, _ = served
+    with pytest.raises(MlflowException) as e:
+        model.predict(["床前明月光"], params={"num_beams": 0})
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE" and "num_beams=0" in e.value.message
+    assert len(model.predict(["床前明月光"], params={"max_new_tokens": 2})) == 1
