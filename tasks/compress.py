@@ -137,8 +137,6 @@ def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) ->
     from .plots import plot_ladder
 
     table = [{c: r.get(c) for c in LADDER_COLUMNS} for r in rows]
-    if rows and all(r.get("reused") for r in rows):  # nothing new: the ladder of these versions is logged already
-        return table
     if rows:
         first = rows[0]
         parent_row = {"model": parent_uri, "attention_layers": None, "ffn_layers": None, "num_heads": None,
@@ -147,6 +145,8 @@ def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) ->
                       "published_loss_increase": 0.0,
                       "generation_tokens_per_second": first["parent_generation_tokens_per_second"]}
         table = [parent_row] + table
+    if rows and all(r.get("reused") for r in rows):  # nothing new: the ladder of these versions is logged already
+        return table
     labelled = [{COLUMN_LABELS.get(c, c): r[c] for c in LADDER_COLUMNS} for r in table]
     with tracked_stage(tracking, "compress-ladder", tags={T.STAGE: "compress"}):
         mlflow.log_table({COLUMN_LABELS.get(c, c): [r[c] for r in table] for c in LADDER_COLUMNS}, "ladder.json")
