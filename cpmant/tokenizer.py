@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from pathlib import Path
 import jieba
 
 from .errors import CpmantError
+from .fsutil import atomic_write_text
 
 jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict..." noise
 
@@ -183,12 +183,5 @@ def build_vocab(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLi
     tokens += SENTINELS
     assert len(tokens) == vocab_size and len(set(tokens)) == vocab_size
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(t + "\n" for t in tokens))
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out_path, "".join(t + "\n" for t in tokens))
     return out_path

@@ -98,7 +98,10 @@ def setup_tracking(experiment: str = EXPERIMENT) -> str:
         if exp is None:
             loc = None if uri.startswith(("http://", "https://")) else f"{artifact_root()}/{experiment}"
             try:
-                exp_id = mlflow.create_experiment(experiment, artifact_location=loc)
+                # experimentKind opens the experiment in the UI's "Model training" view (runs, models, registry)
+                # rather than MLflow 3's default GenAI view of traces
+                exp_id = mlflow.create_experiment(experiment, artifact_location=loc,
+                                                  tags={"mlflow.experimentKind": "custom_model_development"})
             except Exception:  # created meanwhile by a process that shares the store but not the lock (a server)
                 exp = mlflow.get_experiment_by_name(experiment)
                 if exp is None:
