@@ -36,10 +36,11 @@ def pretrain_flow(config: dict | None = None, force: bool = False) -> dict:
         res = trained["result"]
         out = {"model_uri": uri, "run_id": trained["run_id"], "reused": False,
                **{k: res[k] for k in ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps",
-                                      "model_dir")}}
+                                      "model_dir", "precision")}}
     out["seconds"] = time.perf_counter() - t0
     out["summary"] = [summary_row("pretrain", out["model_uri"], "valid_loss", out.get("valid_loss_end"),
-                                  out["seconds"], out["reused"])]
+                                  out["seconds"], out["reused"],
+                                  note=f"precision {out['precision']}" if out.get("precision") else "")]
     return out
 
 

@@ -84,10 +84,12 @@ def find_pretrained(pretrain: PretrainConfig, tracking: TrackingConfig, data: Pr
     client = MlflowClient()
     name, version = uri.removeprefix("models:/").rsplit("/", 1)
     mv = client.get_model_version(name, version)
-    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    data_ = client.get_run(mv.run_id).data if mv.run_id else None
+    metrics = data_.metrics if data_ else {}
     print(f"reusing {uri}: same config, data and code (pass --force to train again)")
     return {"model_uri": uri, "run_id": mv.run_id, "reused": True, "steps": pretrain.max_steps,
-            "model_dir": None, **{k: metrics.get(k) for k in SUMMARY_KEYS if k in metrics}}
+            "model_dir": None, "precision": (data_.params if data_ else {}).get("precision"),
+            **{k: metrics.get(k) for k in SUMMARY_KEYS if k in metrics}}
 
 
 def _train_multiprocess(cfg: PretrainConfig, logger: AsyncMetricLogger) -> TrainResult:
@@ -113,15 +115,15 @@ def _train_multiprocess(cfg: PretrainConfig, logger: AsyncMetricLogger) -> Train
 
 def resolved_params(pretrain: PretrainConfig, data: PreparedData) -> dict[str, str]:
     """The config as it ran: the corpus's real path (or the default corpus's name), the vocab size the corpus gave,
-    the device actually used; then the data summary under `data.`."""
-    import torch
+    the device actually used, `precision` as used (fp32 / bf16) beside `precision_setting` (auto / fp32 / bf16);
+    then the data summary under `data.`."""
+    from cpmant.training.runs import configured_device, run_precision
 
     vocab_size = len(Path(data.vocab_path).read_text(encoding="utf-8").splitlines())
-    device = pretrain.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = configured_device(pretrain.device)
     corpus = str(Path(pretrain.corpus).expanduser().resolve()) if pretrain.corpus else data.corpus_name
-    resolved = {**pretrain.model_dump(mode="json"), "corpus": corpus, "vocab_size": vocab_size, "device": device}
+    resolved = {**pretrain.model_dump(mode="json"), "corpus": corpus, "vocab_size": vocab_size, "device": device,
+                "precision": run_precision(pretrain), "precision_setting": pretrain.precision}
     return {**_flat_params("", resolved), **_flat_params("data.", data.summary())}
 
 

@@ -15,7 +15,8 @@ from cpmant.compress.methods import PruneConfig
 from cpmant.config import ModelConfig
 from cpmant.convert import to_cpm_live, to_hf_config
 from cpmant.errors import CpmantError
-from cpmant.model import CPMAnt, Linear, build_model
+from cpmant.factory import build_model
+from cpmant.model import CPMAnt, Linear
 from cpmant.training.data import PretrainStream
 
 pytestmark = pytest.mark.unit

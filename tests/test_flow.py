@@ -56,6 +56,11 @@ def test_pretrain_flow_tracks_and_registers(prefect_harness, mlflow_store, fixtu
     vocab = len((tmp_path / "run" / "model" / "vocab.txt").read_text(encoding="utf-8").splitlines())
     assert run.data.params["corpus"] == str(Path(fixture_corpus).resolve())
     assert run.data.params["vocab_size"] == str(vocab) and run.data.params["device"] == "cpu"
+    # the precision as used (auto resolves on this machine's CPU) beside the setting
+    from cpmant.precision import resolve_precision
+
+    assert run.data.params["precision_setting"] == "auto"
+    assert run.data.params["precision"] == resolve_precision("auto", "cpu") == out["precision"]
     # summary values sit at the final step, beside the last loss; a step's throughput has its own name
     assert [(h.step, h.value) for h in client.get_metric_history(run.info.run_id, "tokens_per_second")] == [
         (16, pytest.approx(out["tokens_per_second"]))]

@@ -51,10 +51,14 @@ def _model(dropout: float) -> dict:
     return {**MICRO_MODEL, "dropout_p": dropout}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_sigkill_then_resume_auto_matches_uninterrupted(micro_pretrain_cfg, tmp_path, dropout):
+# reproducibility holds within one precision: fp32, and bf16 (autocast) with dropout
+PRECISIONS = [(0.0, "fp32"), (0.1, "fp32"), (0.1, "bf16")]
+
+
+@pytest.mark.parametrize(("dropout", "precision"), PRECISIONS)
+def test_sigkill_then_resume_auto_matches_uninterrupted(micro_pretrain_cfg, tmp_path, dropout, precision):
     kw = dict(max_steps=30, save_interval=5, eval_interval=30, micro_batch_size=8, seq_len=96,
-              model_overrides=_model(dropout))
+              model_overrides=_model(dropout), precision=precision)
     ref = pretrain(micro_pretrain_cfg(output_dir=str(tmp_path / "full"), **kw), progress=False)
 
     killed = micro_pretrain_cfg(output_dir=str(tmp_path / "killed"), **kw)
@@ -76,10 +80,10 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(micro_pretrain_cfg, tmp_
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_torchrun_two_processes_match_one_process(micro_pretrain_cfg, tmp_path, dropout):
+@pytest.mark.parametrize(("dropout", "precision"), PRECISIONS)
+def test_torchrun_two_processes_match_one_process(micro_pretrain_cfg, tmp_path, dropout, precision):
     """2 processes x 2 rows equal 1 process x 2 rows x 2 accumulation steps (same global batch, same masks)."""
-    kw = dict(max_steps=6, save_interval=6, eval_interval=6, model_overrides=_model(dropout))
+    kw = dict(max_steps=6, save_interval=6, eval_interval=6, model_overrides=_model(dropout), precision=precision)
     one = micro_pretrain_cfg(output_dir=str(tmp_path / "one"), micro_batch_size=2, grad_accum=2, **kw)
     two = micro_pretrain_cfg(output_dir=str(tmp_path / "two"), micro_batch_size=2, grad_accum=1, **kw)
     ra = pretrain(one, progress=False)

@@ -6,6 +6,8 @@ was trained with (its metadata, see cpmant/lineage.py).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from ..configio import FrozenModel
@@ -23,6 +25,9 @@ class CompressConfig(FrozenModel):
     gen_repeats: int = Field(3, ge=1, description="timed generation calls (after one warm-up call)")
     distill_steps: int | None = Field(None, ge=0, description="overrides every recipe's distill.steps when set")
     distill_batch_size: int | None = Field(None, ge=1, description="overrides every recipe's distill batch size")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="matmul precision of distillation, importance scoring and evaluation: auto = bf16 "
+                            "autocast where the CPU multiplies bf16 natively, else fp32 (weights stay fp32)")
     backend: str = Field("torch", description="compression backend (cpmant.backends.backend_names('compress'))")
     output_dir: str | None = Field(None, description="None = $CPMANT_HOME/runs/compress-<base>")
 

@@ -5,7 +5,8 @@ loss = ce_weight * LM loss on the corpus targets
      + hidden_weight * MSE of every layer slot's output, student vs teacher, on valid positions  (`mse_hidn`)
 Layer slots line up because pruning masks sub-blocks in place (mask_modules) rather than renumbering layers.
 Resumable like pretraining, with the same helper (cpmant.training.state): step-N checkpoints with optimizer, scheduler
-and RNG; `resume="auto"` continues from the newest intact one.
+and RNG; `resume="auto"` continues from the newest intact one. `precision` (resolved: fp32 / bf16) autocasts the
+student's and the teacher's forward passes; the three loss terms are computed in fp32, weights stay fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint as ckpt
 from ..config import ModelConfig
 from ..model import CPMAnt
+from ..precision import autocast
 from ..training.data import IGNORE, PretrainStream
 from ..training.schedule import cosine
 from ..training.state import latest_intact_checkpoint, restore_state, save_state, seed_everything
@@ -41,12 +43,18 @@ class DistillReport:
     losses: list[float]
 
 
-def distill_loss(student: CPMAnt, teacher: CPMAnt, batch, cfg: DistillConfig) -> tuple[torch.Tensor, dict]:
+def distill_loss(student: CPMAnt, teacher: CPMAnt, batch, cfg: DistillConfig,
+                 precision: str = "fp32") -> tuple[torch.Tensor, dict]:
     inputs = batch.model_inputs()
     sel = batch.target != IGNORE  # (B, L) predicted positions; logits only there
-    with torch.no_grad():
-        t_logits, t_hidden = teacher(**inputs, return_hidden=True, logits_at=sel)  # (N, V)
-    s_logits, s_hidden = student(**inputs, return_hidden=True, logits_at=sel)
+    device = next(student.parameters()).device
+    with autocast(precision, device):
+        with torch.no_grad():
+            t_logits, t_hidden = teacher(**inputs, return_hidden=True, logits_at=sel)  # (N, V)
+        s_logits, s_hidden = student(**inputs, return_hidden=True, logits_at=sel)
+    if precision != "fp32":  # the loss terms in fp32
+        t_logits, s_logits = t_logits.float(), s_logits.float()
+        t_hidden, s_hidden = [h.float() for h in t_hidden], [h.float() for h in s_hidden]
     ce = F.cross_entropy(s_logits, batch.target[sel])
     T = cfg.temperature
     kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
@@ -61,7 +69,7 @@ def distill_loss(student: CPMAnt, teacher: CPMAnt, batch, cfg: DistillConfig) ->
 
 def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: DistillConfig, ckpt_root: Path,
             vocab_path: Path, meta: dict | None = None, callbacks=None, progress: bool = True,
-            resume: str = "auto") -> DistillReport:
+            resume: str = "auto", precision: str = "fp32") -> DistillReport:
     """Train `student` (in place) towards `teacher` for cfg.steps steps; checkpoints under ckpt_root.
 
     Resumes (resume="auto") from the newest intact step folder whose student has the same config and whose metadata
@@ -86,11 +94,12 @@ def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: Disti
             start, losses = int(st["step"]), list(st.get("losses", []))
     B = cfg.micro_batch_size
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {precision}", unit="step", disable=not progress,
+               dynamic_ncols=True)
     for step in range(start, cfg.steps):
         seed_everything(cfg.seed, step)  # dropout masks depend on the step only (exact resume)
         batch = stream.batch(range(step * B, (step + 1) * B))
-        loss, parts = distill_loss(student, teacher, batch, cfg)
+        loss, parts = distill_loss(student, teacher, batch, cfg, precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -11,6 +11,8 @@
   Rows of layers whose sub-block is masked (absent) are NaN.
 
 Losses are token-mean cross entropy over the targets (`IGNORE` positions skipped), in eval mode (no dropout).
+Every function takes `precision` (resolved: fp32 / bf16): the autocast of the forward passes (the scores, the
+cross-entropy and the gate gradients' accumulation stay fp32).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def eval_mode(model: torch.nn.Module):
         model.train(was)
 
 
-def _sum_ce(model: CPMAnt, batch: Batch, device) -> tuple[torch.Tensor, int]:
+def _sum_ce(model: CPMAnt, batch: Batch, device, precision: str = "fp32") -> tuple[torch.Tensor, int]:
     """(summed token CE over the targets, number of targets) for one batch; grad follows the caller's mode."""
-    total, _ = loss_sums(model, batch)  # the same loss as training and evaluation (logits at the targets only)
+    total, _ = loss_sums(model, batch, precision)  # the loss of training and evaluation (logits at targets only)
     return total, batch.num_targets
 
 
@@ -54,14 +56,14 @@ def _check(batches: list[Batch]) -> None:
 
 
 @torch.no_grad()
-def lm_loss(model: CPMAnt, batches: list[Batch]) -> float:
+def lm_loss(model: CPMAnt, batches: list[Batch], precision: str = "fp32") -> float:
     """Mean token cross entropy over the targets of `batches` (eval mode, no grad)."""
     _check(batches)
     dev = _device(model)
     total, n = 0.0, 0
     with eval_mode(model):
         for b in batches:
-            s, k = _sum_ce(model, b, dev)
+            s, k = _sum_ce(model, b, dev, precision)
             total, n = total + float(s), n + k
     return total / n
 
@@ -79,9 +81,10 @@ def removed(model: CPMAnt, layer: int, kind: str):
         setattr(block, attr, saved)
 
 
-def sublayer_importance(model: CPMAnt, batches: list[Batch]) -> list[tuple[float | None, float | None]]:
+def sublayer_importance(model: CPMAnt, batches: list[Batch],
+                        precision: str = "fp32") -> list[tuple[float | None, float | None]]:
     """Per layer (loss increase without its attention, loss increase without its FFN); None where already masked."""
-    base = lm_loss(model, batches)
+    base = lm_loss(model, batches, precision)
     out = []
     for i, layer in enumerate(model.encoder.layers):
         pair = []
@@ -90,13 +93,13 @@ def sublayer_importance(model: CPMAnt, batches: list[Batch]) -> list[tuple[float
                 pair.append(None)
                 continue
             with removed(model, i, kind):
-                pair.append(lm_loss(model, batches) - base)
+                pair.append(lm_loss(model, batches, precision) - base)
         out.append((pair[0], pair[1]))
     return out
 
 
-def taylor_importance(model: CPMAnt, batches: list[Batch], heads: bool = True,
-                      neurons: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def taylor_importance(model: CPMAnt, batches: list[Batch], heads: bool = True, neurons: bool = True,
+                      precision: str = "fp32") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Head (num_layers, num_heads) and neuron (num_layers, dim_ff) Taylor scores in one pass over `batches`.
 
     NaN rows for masked sub-blocks. Gradients go to the gates only (torch.autograd.grad): no parameter .grad is
@@ -140,7 +143,7 @@ def taylor_importance(model: CPMAnt, batches: list[Batch], heads: bool = True,
         if gates:
             with eval_mode(model), torch.enable_grad():
                 for b in batches:
-                    loss, k = _sum_ce(model, b, dev)
+                    loss, k = _sum_ce(model, b, dev, precision)
                     n += k
                     for a, gr in zip(acc, torch.autograd.grad(loss, gates, allow_unused=True)):
                         if gr is not None:
@@ -160,11 +163,11 @@ def taylor_importance(model: CPMAnt, batches: list[Batch], heads: bool = True,
     return h, f
 
 
-def head_importance(model: CPMAnt, batches: list[Batch]) -> torch.Tensor:
+def head_importance(model: CPMAnt, batches: list[Batch], precision: str = "fp32") -> torch.Tensor:
     """(num_layers, num_heads) Taylor importance of each head; NaN rows for masked attention sub-blocks."""
-    return taylor_importance(model, batches, heads=True, neurons=False)[0]
+    return taylor_importance(model, batches, heads=True, neurons=False, precision=precision)[0]
 
 
-def neuron_importance(model: CPMAnt, batches: list[Batch]) -> torch.Tensor:
+def neuron_importance(model: CPMAnt, batches: list[Batch], precision: str = "fp32") -> torch.Tensor:
     """(num_layers, dim_ff) Taylor importance of each FFN neuron; NaN rows for masked FFN sub-blocks."""
-    return taylor_importance(model, batches, heads=False, neurons=True)[1]
+    return taylor_importance(model, batches, heads=False, neurons=True, precision=precision)[1]

@@ -129,8 +129,9 @@ def _permute(ffn: FeedForward, perm: torch.Tensor) -> None:
 
 
 def moefy(model: CPMAnt, batches: list[Batch], num_experts: int, top_k: int, *, cluster: str = "activation",
-          max_tokens: int = 2048, iters: int = 20, seed: int = 0) -> tuple[CPMAnt, dict]:
-    """A new model whose kept FFNs are `num_experts`-expert MoE layers using `top_k` per token; (model, report)."""
+          max_tokens: int = 2048, iters: int = 20, seed: int = 0, precision: str = "fp32") -> tuple[CPMAnt, dict]:
+    """A new model whose kept FFNs are `num_experts`-expert MoE layers using `top_k` per token; (model, report).
+    `precision` (resolved) is that of the reported losses; the activations that cluster the neurons stay fp32."""
     c = model.config
     if c.moe_experts is not None:
         raise CpmantError("the model is already MoEfied", "moefy a dense model")
@@ -139,7 +140,7 @@ def moefy(model: CPMAnt, batches: list[Batch], num_experts: int, top_k: int, *, 
     if c.dim_ff % num_experts or not 1 <= top_k <= num_experts:
         raise CpmantError(f"cannot split dim_ff={c.dim_ff} into {num_experts} experts with top_k={top_k}",
                           "choose num_experts dividing dim_ff and 1 <= top_k <= num_experts")
-    loss_before = lm_loss(model, batches)
+    loss_before = lm_loss(model, batches, precision)
     new = copy.deepcopy(model)
     acts = _activation_samples(new, batches, max_tokens, seed) if cluster == "activation" else {}
     for i, layer in enumerate(new.encoder.layers):
@@ -158,7 +159,7 @@ def moefy(model: CPMAnt, batches: list[Batch], num_experts: int, top_k: int, *, 
         centroids = _weight(ffn.w_in.w_0).view(num_experts, c.dim_ff // num_experts, -1).mean(1)  # (E, D)
         layer.ffn.ffn = MoEFeedForward.from_ffn(ffn, num_experts, top_k, centroids)
     new.config = c.replace(moe_experts=num_experts, moe_top_k=top_k)
-    loss_after = lm_loss(new, batches)
+    loss_after = lm_loss(new, batches, precision)
     return new, {
         "num_experts": num_experts, "top_k": top_k, "cluster": cluster,
         "ffn_compute_saved": 1.0 - top_k / num_experts,

@@ -9,6 +9,10 @@ is judged by.
 
 Reuse: a finished variant is reused only when its key matches: the recipe with every method's config, the
 CompressConfig fields the recipe uses, the parent's checkpoint sha256, the data hash and the code version.
+
+Precision: `CompressConfig.precision` is resolved once per variant (on the CPU, where compression runs) and autocasts
+distillation (student and teacher), importance scoring and evaluation; it is part of both keys as the resolved value
+(`auto` on a bf16 machine is the same variant as `bf16`). Generation speed is measured as generate_ids runs it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..errors import CpmantError
 from ..generate import GenerationConfig, generate_ids
 from ..lineage import DataLineage, load_lineage_data, read_lineage
 from ..model import CPMAnt
+from ..precision import resolve_precision
 from ..tokenizer import BOS_ID, EOS_ID
 from ..training.data import PretrainStream
 from ..training.evaluate import evaluate
@@ -40,7 +45,8 @@ from .recipe import Recipe
 
 GEN_PROMPTS = ["床前明月光", "春眠不觉晓", "白日依山尽", "学而时习之"]
 # CompressConfig fields every recipe uses (evaluation and generation speed, the backend); methods add theirs
-BASE_FIELDS = ("eval_rows", "batch_size", "gen_tokens", "gen_repeats", "backend")
+BASE_FIELDS = ("eval_rows", "batch_size", "gen_tokens", "gen_repeats", "backend", "precision")
+DEVICE = "cpu"  # where compression runs (the parent is loaded on the CPU)
 # of those, the ones that change only the reported metrics, not the weights
 METRIC_FIELDS = ("eval_rows", "gen_tokens", "gen_repeats")
 # report entries that are settings, not measurements (params, not metrics)
@@ -123,6 +129,20 @@ def fields_used(recipe: Recipe) -> tuple[str, ...]:
     return tuple(dict.fromkeys(BASE_FIELDS + tuple(f for m in recipe.methods for f in METHODS[m.name].uses)))
 
 
+def compress_precision(cfg: CompressConfig) -> str:
+    """The precision (fp32 / bf16) `cfg.precision` resolves to where compression runs."""
+    return resolve_precision(cfg.precision, DEVICE)
+
+
+def used_settings(recipe: Recipe, cfg: CompressConfig, metrics: bool = True) -> dict:
+    """The CompressConfig fields a recipe uses (recipe with overrides applied), `precision` resolved; without
+    the metric-only fields when `metrics` is False."""
+    out = {k: getattr(cfg, k) for k in fields_used(recipe) if metrics or k not in METRIC_FIELDS}
+    if "precision" in out:
+        out["precision"] = compress_precision(cfg)
+    return out
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -142,11 +162,10 @@ def variant_key(parent_dir: Path, recipe: Recipe, cfg: CompressConfig) -> Varian
     parent_sha = ckpt.sha256_file(Path(parent_dir) / ckpt.WEIGHTS_FILE)
     data_sha = read_lineage(parent_dir).data_sha256
     code = ckpt.git_sha()
-    used = fields_used(recipe)
     common = {"recipe": recipe.model_dump(mode="json"), "parent_checkpoint_sha256": parent_sha,
               "data_sha256": data_sha, "git_sha": code}
-    weights = _sha({**common, "compress": {k: getattr(cfg, k) for k in used if k not in METRIC_FIELDS}})
-    full = _sha({**common, "compress": {k: getattr(cfg, k) for k in used}})
+    weights = _sha({**common, "compress": used_settings(recipe, cfg, metrics=False)})
+    full = _sha({**common, "compress": used_settings(recipe, cfg)})
     return VariantKey(full, weights, parent_sha, data_sha, code)
 
 
@@ -155,14 +174,16 @@ def recipe_sha256(recipe: Recipe, cfg: CompressConfig, parent_dir: Path) -> str:
 
 
 def recipe_params(recipe: Recipe, cfg: CompressConfig) -> dict[str, str]:
-    """What a recipe's run records as params: the recipe, its methods' configs, the CompressConfig fields it uses,
-    and the published reference figure (a param: it is not a measurement)."""
+    """What a recipe's run records as params: the recipe, its methods' configs, the CompressConfig fields it uses
+    (`compress.precision` resolved), `precision` (resolved: fp32 / bf16) with `precision_setting` (auto / fp32 /
+    bf16), and the published reference figure (a param: it is not a measurement)."""
     recipe = apply_overrides(recipe, cfg)
     out = {"recipe.name": recipe.name, "recipe.methods": ",".join(recipe.method_names),
            "recipe.published_loss_increase": str(recipe.published_loss_increase)}
     for m in recipe.methods:
         out.update({f"{m.name}.{k}": str(v) for k, v in m.model_dump(mode="json").items() if k != "name"})
-    out.update({f"compress.{k}": str(getattr(cfg, k)) for k in fields_used(recipe)})
+    out.update({f"compress.{k}": str(v) for k, v in used_settings(recipe, cfg).items()})
+    out.update({"precision": compress_precision(cfg), "precision_setting": cfg.precision})
     return out
 
 
@@ -207,7 +228,8 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
                           f"with ({key.data_sha256[:16]}...)", "pass data=None: the parent's data is loaded")
     distill_cfg = recipe.method("distill") or DistillConfig()
     train_s, imp_s, eval_s = build_streams(teacher.config, data, distill_cfg.seq_len)
-    parent_eval = evaluate(teacher, eval_s, cfg.eval_rows, cfg.batch_size)
+    precision = compress_precision(cfg)  # once per variant
+    parent_eval = evaluate(teacher, eval_s, cfg.eval_rows, cfg.batch_size, precision)
     imp_cache: list = []
 
     def importance_batches():
@@ -217,18 +239,20 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
         return imp_cache
 
     torch.manual_seed(distill_cfg.seed)
-    report: dict = {"recipe": recipe.name, "methods": recipe.method_names, "parent": parent_uri}
+    report: dict = {"recipe": recipe.name, "methods": recipe.method_names, "parent": parent_uri,
+                    "precision": precision}
     ctx = MethodContext(teacher=teacher, student=copy.deepcopy(teacher), train_stream=train_s,
                         importance_batches=importance_batches, work_dir=out_dir,
                         vocab_path=parent_dir / ckpt.VOCAB_FILE, callbacks=callbacks, progress=progress,
-                        identity={"recipe": recipe.name, "weights_sha256": key.weights_sha256}, report=report)
+                        identity={"recipe": recipe.name, "weights_sha256": key.weights_sha256}, report=report,
+                        precision=precision)
     t0 = time.perf_counter()
     for m in recipe.methods:
         ctx.student = METHODS[m.name].apply(ctx, m)
     report["compress_seconds"] = time.perf_counter() - t0
     report["distill_steps"] = report["final_step"] = ctx.step
     student = ctx.student.eval()
-    ev = evaluate(student, eval_s, cfg.eval_rows, cfg.batch_size)
+    ev = evaluate(student, eval_s, cfg.eval_rows, cfg.batch_size, precision)
     att, ffn = student.config.kept()
     report.update({
         "attention_layers": att, "ffn_layers": ffn, "num_heads": student.config.num_heads,
@@ -242,7 +266,7 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
         "parent_generation_tokens_per_second": generation_speed(teacher, tok, cfg.gen_tokens, cfg.gen_repeats),
     })
     meta = {"stage": "compress", "recipe": recipe.name, "recipe_config": recipe.model_dump(mode="json"),
-            "compress_config": {k: getattr(cfg, k) for k in fields_used(recipe)},
+            "compress_config": used_settings(recipe, cfg),
             "config_sha256": key.config_sha256, "weights_sha256": key.weights_sha256,
             "data_sha256": key.data_sha256, "data": data.lineage.to_meta(), "parent": parent_uri,
             "parent_checkpoint_sha256": key.parent_checkpoint_sha256}

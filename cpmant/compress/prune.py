@@ -21,7 +21,8 @@ from collections import Counter
 import torch
 
 from ..errors import CpmantError
-from ..model import CPMAnt, build_model
+from ..factory import build_model
+from ..model import CPMAnt
 from ..training.data import Batch
 from .importance import lm_loss, sublayer_importance, taylor_importance
 
@@ -145,7 +146,7 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def prune(model: CPMAnt, target: dict, batches: list[Batch]) -> tuple[CPMAnt, dict]:
+def prune(model: CPMAnt, target: dict, batches: list[Batch], precision: str = "fp32") -> tuple[CPMAnt, dict]:
     """Prune to `target` = {att_layers, ffn_layers, num_heads, dim_ff} (Recipe.target_shape) by importance.
 
     1. sub-layers: ablation importance; keep the `att_layers` / `ffn_layers` most important (at least one each);
@@ -153,7 +154,8 @@ def prune(model: CPMAnt, target: dict, batches: list[Batch]) -> tuple[CPMAnt, di
        heads of each kept attention layer and the top `dim_ff` neurons of each kept FFN;
     3. slice. Returns (pruned model, report): kept_att, kept_ffn, heads (per layer, the kept heads in their new
        order, [] where the attention is removed), bias_heads, loss_before, loss_after, params_before, params_after,
-       and sublayer_importance when sub-layers were removed.
+       and sublayer_importance when sub-layers were removed. `precision` (resolved: fp32 / bf16): the autocast of
+       every importance and loss forward pass.
     """
     _refuse_compressed(model, "prune")
     c = model.config
@@ -164,12 +166,12 @@ def prune(model: CPMAnt, target: dict, batches: list[Batch]) -> tuple[CPMAnt, di
     if not (1 <= n_heads <= c.num_heads and 1 <= n_ff <= c.dim_ff):
         raise CpmantError(f"target num_heads={n_heads}, dim_ff={n_ff} do not fit the model "
                           f"(num_heads={c.num_heads}, dim_ff={c.dim_ff})", "prune to at most the current sizes")
-    loss_before = lm_loss(model, batches)
+    loss_before = lm_loss(model, batches, precision)
     report: dict = {"loss_before": loss_before, "params_before": model.num_parameters()}
 
     keep_att, keep_ffn = set(has_att), set(has_ffn)
     if n_att < len(has_att) or n_ffn < len(has_ffn):
-        imp = sublayer_importance(model, batches)
+        imp = sublayer_importance(model, batches, precision)
         report["sublayer_importance"] = [list(p) for p in imp]
         keep_att = set(sorted(has_att, key=lambda i: (-imp[i][0], i))[:n_att])
         keep_ffn = set(sorted(has_ffn, key=lambda i: (-imp[i][1], i))[:n_ffn])
@@ -178,7 +180,8 @@ def prune(model: CPMAnt, target: dict, batches: list[Batch]) -> tuple[CPMAnt, di
     heads = [list(range(c.num_heads)) for _ in range(c.num_layers)]
     neurons = [list(range(c.dim_ff)) for _ in range(c.num_layers)]
     if n_heads < c.num_heads or n_ff < c.dim_ff:
-        h_imp, f_imp = taylor_importance(model, batches, heads=n_heads < c.num_heads, neurons=n_ff < c.dim_ff)
+        h_imp, f_imp = taylor_importance(model, batches, heads=n_heads < c.num_heads, neurons=n_ff < c.dim_ff,
+                                         precision=precision)
         if h_imp is not None:
             heads = [_top(h_imp[i], n_heads) if i in keep_att else [] for i in range(c.num_layers)]
         if f_imp is not None:
@@ -188,6 +191,6 @@ def prune(model: CPMAnt, target: dict, batches: list[Batch]) -> tuple[CPMAnt, di
     report.update(
         kept_att=sorted(keep_att), kept_ffn=sorted(keep_ffn),
         heads=ordered, bias_heads=bias_heads,
-        loss_after=lm_loss(pruned, batches), params_after=pruned.num_parameters(),
+        loss_after=lm_loss(pruned, batches, precision), params_after=pruned.num_parameters(),
     )
     return pruned, report

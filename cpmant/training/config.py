@@ -31,7 +31,9 @@ class PretrainConfig(FrozenModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of the peak")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (CPM-Ant: 0.01)")
     clip_grad: float = Field(1.0, gt=0, description="gradient norm clip (CPM-Ant: 1.0)")
-    bf16: bool = Field(False, description="bf16 autocast for the forward pass")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="matmul precision: auto = bf16 autocast where the device multiplies bf16 natively "
+                            "(AVX-512 BF16/AMX, CUDA 8.0+), else fp32; weights, optimizer, checkpoints stay fp32")
     seed: int = Field(0, description="seeds model init, data order and objectives")
     eval_interval: int = Field(100, ge=1, description="steps between validation passes")
     eval_rows: int = Field(64, ge=1, description="validation rows per pass")
@@ -48,6 +50,12 @@ class PretrainConfig(FrozenModel):
     num_threads: int | None = Field(None, description="torch intra-op threads per process (None = cores/procs)")
     output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>-<key8>")
     encode_workers: int | None = Field(None, description="processes that encode the corpus (None = all cores)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_bf16(cls, data):
+        """A config saved before `precision` existed: `bf16: true` -> bf16, `bf16: false` -> fp32."""
+        return upgrade_bf16(data)
 
     @field_validator("backend")
     @classmethod
@@ -92,6 +100,16 @@ class PretrainConfig(FrozenModel):
 
 
 _SCALARS = (int, float, bool, str)
+
+
+def upgrade_bf16(data):
+    """A saved config's dict with the old `bf16: bool` replaced by `precision` (bf16 / fp32); other input as is."""
+    if isinstance(data, dict) and "bf16" in data:
+        data = dict(data)
+        old = data.pop("bf16")
+        if "precision" not in data:
+            data["precision"] = "bf16" if old in (True, "true", "True", 1) else "fp32"
+    return data
 
 
 def check_model_overrides(overrides: dict) -> dict:

@@ -1,29 +1,39 @@
 """Loss on CPM-Ant rows: the summed token loss of a batch (training and compression use it) and the validation pass.
 
-`loss_sums(model, batch, bf16)` -> (summed token cross-entropy, {task: summed loss of that task's targets});
-`evaluate(model, stream, rows, batch_size, bf16=False)` -> {"valid_loss", "valid_perplexity", "valid_tokens"}.
+`loss_sums(model, batch, precision="fp32")` -> (summed token cross-entropy, {task: summed loss of that task's targets});
+`evaluate(model, stream, rows, batch_size, precision="fp32")` -> {"valid_loss", "valid_perplexity", "valid_tokens"}.
+`precision` is resolved (fp32 / bf16: cpmant.precision.resolve_precision); bf16 autocasts the forward pass, the
+cross-entropy stays fp32. The old `bf16: bool` (positional or keyword) is still accepted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..model import CPMAnt
+from ..precision import autocast
 from .data import IGNORE, TASK_LM, TASK_MASK, Batch, PretrainStream
 
 
-def loss_sums(model: CPMAnt, batch: Batch, bf16: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def _precision(precision: str | bool, bf16: bool | None) -> str:
+    if bf16 is not None:  # the old keyword
+        return "bf16" if bf16 else "fp32"
+    if isinstance(precision, bool):  # the old positional bool
+        return "bf16" if precision else "fp32"
+    return precision
+
+
+def loss_sums(model: CPMAnt, batch: Batch, precision: str = "fp32", *,
+              bf16: bool | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Summed token loss of a batch (with its graph) and the per-task sums (detached, on the CPU; CPM-Live logs the
     loss of each task). Logits are projected only at the positions that have a target; fp32 cross-entropy."""
     device = model.input_embedding.weight.device
     b = batch.to(device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     sel = b.target != IGNORE  # (B, L): the positions with a target
-    with ctx:
+    with autocast(_precision(precision, bf16), device):
         logits = model(**b.model_inputs(), logits_at=sel)  # (N, V), row-major order of sel
     tok_loss = F.cross_entropy(logits.float(), b.target[sel], reduction="none")  # (N,)
     tok_task = b.task[sel]  # (N,) the task of each target's piece
@@ -32,9 +42,11 @@ def loss_sums(model: CPMAnt, batch: Batch, bf16: bool = False) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, bf16: bool = False) -> dict:
+def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, precision: str = "fp32", *,
+             bf16: bool | None = None) -> dict:
     """Left-to-right LM loss on `rows` rows of a stream with fixed cut points (comparable over time). The rows are
     the first of the stream's seeded epoch-0 order: a fixed random sample, not the corpus's first documents."""
+    precision = _precision(precision, bf16)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -42,7 +54,7 @@ def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, 
     try:
         for start in range(0, n, batch_size):
             b = stream.batch(range(start, min(n, start + batch_size)), shuffle=True, task=TASK_LM)
-            s, _ = loss_sums(model, b, bf16)
+            s, _ = loss_sums(model, b, precision)
             total += s.item()
             count += b.num_targets
     finally:

@@ -31,6 +31,7 @@ from ..errors import CpmantError
 from ..flops import flops_per_token, measure_matmul_peak
 from ..fsutil import atomic_write_text
 from ..model import CPMAnt
+from ..precision import resolve_precision
 from ..tokenizer import BOS_ID, EOS_ID
 from .allocator import keep_freed_memory
 from .config import PretrainConfig
@@ -74,6 +75,8 @@ class TrainResult:
     resumed_from: int
     data: dict = field(default_factory=dict)
     config_sha256: str = ""
+    precision: str = "fp32"  # the precision the run used (resolved: fp32 or bf16)
+    precision_setting: str = "fp32"  # the configured setting (auto, fp32, bf16)
     skipped_checkpoints: list = field(default_factory=list)  # "step folder: reason" of damaged ones passed over
 
     def to_json(self) -> dict:
@@ -179,6 +182,7 @@ class Pretraining:
 
         torch.manual_seed(cfg.seed)
         self.device = pick_device(cfg.device, self.info)
+        self.precision = resolve_precision(cfg.precision, self.device)  # once per run, on the device used
         self.model = CPMAnt(mcfg).to(self.device)  # initialised on the CPU from the seed: the same on any device
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -314,7 +318,7 @@ class Pretraining:
         counts_task = torch.zeros(2)
         for s, b in zip(starts, batches):
             seed_everything(cfg.seed, step, s)  # dropout masks: a function of the rows, not of the process
-            total, per_task = loss_sums(self.model, b, cfg.bf16)
+            total, per_task = loss_sums(self.model, b, self.precision)
             (total / n_targets).backward()
             sums += torch.stack([total.detach().cpu(), per_task[TASK_MASK], per_task[TASK_LM]])
             has = b.target != IGNORE  # the CPU copy of the batch
@@ -337,7 +341,7 @@ class Pretraining:
 
     # ---- evaluate, save -------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.valid_stream, self.cfg.eval_rows, self.micro, self.cfg.bf16)
+        return evaluate(self.model, self.valid_stream, self.cfg.eval_rows, self.micro, self.precision)
 
     def meta(self) -> dict:
         return {"data_sha256": self.data.data_sha256, "config_sha256": self.cfg_sha, "run_key": run_key(self.cfg),
@@ -366,7 +370,8 @@ class Pretraining:
             dump_config(cfg, self.run_dir / "config.yaml")
             self.mcfg.save(self.run_dir / "model_config.json")
         log = _JsonlLog(self.run_dir / "train_log.jsonl", self.start_step, info.is_main)
-        dtype = torch.bfloat16 if cfg.bf16 and self.device.type == "cuda" else torch.float32
+        # MFU against the peak of the dtype the matrix products run in (bf16 under bf16 autocast, on any device)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.peak = measure_matmul_peak(dtype=dtype, seconds=0.3, device=self.device.type)
         if self.valid_start is None:
             self.valid_start = self.evaluate()["valid_loss"]
@@ -374,8 +379,8 @@ class Pretraining:
                 self.callbacks.on_eval(0, {"valid_loss": self.valid_start,
                                            "valid_perplexity": math.exp(min(self.valid_start, 50))})
         self.last_eval = {"valid_loss": self.valid_start}
-        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"pretrain {cfg.preset}", unit="step",
-                   disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"pretrain {cfg.preset} {self.precision}",
+                   unit="step", disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
         try:
             for step in range(self.start_step, cfg.max_steps):
                 m = self.step(step)
@@ -431,7 +436,8 @@ class Pretraining:
             valid_loss_end=self.last_eval["valid_loss"], tokens_seen=self.tokens_seen, tokens_per_second=tps,
             train_seconds=self.train_seconds, mfu=mfu, peak_flops=self.peak,
             num_parameters=self.model.num_parameters(), resumed_from=self.start_step, data=self.data.summary(),
-            config_sha256=self.cfg_sha, skipped_checkpoints=list(self.skipped),
+            config_sha256=self.cfg_sha, precision=self.precision, precision_setting=cfg.precision,
+            skipped_checkpoints=list(self.skipped),
         )
 
 

@@ -2,8 +2,10 @@
 
 - `config_sha256(cfg)`: sha256 of the resolved PretrainConfig fields that shape the weights or the reported
   metrics: every field except NOT_HASHED (where to write, how many threads/encoders, checkpoint cadence and
-  retention, how to resume). The corpus is taken as its absolute path (None = fortunes-zh). This is the run's
-  identity for reuse (registered as cpmant.config_sha256).
+  retention, how to resume). The corpus is taken as its absolute path (None = fortunes-zh), and `precision` as
+  the precision it resolves to on the configured device (`auto` on a bf16 machine hashes as `bf16`; a config saved
+  with the old `bf16: bool` as bf16 / fp32). This is the run's identity for reuse (registered as
+  cpmant.config_sha256).
 - `run_key(cfg)`: the same hash without max_steps, so a run that is only extended stays in its folder.
 - `resolve_run_dir(cfg)`: output_dir when given, else $CPMANT_HOME/runs/pretrain-<preset>-<run_key[:8]>.
 - `RunLock`: an exclusive, non-blocking flock on `<run>/.lock` held while a process trains there.
@@ -22,7 +24,7 @@ import yaml
 from .. import checkpoint as ckpt
 from ..errors import CpmantError
 from ..paths import subdir
-from .config import PretrainConfig
+from .config import PretrainConfig, upgrade_bf16
 
 # fields that change neither the weights nor the reported numbers
 NOT_HASHED = frozenset({"resume", "output_dir", "num_threads", "encode_workers", "save_interval", "keep_last",
@@ -30,10 +32,29 @@ NOT_HASHED = frozenset({"resume", "output_dir", "num_threads", "encode_workers",
 LOCK_FILE = ".lock"
 
 
+def configured_device(device: str) -> str:
+    """The device type a config's `device` names on this machine: auto -> cuda when available, else cpu."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_precision(cfg: PretrainConfig | dict) -> str:
+    """The precision (fp32 / bf16) a config trains in on this machine, on its configured device."""
+    from ..precision import resolve_precision
+
+    d = upgrade_bf16(cfg.model_dump(mode="json") if isinstance(cfg, PretrainConfig) else dict(cfg))
+    return resolve_precision(d.get("precision", "fp32"), configured_device(d.get("device", "auto")))
+
+
 def settings(cfg: PretrainConfig | dict, with_max_steps: bool = True) -> dict:
-    """The hashed fields of a config (or of a saved config's dict), the corpus as an absolute path."""
-    d = cfg.model_dump(mode="json") if isinstance(cfg, PretrainConfig) else dict(cfg)
+    """The hashed fields of a config (or of a saved config's dict), the corpus as an absolute path, the precision
+    resolved (see the module doc)."""
+    d = upgrade_bf16(cfg.model_dump(mode="json") if isinstance(cfg, PretrainConfig) else dict(cfg))
     out = {k: v for k, v in d.items() if k not in NOT_HASHED}
+    out["precision"] = run_precision(d)
     if out.get("corpus"):
         out["corpus"] = str(Path(out["corpus"]).expanduser().resolve())
     if not with_max_steps:

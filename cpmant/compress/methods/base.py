@@ -52,6 +52,7 @@ class MethodContext:
     progress: bool = True
     report: dict = field(default_factory=dict)  # each method writes its section under its name
     step: int = 0  # training steps taken so far (the step final metrics are logged at)
+    precision: str = "fp32"  # resolved (fp32 / bf16): autocast of distillation and importance forward passes
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def apply(ctx: MethodContext, cfg: DistillConfig):
     if cfg.qat:
         enable_qat(student)  # fake-int8 weights (straight-through) while distilling
     r = distill(student, ctx.teacher, ctx.train_stream, cfg, ctx.work_dir / "checkpoints", ctx.vocab_path,
-                meta=ctx.identity, callbacks=ctx.callbacks, progress=ctx.progress)
+                meta=ctx.identity, callbacks=ctx.callbacks, progress=ctx.progress, precision=ctx.precision)
     if cfg.qat:
         disable_qat(student)
     ctx.report["distill"] = asdict(r) | {"losses": None}

@@ -33,5 +33,5 @@ def apply(ctx: MethodContext, cfg: MoefyConfig):
     from ..moefy import moefy
 
     student, ctx.report["moefy"] = moefy(ctx.student, ctx.importance_batches(), cfg.num_experts, cfg.top_k,
-                                         cluster=cfg.cluster, max_tokens=cfg.max_tokens)
+                                         cluster=cfg.cluster, max_tokens=cfg.max_tokens, precision=ctx.precision)
     return student

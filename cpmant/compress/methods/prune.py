@@ -48,5 +48,6 @@ def apply(ctx: MethodContext, cfg: PruneConfig):
     """Structured pruning of sub-layers, heads and FFN neurons by importance (shares of the parent's shape)."""
     from ..prune import prune
 
-    student, ctx.report["prune"] = prune(ctx.student, cfg.target_shape(ctx.teacher.config), ctx.importance_batches())
+    student, ctx.report["prune"] = prune(ctx.student, cfg.target_shape(ctx.teacher.config), ctx.importance_batches(),
+                                         precision=ctx.precision)
     return student
