@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 from .errors import CpmantError
 
 MAX_SEED = 2**63 - 1  # MLflow's `long`; torch.Generator.manual_seed takes it
+PRECISIONS = ("auto", "fp32", "bf16")  # = cpmant.precision.PRECISIONS (repeated here: this module imports no torch)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: beam search (deterministic; temperature, top_k and top_p stay at their defaults)
     repetition_penalty: float = 1.2  # CTRL penalty on tokens already generated; 1 = off, < 1 favours repeats
     seed: Optional[int] = 0  # seed of the sampling generator; None = torch's global generator
+    precision: str = "auto"  # compute precision of the forward passes: auto | fp32 | bf16 (see cpmant.generate)
 
     # field -> (kind, allowed range in words, check)
     _RULES = {
@@ -34,6 +36,8 @@ class GenerationConfig:
         "num_beams": ("int", ">= 1 (1 = no beam search)", lambda v: v >= 1),
         "repetition_penalty": ("float", "> 0 (1 = off)", lambda v: v > 0),
         "seed": ("int", f"0..{MAX_SEED}, or None", lambda v: 0 <= v <= MAX_SEED),
+        "precision": ("choice", " | ".join(PRECISIONS) + " (auto = fp32 on the CPU, bf16 on CUDA with compute "
+                      "capability 8.0 or more)", lambda v: v in PRECISIONS),
     }
 
     def __post_init__(self):
@@ -41,6 +45,10 @@ class GenerationConfig:
         for name, (kind, allowed, ok) in self._RULES.items():
             value = getattr(self, name)
             if name == "seed" and value is None:
+                continue
+            if kind == "choice":
+                if not isinstance(value, str) or not ok(value):
+                    problems.append(f"{name}={value!r} (allowed: {allowed})")
                 continue
             coerced = _coerce(value, kind)
             if coerced is None or not ok(coerced):

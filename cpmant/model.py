@@ -436,17 +436,3 @@ class CPMAnt(nn.Module):
     def reorder_cache(past_key_values: KVCache, index: torch.Tensor) -> KVCache:
         """A cache of rows `index` (R,) of `past_key_values` (beam search); `KVCache.reorder_` does it in place."""
         return past_key_values.reordered(index)
-
-
-def build_model(config: ModelConfig, device=None, dtype: Optional[torch.dtype] = None) -> CPMAnt:
-    """Make a CPMAnt directly on `device` in `dtype` (torch.device("meta") builds the 10B with no memory)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    prev = torch.get_default_dtype()
-    try:
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-        with device:
-            model = CPMAnt(config)
-    finally:
-        torch.set_default_dtype(prev)
-    return model

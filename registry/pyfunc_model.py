@@ -1,7 +1,8 @@
 """The MLflow pyfunc model of a CPM-Ant checkpoint, logged as code (models-from-code): no pickled object.
 
 Its only artifact is the checkpoint folder (safetensors, config.json, vocab.txt, metadata). `predict` takes the
-prompts and returns their continuations; its params are `cpmant.generation_config.GenerationConfig`'s fields.
+prompts and returns their continuations; its params are `cpmant.generation_config.GenerationConfig`'s fields
+(`precision`: auto | fp32 | bf16, auto = fp32 on the CPU, see cpmant/generate.py).
 
 The input's type hint is `pd.DataFrame` because that is what MLflow hands over: the logged signature is
 column-based (one string column, see registry/register.py), so MLflow turns a list of prompts into a one-column

@@ -65,12 +65,16 @@ def test_served_request_generates(served):
     assert r.status_code == 200, r.text
     out = r.json()["predictions"]
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    for precision in ("bf16", "fp32"):  # the precision param reaches generate (bf16 autocast on the CPU works)
+        r = _post(client, {"inputs": ["床前明月光"], "params": {"max_new_tokens": 2, "precision": precision}})
+        assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("params,says", [
     ({"num_beams": 0}, "num_beams=0 (allowed: an integer >= 1"), ({"top_p": 2.0}, "top_p=2.0 (allowed"),
     ({"temperature": -1.0}, "temperature=-1.0 (allowed"), ({"num_beams": 2, "temperature": 0.7}, "does not sample"),
     ({"max_new_tokens": 100}, "max_new_tokens 100 leaves no room"),
+    ({"precision": "fp16"}, "precision='fp16' (allowed: auto | fp32 | bf16"),
 ])
 def test_bad_params_answer_the_message_only(served, params, says):
     _, client, _ = served
