@@ -251,16 +251,22 @@ def _add_outcome_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     """One flag per GenerationConfig field, with its default; GenerationConfig checks the values and their mix."""
-    from cpmant.generation_config import GenerationConfig
+    from cpmant.generation_config import PRECISIONS, GenerationConfig
 
     d = GenerationConfig()
     helps = {"max_new_tokens": "tokens to add (1 or more)", "temperature": "0 = greedy; more = more random",
              "top_k": "sample among the k likeliest tokens (0 = no limit)",
              "top_p": "sample among the likeliest tokens up to this probability, in (0, 1] (1 = no limit)",
              "num_beams": "beam search width (1 = none)", "repetition_penalty": "1 = off; above 1 discourages repeats",
-             "seed": "seed of the sampling generator"}
+             "seed": "seed of the sampling generator",
+             "precision": "compute precision: auto (fp32 on the CPU, where decoding is faster in fp32; bf16 on "
+                          "CUDA with compute capability 8.0+), fp32 or bf16"}
     for name in GenerationConfig.field_names():
         default = getattr(d, name)
+        if isinstance(default, str):  # a choice (precision): GenerationConfig checks it and names the choices
+            p.add_argument("--" + name.replace("_", "-"), default=None, metavar="|".join(PRECISIONS),
+                           help=f"{helps.get(name, name)} (default: {default})")
+            continue
         kind = int if isinstance(default, int) or name == "seed" else float
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
                        help=f"{helps.get(name, name)} (default: {default})")

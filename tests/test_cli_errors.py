@@ -33,6 +33,7 @@ CASES = [
     ("temperature-negative", ["generate", "models:/cpm-ant-tiny/1", "hi", "--temperature", "-1"], "temperature", None),
     ("top-p-2", ["generate", "models:/cpm-ant-tiny/1", "hi", "--top-p", "2"], "top_p", None),
     ("top-k-negative", ["generate", "models:/cpm-ant-tiny/1", "hi", "--top-k", "-5"], "top_k", None),
+    ("precision-fp16", ["generate", "models:/cpm-ant-tiny/1", "hi", "--precision", "fp16"], "precision", None),
     # choices from the registries
     ("unknown-preset", ["pretrain", "--preset", "huge", "--max-steps", "1"], "unknown preset 'huge'", None),
     ("unknown-backend", ["pretrain", "--backend", "nope"], "nope", None),
