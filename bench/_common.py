@@ -105,6 +105,12 @@ def isolate_environment(home: str | None) -> tuple[Path, bool]:
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     for k, v in quiet.items():
         os.environ.setdefault(k, v)
+    # the OpenMP defaults the CLI sets (OMP_WAIT_POLICY=PASSIVE unless the environment tunes it): effective only
+    # if torch is not imported yet, so benchmark files import torch inside measure()
+    from cpmant.threads import apply_thread_env_defaults
+
+    if "torch" not in sys.modules:
+        apply_thread_env_defaults()
     return path, made
 
 
@@ -123,6 +129,8 @@ def environment_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                    if k in os.environ},
         "transformers": transformers.__version__,
     }
 

@@ -17,6 +17,7 @@ from cpmant.configio import dump_config
 from cpmant.errors import CpmantError
 from cpmant.training.loop import TrainResult, config_sha256, resolve_run_dir
 from cpmant.training.loop import pretrain as pretrain_fn
+from cpmant.threads import worker_env
 from cpmant.training.prepare import PreparedData, prepare_data
 
 from .config import PretrainConfig, TrackingConfig
@@ -99,7 +100,7 @@ def _train_multiprocess(cfg: PretrainConfig, logger: AsyncMetricLogger) -> Train
         dump_config(cfg, cfg_path)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
                "-m", "cpmant.training", "--config", str(cfg_path), "--result", str(res_path)]
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(cmd, env=worker_env(1))
         if proc.returncode != 0 or not res_path.exists():
             raise CpmantError(f"torchrun with {cfg.nproc} processes failed (exit {proc.returncode})",
                               "read the error above; rerun with --resume auto to continue from the last checkpoint")

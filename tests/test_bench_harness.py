@@ -21,7 +21,8 @@ def test_one_benchmark_per_file():
     files = sorted(p.name for p in BENCH.glob("bench_*.py"))
     assert "bench_pretrain.py" not in files and "bench_registry.py" not in files
     for name in ("bench_train_step.py", "bench_tracking_overhead.py", "bench_mfu.py", "bench_encoding.py",
-                 "bench_register.py", "bench_pull.py", "bench_compress.py"):
+                 "bench_register.py", "bench_pull.py", "bench_compress.py", "bench_precision.py",
+                 "bench_threads.py", "bench_generate.py"):
         text = (BENCH / name).read_text(encoding="utf-8")
         assert "run_benchmark(" in text, name
         assert len(text.splitlines()) < 320, f"{name} should hold one benchmark"
@@ -81,3 +82,19 @@ def test_run_benchmark_writes_json_with_load_average(tmp_path, capsys, monkeypat
     assert set(data["thing"]["load_average"]) == {"before", "after"}
     assert "load_average_start" in data["meta"] and "load_average_end" in data["meta"]
     assert "| figure |" in capsys.readouterr().out
+
+
+def test_new_benchmarks_are_in_the_readme_table():
+    readme = (BENCH / "README.md").read_text(encoding="utf-8")
+    for name in ("bench_precision.py", "bench_threads.py", "bench_generate.py"):
+        assert f"| `{name}` |" in readme, name
+
+
+def test_generate_benchmark_tokenizer_reads_ids():
+    import bench_generate
+
+    tok = bench_generate.IdTokenizer()
+    assert tok.encode("12 7 300") == [12, 7, 300]
+    from cpmant.tokenizer import BOS_ID, EOS_ID
+
+    assert (tok.bos_id, tok.eos_id) == (BOS_ID, EOS_ID)
