@@ -15,9 +15,9 @@ from prefect.cache_policies import NONE
 
 from cpmant.configio import dump_config
 from cpmant.errors import CpmantError
+from cpmant.threads import worker_env
 from cpmant.training.loop import TrainResult, config_sha256, resolve_run_dir
 from cpmant.training.loop import pretrain as pretrain_fn
-from cpmant.threads import worker_env
 from cpmant.training.prepare import PreparedData, prepare_data
 
 from .config import PretrainConfig, TrackingConfig
