@@ -105,7 +105,7 @@ def isolate_environment(home: str | None) -> tuple[Path, bool]:
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     for k, v in quiet.items():
         os.environ.setdefault(k, v)
-    # the OpenMP defaults the CLI sets (OMP_WAIT_POLICY=PASSIVE unless the environment tunes it): effective only
+    # the OpenMP defaults the CLI sets (GOMP_SPINCOUNT=100000 unless the environment tunes it): effective only
     # if torch is not imported yet, so benchmark files import torch inside measure()
     from cpmant.threads import apply_thread_env_defaults
 

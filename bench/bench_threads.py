@@ -25,7 +25,7 @@ from _common import load_average, markdown_table, median, run_benchmark  # noqa:
 SETTINGS = {
     "1 thread": {"OMP_NUM_THREADS": "1"},
     "2 threads, spin (libgomp default)": {"OMP_NUM_THREADS": "2"},
-    "2 threads, PASSIVE (our default)": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     "2 threads, GOMP_SPINCOUNT=1000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "1000"},
     "2 threads, GOMP_SPINCOUNT=10000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"},
     "2 threads, GOMP_SPINCOUNT=100000": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "100000"},

@@ -22,10 +22,18 @@ The default spin-wait collapses whenever another process wants the cores (to 0.1
 to a few hundred tokens/s at load 5-8). PASSIVE (sleep at once) was the best or near the best in every contended
 run (1.5-6x the default), and costs 6-32% when the cores are free (each of the step's hundreds of parallel regions
 then pays a futex wake-up). Short spin counts sat in between, with results that varied from run to run more than
-the differences measured. So the CLI sets OMP_WAIT_POLICY=PASSIVE, the setting whose worst case is bounded,
-unless the user's environment tunes the waiting itself (OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME set:
-theirs wins, and none is added). A quiet-machine rerun may favour GOMP_SPINCOUNT=10000 instead (as fast as the
-default when quiet): it is a one-line change of THREAD_ENV_DEFAULTS. Thread counts are left to torch (one per
+the differences measured.
+
+Quiet rerun (bench_threads.py full, 30 steps each, load 1.1): spin 8,370 quiet / 2,887 beside two busy loops;
+PASSIVE 7,156 / 3,526; GOMP_SPINCOUNT=10000 7,948 / 3,329; GOMP_SPINCOUNT=100000 8,387 / 3,767. And in the real
+loop (`cpmant pretrain --max-steps 120`, fresh homes, quiet, load 1.1-1.5): ACTIVE 14,263 tokens/s, spincount
+100000 12,218, PASSIVE 6,648 and 9,778 (its futex wake-ups between the loop's Python work cost up to half); beside
+two busy loops (40 steps): PASSIVE 6,134, spincount 100000 4,527, ACTIVE 3,395. So the CLI sets
+GOMP_SPINCOUNT=100000 (a third of libgomp's default spin before a thread sleeps): as fast as the default when the
+cores are free (0.86-1.0x) and 1.3x it beside busy processes; PASSIVE wins more under contention but costs
+30-50% of the common, quiet case. Unless the user's environment tunes the waiting itself (OMP_WAIT_POLICY,
+GOMP_SPINCOUNT or KMP_BLOCKTIME set: theirs wins, and none is added); OMP_WAIT_POLICY=PASSIVE is the setting for a
+machine that is always busy. Thread counts are left to torch (one per
 core): 2 threads beat 1 when the cores were free, 1 did as well beside the busy loops; torchrun's workers get
 OMP_NUM_THREADS=1 each (tasks/pretrain.py) and inherit the wait policy.
 
@@ -39,7 +47,7 @@ import os
 from collections.abc import MutableMapping
 
 # variable -> default; a user's own value (or a related variable, see below) wins
-THREAD_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+THREAD_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "100000"}
 # the user's own setting of one of these means they tuned the waiting themselves: add nothing
 _WAIT_TUNING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 

@@ -27,9 +27,9 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_configure_environment_sets_passive_wait(clean_env):
     configure_environment()
-    assert THREAD_ENV_DEFAULTS == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "GOMP_SPINCOUNT" not in os.environ
+    assert THREAD_ENV_DEFAULTS == {"GOMP_SPINCOUNT": "100000"}
+    assert os.environ["GOMP_SPINCOUNT"] == "100000"
+    assert "OMP_WAIT_POLICY" not in os.environ
     assert "OMP_NUM_THREADS" not in os.environ  # thread counts stay torch's choice
 
 
@@ -39,23 +39,23 @@ def test_a_users_value_wins(clean_env):
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-@pytest.mark.parametrize("var,value", [("GOMP_SPINCOUNT", "10000"), ("KMP_BLOCKTIME", "0")])
+@pytest.mark.parametrize("var,value", [("OMP_WAIT_POLICY", "PASSIVE"), ("KMP_BLOCKTIME", "0")])
 def test_a_users_own_spin_tuning_is_left_alone(clean_env, var, value):
     clean_env.setenv(var, value)
     configure_environment()
-    assert "OMP_WAIT_POLICY" not in os.environ  # PASSIVE would override their spin count
+    assert "GOMP_SPINCOUNT" not in os.environ  # our spin count would override their own tuning
     assert os.environ[var] == value
 
 
 def test_helpers_work_on_a_given_mapping():
     env = {"PATH": "/bin"}
-    assert thread_env_defaults(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert apply_thread_env_defaults(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert thread_env_defaults(env) == {"GOMP_SPINCOUNT": "100000"}
+    assert apply_thread_env_defaults(env) == {"GOMP_SPINCOUNT": "100000"}
     assert apply_thread_env_defaults(env) == {}  # idempotent
-    assert env == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"PATH": "/bin", "GOMP_SPINCOUNT": "100000"}
     assert worker_env(1, {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "8"}) == {
         "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
-    assert worker_env(1, {}) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    assert worker_env(1, {}) == {"GOMP_SPINCOUNT": "100000", "OMP_NUM_THREADS": "1"}
 
 
 def test_the_cli_sets_it_before_torch_is_imported(clean_env):
@@ -63,8 +63,8 @@ def test_the_cli_sets_it_before_torch_is_imported(clean_env):
     code = ("import sys\nimport cpmant_cli.main as m\nassert 'torch' not in sys.modules, 'torch imported early'\n"
             "from cpmant_cli.env import configure_environment\nconfigure_environment()\n"
             "assert 'torch' not in sys.modules, 'configure_environment imported torch'\n"
-            "import os\nprint(os.environ['OMP_WAIT_POLICY'])\n")
+            "import os\nprint(os.environ['GOMP_SPINCOUNT'])\n")
     env = {k: v for k, v in os.environ.items() if k not in TUNING}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "PASSIVE"
+    assert out.stdout.strip() == "100000"
