@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import load_average, median, paired_ratio, spread
+from _common import Phases, load_average, median, paired_ratio, spread
 
 # Model shapes (on the tiny preset: vocab 8000, prompt 4x8, segments 4) and their safetensors size (fp32)
 SIZES = {
@@ -146,3 +146,21 @@ def breakdown_table(title: str, x: dict, extra: str = "") -> str:
     rows = [("  " * (row["depth"] - 1) + row["phase"], f"{row['seconds']:.3f}", f"{row['share']:.0%}")
             for row in x["phases"]]
     return head + "\n\n" + markdown_table(("phase", "s", "share"), rows)
+
+
+def measure_each(cks: list[dict], home: Path, rounds: int, report: dict, what: str, install_phases, bench) -> list:
+    """`bench(ck, rounds, fresh, phases)` on every checkpoint, with timing wrappers installed by
+    `install_phases(phases)` around the functions that do the work (for the per-call breakdown); rows `{**ck, what:
+    result}`. The wrappers come off again even when a round fails."""
+    fresh = Fresh(home / "scratch")
+    ph = Phases()
+    install_phases(ph)
+    report["meta"]["phases_not_found"] = ph.missing
+    results = []
+    try:
+        for ck in cks:
+            print(f"   {ck['label']}: {what} vs copy ({rounds} rounds) ...", flush=True)
+            results.append({**ck, what: bench(ck, rounds, fresh, ph)})
+    finally:
+        ph.restore()
+    return results

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoints import (  # noqa: E402  (the environment must be isolated before cpmant/registry modules are used)
-    MODES, Fresh, arguments, breakdown_table, build_checkpoints, folder_bytes, rm, sha256_folder, stored_model_dir,
-    summarize,
+    MODES, Fresh, arguments, breakdown_table, build_checkpoints, folder_bytes, measure_each, rm, sha256_folder,
+    stored_model_dir, summarize,
 )
 from _common import (  # noqa: E402
     Phases, breakdown, first_module, interleave, markdown_table, quiet_mlflow, recording_load, run_benchmark,
@@ -100,18 +100,7 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
     report["meta"]["target_pull_vs_copy"] = TARGET_PULL_RATIO
     with quiet_mlflow(home / "mlflow-output.log"):
         cks = build_checkpoints(args, mode, home, report)
-        fresh = Fresh(home / "scratch")
-        ph = Phases()
-        pull_phases(ph)
-        report["meta"]["phases_not_found"] = ph.missing
-        results = []
-        try:
-            for ck in cks:
-                print(f"   {ck['label']}: pull vs copy ({mode['rounds']} rounds) ...", flush=True)
-                results.append({**ck, "pull": bench_pull(ck, mode["rounds"], fresh, ph)})
-        finally:
-            ph.restore()
-    report["sizes"] = results
+        report["sizes"] = measure_each(cks, home, mode["rounds"], report, "pull", pull_phases, bench_pull)
 
 
 def table(r: dict) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoints import (  # noqa: E402  (the environment must be isolated before cpmant/registry modules are used)
-    MODES, Fresh, arguments, breakdown_table, build_checkpoints, rm, sha256_folder, stored_model_dir, summarize,
+    MODES, Fresh, arguments, breakdown_table, build_checkpoints, measure_each, rm, sha256_folder, stored_model_dir,
+    summarize,
 )
 from _common import (  # noqa: E402
     Phases, breakdown, first_module, interleave, load_average, markdown_table, quiet_mlflow, recording_load,
@@ -129,18 +130,8 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
         rm(stored_model_dir(first.name, first.version))
         print(f"   first registration in this process ({cks[0]['label']}; imports, new store): "
               f"{report['meta']['first_register_in_process_s']:.2f} s; load average {load_average()}", flush=True)
-        fresh = Fresh(home / "scratch")
-        ph = Phases()  # timing wrappers on the functions that do the work, for the breakdown of every measured call
-        register_phases(ph)
-        report["meta"]["phases_not_found"] = ph.missing
-        results = []
-        try:
-            for ck in cks:
-                print(f"   {ck['label']}: register vs copy ({mode['rounds']} rounds) ...", flush=True)
-                results.append({**ck, "register": bench_register(ck, mode["rounds"], fresh, ph)})
-        finally:
-            ph.restore()
-    report["sizes"] = results
+        report["sizes"] = measure_each(cks, home, mode["rounds"], report, "register", register_phases,
+                                       bench_register)
 
 
 def table(r: dict) -> str:
