@@ -27,7 +27,7 @@ from ..model import CPMAnt
 from ..precision import autocast
 from ..training.data import IGNORE, PretrainStream
 from ..training.schedule import cosine
-from ..training.state import latest_intact_checkpoint, restore_state, save_state, seed_everything
+from ..training.state import restore_state, save_state, seed_everything
 
 if TYPE_CHECKING:  # the method module imports this one; the config is needed only for annotations
     from .methods.distill import DistillConfig
@@ -85,7 +85,7 @@ def distill(student: CPMAnt, teacher: CPMAnt, stream: PretrainStream, cfg: Disti
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(max(cfg.warmup_steps, 1), max(cfg.steps, 1), 0.1))
     start = 0
     losses: list[float] = []
-    latest = latest_intact_checkpoint(ckpt_root)[0] if resume == "auto" else None
+    latest = ckpt.latest_intact_checkpoint(ckpt_root)[0] if resume == "auto" else None
     if latest is not None:
         saved_cfg, saved_meta = ModelConfig.load(latest / ckpt.CONFIG_FILE), ckpt.read_meta(latest)
         # resume only the same student: same shape, and the same identity when the caller names one

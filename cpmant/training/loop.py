@@ -43,7 +43,7 @@ from .prepare import PreparedData, prepare_data
 from .runs import (RunLock, changed_settings, config_sha256, read_saved_config, resolve_run_dir, run_key,
                    unfinished_runs)
 from .schedule import SCHEDULES
-from .state import check_files, latest_intact_checkpoint, restore_state, save_state, seed_everything, set_aside
+from .state import check_files, restore_state, save_state, seed_everything, set_aside
 
 _loss_sums = loss_sums  # transition: bench/ still imports the old private name; use cpmant.training.evaluate
 
@@ -218,7 +218,7 @@ class Pretraining:
         if cfg.resume == "never":
             return None
         if cfg.resume == "auto":
-            path, skipped = latest_intact_checkpoint(self.ckpt_root)
+            path, skipped = ckpt.latest_intact_checkpoint(self.ckpt_root)
             self._damaged = [p for p, _ in skipped]
             self.skipped = [f"{p}: {why}" for p, why in skipped]
             if path is None and not cfg.output_dir:

@@ -109,21 +109,6 @@ def check_files(path: str | Path) -> str | None:
     return None
 
 
-def latest_intact_checkpoint(ckpt_root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint whose files match their hashes, and the newer ones skipped with the reasons.
-    Uses cpmant.checkpoint's own check when it has one."""
-    own = getattr(ckpt, "latest_intact_checkpoint", None)
-    if own is not None:
-        return own(ckpt_root)
-    skipped: list[tuple[Path, str]] = []
-    for _, p in reversed(ckpt.list_complete_checkpoints(ckpt_root)):
-        reason = check_files(p)
-        if reason is None:
-            return p, skipped
-        skipped.append((p, reason))
-    return None, skipped
-
-
 def set_aside(path: Path) -> Path:
     """Rename a damaged step folder to damaged-step-N (kept for inspection, never resumed from)."""
     dest = path.with_name(f"damaged-{path.name}")
