@@ -127,6 +127,8 @@ class Linear(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.dim_in, self.dim_out = dim_in, dim_out
+        # OpenDelta's LoRA reads these (CPM-Live's Linear sets the same two for it)
+        self.in_features, self.out_features = dim_in, dim_out
         self.scale = 1.0 / math.sqrt(dim_in)
         self.weight = nn.Parameter(torch.empty(dim_out, dim_in))
 

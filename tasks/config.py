@@ -8,7 +8,9 @@ from pydantic import Field
 
 from cpmant.compress.config import CompressConfig  # noqa: F401  (the compress tasks' section)
 from cpmant.configio import FrozenModel  # noqa: F401  (the base of every config section)
+from cpmant.delta.config import TuneConfig  # noqa: F401  (the delta-tuning tasks' section)
 from cpmant.training.config import PretrainConfig  # noqa: F401  (the pretrain tasks' section)
+from cpmant.validation.config import ValidateConfig  # noqa: F401  (the validation tasks' section)
 
 
 class TrackingConfig(FrozenModel):
@@ -26,3 +28,10 @@ class TrackingConfig(FrozenModel):
     electricity_rmb_per_kwh: float = Field(0.0, ge=0, description="added per kWh (0 when the hour price has it)")
     metric_flush_steps: int = Field(50, ge=1, description="per-step metrics are sent to MLflow in batches")
 
+
+
+class OrchestrationConfig(FrozenModel):
+    """How the flows run their tasks (Prefect task runners)."""
+
+    task_runner: str = Field("thread", description="thread (Prefect's thread pool) or dask (prefect-dask)")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler (tcp://...); None = local cluster")

@@ -114,7 +114,8 @@ def test_cli_choices_come_from_the_registries(capsys):
 
 def test_generate_defaults_come_from_generation_config():
     from cpmant.generation_config import GenerationConfig
-    from cpmant_cli.main import _generation_config, build_parser
+    from cpmant_cli.generate_cmd import _generation_config
+    from cpmant_cli.main import build_parser
 
     args = build_parser().parse_args(["generate", "models:/x/1", "hi"])
     assert _generation_config(args) == GenerationConfig()

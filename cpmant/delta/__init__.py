@@ -1,0 +1,1 @@
+"""Delta tuning: OpenDelta methods on our own `CPMAnt`, delta-only checkpoints that name their base."""

@@ -1,0 +1,1 @@
+"""Inference validation: held-out quality, smoke generations, speed, latency and peak memory of one model."""
