@@ -5,6 +5,12 @@ verify every file's sha256 against the version's tags, and hand back a model tha
     model = pull("models:/cpm-ant-tiny@champion")
     model.generate("床前明月光")
 
+A delta version (its checkpoint folder holds `delta.safetensors`, see cpmant/delta/checkpoint.py) is composed on
+load: its base, named in its delta_config.json by URI and sha256, is pulled through the same cache (downloaded and
+verified once, shared by every delta of that base), checked against the sha256 the delta names, and the delta is
+applied to it. `load_model(uri_or_dir)` does this for any version or folder; `pull(uri, merge=True)` and
+`download(uri, to, merge=True)` give a plain checkpoint with LoRA folded into the weights.
+
 (This module is `registry.pulling`, so that `registry.pull` is only ever the function.)
 """
 
@@ -138,7 +144,9 @@ def check_local_checkpoint(path: str | Path) -> Path:
     if not p.is_dir():
         raise CpmantError(f"{p} is not a folder", "pass the checkpoint's folder, not one of its files")
     ck.read_meta(p)  # a CpmantError when the metadata written last is missing
-    verify = getattr(ck, "verify_checkpoint", None)
+    from cpmant.delta.checkpoint import is_delta_checkpoint, verify_delta
+
+    verify = verify_delta if is_delta_checkpoint(p) else getattr(ck, "verify_checkpoint", None)
     try:
         if verify is not None:
             verify(p)
@@ -239,8 +247,12 @@ def checkpoint_dir(uri: str, verify: bool = True) -> Path:
     return cached_model(uri, verify=verify)[2]
 
 
-def download(uri: str, to: str | Path) -> Path:
-    """`cpmant pull URI --to DIR`: the version's checkpoint files in DIR, each verified against its sha256 tag."""
+def download(uri: str, to: str | Path, merge: bool = False) -> Path:
+    """`cpmant pull URI --to DIR`: the version's checkpoint files in DIR, each verified against its sha256 tag.
+
+    A delta version gives its delta folder (delta weights, delta_config.json naming its base); with `merge`
+    (`cpmant pull --merge`) it gives a plain checkpoint instead: the base with the LoRA delta folded into its
+    weights (same logits), loadable with no base and no OpenDelta. `merge` on a plain version changes nothing."""
     to = Path(to).expanduser().resolve()
     if to.exists() and not to.is_dir():
         raise CpmantError(f"{to} is a file, not a folder", "pass --to a new or empty folder")
@@ -252,6 +264,13 @@ def download(uri: str, to: str | Path) -> Path:
     setup_tracking()
     name, version = resolve_version(uri)
     expected = expected_hashes(name, version)
+    if merge:
+        from cpmant.delta.checkpoint import is_delta_checkpoint
+
+        label, _, ckpt = cached_model(uri, verify=True)
+        if is_delta_checkpoint(ckpt):
+            _save_merged(label, ckpt, to)
+            return to
     with tempfile.TemporaryDirectory(prefix=".cpmant-pull-", dir=to.parent if to.parent.is_dir() else None) as tmp:
         ckpt = _download_model(name, version, Path(tmp) / "model")
         verify_files(ckpt, expected, uri)
@@ -280,10 +299,80 @@ class PulledModel:
         return out[0] if isinstance(text, str) else out
 
 
-def pull(uri: str, device: str = "cpu") -> PulledModel:
-    """Resolve, download (cached), verify and load a version: `pull("models:/cpm-ant-tiny@champion").generate(...)`."""
+def pull(uri: str, device: str = "cpu", merge: bool = False) -> PulledModel:
+    """Resolve, download (cached), verify and load a version: `pull("models:/cpm-ant-tiny@champion").generate(...)`.
+
+    A delta version comes composed with its base (see `load_model`). With `merge`, a delta's LoRA is folded into
+    the base's weights: `.model` is a plain CPMAnt and `.path` a plain checkpoint folder (cached under
+    CPMANT_HOME/cache/merged, made once per delta version)."""
+    path = checkpoint_dir(uri)
+    if merge and _is_delta(path):
+        label = f"models:/{'/'.join(map(str, resolve_version(uri)))}" if uri.startswith("models:/") else str(path)
+        from cpmant.checkpoint import recorded_sha256
+
+        merged = subdir("cache", "merged") / recorded_sha256(path, "delta.safetensors")[:32]  # what the delta is
+        if not is_complete(merged):
+            _save_merged(label, path, merged)
+        from cpmant.checkpoint import load_pretrained
+
+        model, tok = load_pretrained(merged, device=device)
+        return PulledModel(uri, merged, model, tok)
+    model, tok = load_model(path, device=device)
+    return PulledModel(uri, path, model, tok)
+
+
+# ---- deltas: composed with their base on load --------------------------------------------------------------
+def _is_delta(path: Path) -> bool:
+    from cpmant.delta.checkpoint import is_delta_checkpoint
+
+    return is_delta_checkpoint(path)
+
+
+def base_of(delta_dir: str | Path, base: str | Path | None = None) -> Path:
+    """The verified local checkpoint folder of a delta's base: `base` (a URI or folder) when given, else the
+    `base_uri` its delta_config.json names, pulled through the cache (downloaded and verified once, shared by all
+    its deltas). The base's sha256 is checked against the delta's when the delta is loaded."""
+    from cpmant.delta.checkpoint import read_delta_config
+
+    cfg = read_delta_config(delta_dir)
+    ref = str(base) if base is not None else (cfg.get("base_uri") or "")
+    if not ref:
+        raise CpmantError(f"the delta {delta_dir} names no registered base (it was saved from a local base folder)",
+                          "pass the base checkpoint it was trained on: load_model(delta, base=BASE_DIR)")
+    try:
+        return checkpoint_dir(ref)
+    except CpmantError as e:
+        raise CpmantError(f"the base of delta {delta_dir}, {ref}, cannot be loaded: {e.problem}",
+                          "register or restore that exact base version (a delta only loads onto the base it was "
+                          f"trained on, sha256 {str(cfg.get('base_sha256', ''))[:16]}…), or retrain the delta on "
+                          "another base with `cpmant tune`") from None
+
+
+def load_model(uri_or_dir: str | Path, device: str = "cpu", base: str | Path | None = None,
+               merge: bool = False):
+    """(model in eval mode, tokenizer) of a registry version or a local checkpoint folder, plain or delta.
+
+    A delta is composed with its base (`base_of`); a base whose sha256 differs from the one the delta names is
+    refused (CpmantError). `merge` folds a LoRA delta into the weights (a plain CPMAnt)."""
     from cpmant.checkpoint import load_pretrained
 
-    path = checkpoint_dir(uri)
-    model, tok = load_pretrained(path, device=device)
-    return PulledModel(uri, path, model, tok)
+    path = checkpoint_dir(str(uri_or_dir))
+    if not _is_delta(path):
+        return load_pretrained(path, device=device)
+    from cpmant.delta.checkpoint import load_delta, merge_delta
+
+    model, tok = load_delta(base_of(path, base), path, device=device)
+    if merge:
+        model = merge_delta(model).eval()
+    return model, tok
+
+
+def _save_merged(label: str, delta_dir: Path, to: Path) -> Path:
+    from cpmant.delta.checkpoint import read_delta_config, save_merged
+
+    cfg = read_delta_config(delta_dir)
+    base_dir = base_of(delta_dir)
+    model, _ = load_model(delta_dir, merge=True)
+    return save_merged(to, model, base_dir / "vocab.txt", meta={
+        "merged_from": label, "delta_method": cfg["method"], "base_uri": cfg.get("base_uri", ""),
+        "base_sha256": cfg.get("base_sha256", ""), "task": cfg.get("task", "")})

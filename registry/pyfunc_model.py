@@ -1,8 +1,10 @@
 """The MLflow pyfunc model of a CPM-Ant checkpoint, logged as code (models-from-code): no pickled object.
 
-Its only artifact is the checkpoint folder (safetensors, config.json, vocab.txt, metadata). `predict` takes the
-prompts and returns their continuations; its params are `cpmant.generation_config.GenerationConfig`'s fields
-(`precision`: auto | fp32 | bf16, auto = fp32 on the CPU, see cpmant/generate.py).
+Its only artifact is the checkpoint folder (safetensors, config.json, vocab.txt, metadata). A delta version's
+artifact is its delta folder: loading composes it with the base version its delta_config.json names, fetched from
+the registry (`registry.pulling.load_model`). `predict` takes the prompts and returns their continuations; its
+params are `cpmant.generation_config.GenerationConfig`'s fields (`precision`: auto | fp32 | bf16, auto = fp32 on
+the CPU, see cpmant/generate.py).
 
 The input's type hint is `pd.DataFrame` because that is what MLflow hands over: the logged signature is
 column-based (one string column, see registry/register.py), so MLflow turns a list of prompts into a one-column
@@ -36,9 +38,11 @@ def _texts(model_input: Any) -> list[str]:
 
 class CPMAntPyfunc(PythonModel):
     def load_context(self, context):
-        from cpmant.checkpoint import load_pretrained
+        # a plain checkpoint loads as is; a delta is composed with the base its delta_config.json names, pulled
+        # from the registry (MLFLOW_TRACKING_URI / CPMANT_HOME) through the verified cache
+        from registry.pulling import load_model
 
-        self.model, self.tokenizer = load_pretrained(context.artifacts["checkpoint"])
+        self.model, self.tokenizer = load_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         from cpmant.errors import CpmantError

@@ -85,7 +85,7 @@ def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str
     tags = {
         STAGE: stage,
         PARENT: parent,
-        CHECKPOINT_SHA256: files[WEIGHTS_FILE],
+        CHECKPOINT_SHA256: files.get(WEIGHTS_FILE) or files.get("delta.safetensors", ""),
         CONFIG_SHA256: str(meta.get("config_sha256", "")),
         DATA_SHA256: str(meta.get("data_sha256", "")),
         GIT_SHA: str(meta.get("git_sha", "")),

@@ -5,8 +5,9 @@
 
 What is served is a local folder whose checkpoint files were just verified: a registry version is downloaded (into
 the cache) and checked against its sha256 tags; a local checkpoint folder is checked (it must load) and wrapped as a
-pyfunc model; a local MLflow model folder has its checkpoint checked. The arguments are checked before anything
-starts (port in range and free, workers >= 1, a known host); `port=0` picks a free port. The server runs in its own
+pyfunc model; a local MLflow model folder has its checkpoint checked. A delta is served composed with its base:
+the base it names is pulled and checked against the delta's sha256 before the server starts. The arguments are
+checked before anything starts (port in range and free, workers >= 1, a known host); `port=0` picks a free port. The server runs in its own
 process group, and that whole group is stopped when `serve` returns, raises, or its process gets SIGTERM, SIGINT or
 SIGHUP; should this process be killed outright, the server's leader gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 from cpmant.checkpoint import is_complete
 from cpmant.errors import CpmantError
 
-from .pulling import cached_model, check_local_checkpoint, model_checkpoint
+from .pulling import base_of, cached_model, check_local_checkpoint, model_checkpoint
 from .tracking import tracking_uri
 
 SOURCE_FIX = ("serve models:/NAME/VERSION, models:/NAME@ALIAS, a checkpoint folder (with cpmant_meta.json) or an "
@@ -92,7 +93,8 @@ def servable(uri: str) -> Iterator[tuple[str, Path]]:
     if not isinstance(uri, str) or not uri.strip():
         raise CpmantError("no model given", SOURCE_FIX)
     if uri.startswith("models:/"):
-        label, folder, _ = cached_model(uri, verify=True)  # downloaded and every file checked against its tag
+        label, folder, ckpt = cached_model(uri, verify=True)  # downloaded and every file checked against its tag
+        check_delta_base(ckpt)
         yield label, folder
         return
     p = Path(uri).expanduser()
@@ -104,12 +106,12 @@ def servable(uri: str) -> Iterator[tuple[str, Path]]:
         raise CpmantError(f"cannot serve {uri!r}: it is a file", SOURCE_FIX)
     p = p.resolve()
     if (p / "MLmodel").is_file():
-        check_local_checkpoint(model_checkpoint(p))
+        check_delta_base(check_local_checkpoint(model_checkpoint(p)))
         yield str(p), p
         return
     if not is_complete(p):
         raise CpmantError(f"cannot serve {uri!r}: it holds neither cpmant_meta.json nor MLmodel", SOURCE_FIX)
-    check_local_checkpoint(p)
+    check_delta_base(check_local_checkpoint(p))
     from cpmant.paths import subdir
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-", dir=subdir("cache", "serve")))
@@ -117,6 +119,15 @@ def servable(uri: str) -> Iterator[tuple[str, Path]]:
         yield str(p), _wrap_checkpoint(p, tmp / "model")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_delta_base(ckpt: Path) -> None:
+    """For a delta: its base is pulled (cached, verified) and its sha256 matches the delta's, before any server
+    starts (the server's workers then find it in the cache). Nothing for a plain checkpoint."""
+    from cpmant.delta.checkpoint import check_base, is_delta_checkpoint, read_delta_config
+
+    if is_delta_checkpoint(ckpt):
+        check_base(base_of(ckpt), read_delta_config(ckpt), ckpt)
 
 
 def _wrap_checkpoint(ckpt: Path, dest: Path) -> Path:
