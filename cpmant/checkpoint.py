@@ -237,6 +237,19 @@ def _load_state(folder: Path) -> dict:
                        f"({type(e).__name__})") from None
 
 
+DELTA_WEIGHTS_FILE = "delta.safetensors"  # cpmant.delta.checkpoint's weights file
+
+
+def _refuse_delta(folder: Path) -> None:
+    """A delta folder holds only delta weights: it is not a model on its own (saying "model.safetensors is
+    missing" would send the user looking for a lost file)."""
+    if (folder / DELTA_WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_FILE).is_file():
+        raise CpmantError(f"{folder} is a delta checkpoint (only delta weights; its base is named in "
+                          "delta_config.json), not a model on its own",
+                          "load it with registry.pulling.load_model(folder) (it composes the base and the delta), "
+                          "or pull it with `cpmant pull URI --merge` for a plain checkpoint")
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Raise CpmantError naming the first damaged or missing file of a complete checkpoint folder; else return.
 
@@ -244,6 +257,7 @@ def verify_checkpoint(path: str | Path) -> None:
     from before hashes were recorded is checked by reading every file instead.
     """
     folder = Path(path)
+    _refuse_delta(folder)
     meta = read_meta(folder)
     hashes = meta.get("files_sha256") or {}
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -281,6 +295,7 @@ def load_model_dir(
     A damaged file raises one CpmantError naming it.
     """
     path = Path(path)
+    _refuse_delta(path)
     meta = read_meta(path)
     if verify:
         verify_checkpoint(path)

@@ -300,3 +300,17 @@ def test_no_import_cycle_and_checkpoints_never_import_compression():
         assert not roots & {"prefect", "mlflow"}, mod
         if not mod.endswith("__main__"):
             importlib.import_module(mod)
+
+
+@pytest.mark.unit
+def test_a_delta_folder_is_not_loaded_as_a_model(tmp_path):
+    """A delta folder (only delta.safetensors) names what it is and how to load it, instead of "model.safetensors
+    is missing"."""
+    from cpmant.checkpoint import load_pretrained, verify_checkpoint
+    from cpmant.errors import CpmantError
+
+    (tmp_path / "delta.safetensors").write_bytes(b"x")
+    for fn in (verify_checkpoint, load_pretrained):
+        with pytest.raises(CpmantError, match="is a delta checkpoint") as e:
+            fn(tmp_path)
+        assert "load_model" in e.value.fix
