@@ -1,0 +1,174 @@
+"""Gates and promotion: decide every gate with MLflow's own threshold semantics, record the decision on the version,
+move `champion` (after validation, or by hand with a reason).
+
+    decide(checks) -> list[dict]                               # each check + passed + MLflow's message
+    record_validation(uri, passed, run_id, failures)           # version tags cpmant.validation=passed|failed, ...
+    promote_version(uri, by, reason, run_id="") -> dict        # champion -> uri, who and why on the version
+    promote_by_hand(uri, reason, user=None) -> dict            # `cpmant promote`: an MLflow run records it too
+    recorded_validation(uri, settings_sha256) -> dict | None   # the latest validation run of a version
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+
+from cpmant.errors import CpmantError
+
+from . import tags as T
+from .aliases import get_alias, set_alias
+from .tracking import setup_tracking
+
+# tags beyond the contract's (TODO(lead): move into registry/tags.py)
+MODEL = "cpmant.model"  # run tag: the models:/NAME/VERSION a validation or promotion run is about
+VALIDATION = "cpmant.validation"  # version and run tag: passed | failed
+VALIDATION_RUN = "cpmant.validation_run_id"  # version tag: the run that decided
+VALIDATION_FAILURES = "cpmant.validation_failures"  # version and run tag: the failed gates, "; "-separated
+VALIDATION_KEY = "cpmant.validation_key"  # run tag: version + settings + gates + code + champion (reuse key)
+VALIDATION_SETTINGS = "cpmant.validation_settings_sha256"  # run tag: the measurement settings only
+PROMOTED_BY = "cpmant.promoted_by"  # version tag: a user name, or "validation"
+PROMOTION_REASON = "cpmant.promotion_reason"
+PROMOTED_AT = "cpmant.promoted_at"  # UTC, ISO 8601
+PREVIOUS_CHAMPION = "cpmant.previous_champion"  # the version champion pointed at before ("" if none)
+PROMOTION_RUN = "cpmant.promotion_run_id"
+PASSED, FAILED = "passed", "failed"
+TAG_MAX = 4000  # MLflow tag values are limited (5000 characters on SQL stores)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= TAG_MAX else text[: TAG_MAX - 3] + "..."
+
+
+def decide(checks) -> list[dict]:
+    """Each `cpmant.validation.gates.Check` decided by `mlflow.validate_evaluation_results` with a
+    `mlflow.models.MetricThreshold` (MLflow's comparison, including its zero-baseline fallback); a check's dict
+    gains `passed` and `mlflow_message` (MLflow's own failure text, "" when it passed)."""
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    out = []
+    for c in checks:
+        num = (lambda x: None if x is None else float(x))  # MetricThreshold takes plain int/float only
+        th = MetricThreshold(threshold=num(c.threshold), min_absolute_change=num(c.min_absolute_change),
+                             min_relative_change=num(c.min_relative_change), greater_is_better=bool(c.greater_is_better))
+        cand = EvaluationResult(metrics={} if c.value is None else {c.metric: float(c.value)}, artifacts={})
+        base = None if c.baseline is None or c.threshold is not None else EvaluationResult(
+            metrics={c.metric: float(c.baseline)}, artifacts={})
+        try:
+            mlflow.validate_evaluation_results({c.metric: th}, cand, base)
+            passed, msg = True, ""
+        except ModelValidationFailedException as e:
+            passed, msg = False, e.message
+        out.append({**c.to_dict(), "passed": passed, "mlflow_message": msg})
+    return out
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    setup_tracking()
+    return MlflowClient()
+
+
+def _version_uri(uri: str) -> tuple[str, int, str]:
+    from .pulling import resolve_version
+
+    setup_tracking()
+    name, version = resolve_version(uri)
+    return name, version, f"models:/{name}/{version}"
+
+
+def record_validation(uri: str, passed: bool, run_id: str, failures: list[str]) -> None:
+    """The decision on the version: cpmant.validation=passed|failed, the run id and the failed gates."""
+    name, version, _ = _version_uri(uri)
+    c = _client()
+    c.set_model_version_tag(name, str(version), VALIDATION, PASSED if passed else FAILED)
+    c.set_model_version_tag(name, str(version), VALIDATION_RUN, run_id)
+    c.set_model_version_tag(name, str(version), VALIDATION_FAILURES, _clip("; ".join(failures)))
+
+
+def promote_version(uri: str, by: str, reason: str, run_id: str = "") -> dict:
+    """Point `champion` of the model at `uri`'s version and record who moved it, why, when, the previous champion
+    and the run that decided: {"model", "previous", "by", "reason", "at"}."""
+    name, version, vuri = _version_uri(uri)
+    previous = get_alias(name, T.ALIAS_CHAMPION)
+    set_alias(vuri, T.ALIAS_CHAMPION)
+    at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    prev = "" if previous is None else f"models:/{name}/{previous}"
+    c = _client()
+    for k, v in {PROMOTED_BY: by, PROMOTION_REASON: _clip(reason), PROMOTED_AT: at, PREVIOUS_CHAMPION: prev,
+                 PROMOTION_RUN: run_id}.items():
+        c.set_model_version_tag(name, str(version), k, v)
+    return {"model": vuri, "previous": prev, "by": by, "reason": reason, "at": at}
+
+
+def promote_by_hand(uri: str, reason: str, user: str | None = None) -> dict:
+    """`cpmant promote URI --reason TEXT`: move `champion` to the version whatever its validation said, recording
+    who asked (getpass.getuser()) and why on the version (tags and a line of its description) and in an MLflow run
+    (tag cpmant.stage=promote)."""
+    import mlflow
+
+    if not isinstance(reason, str) or not reason.strip():
+        raise CpmantError("a promotion needs a reason", 'pass --reason "why this version becomes champion"')
+    user = user or getpass.getuser()
+    name, version, vuri = _version_uri(uri)
+    previous = get_alias(name, T.ALIAS_CHAMPION)
+    with mlflow.start_run(run_name=f"promote-{name}-v{version}",
+                          tags={T.STAGE: "promote", MODEL: vuri, PROMOTED_BY: user}) as run:
+        mlflow.log_params({"model": vuri, "user": user, "reason": reason[:500],
+                           "previous_champion": "" if previous is None else f"models:/{name}/{previous}",
+                           "validation": _client().get_model_version(name, str(version)).tags.get(VALIDATION, "none")})
+        mlflow.set_tag("mlflow.note.content", f"{user} promoted {vuri} to champion: {reason}")
+        rec = promote_version(vuri, user, reason, run.info.run_id)
+    c = _client()
+    mv = c.get_model_version(name, str(version))
+    line = f"Promoted to champion by {user} on {rec['at']}: {reason}"
+    c.update_model_version(name, str(version), description=((mv.description or "").rstrip() + "\n\n" + line).strip())
+    return {**rec, "run_id": run.info.run_id}
+
+
+def recorded_validation(uri: str, settings_sha256: str | None = None, key: str | None = None) -> dict | None:
+    """The newest finished validation run of `uri`'s version (with these measurement settings, or this full reuse
+    key): {"run_id", "metrics", "tags"}; None when there is none."""
+    from mlflow.entities import ViewType
+
+    name, version, vuri = _version_uri(uri)
+    c = _client()
+    exps = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not exps:
+        return None
+    flt = f"tags.`{T.STAGE}` = 'validate' and tags.`{MODEL}` = '{vuri}' and attributes.status = 'FINISHED'"
+    if settings_sha256:
+        flt += f" and tags.`{VALIDATION_SETTINGS}` = '{settings_sha256}'"
+    if key:
+        flt += f" and tags.`{VALIDATION_KEY}` = '{key}'"
+    runs = c.search_runs(exps, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    r = runs[0]
+    return {"run_id": r.info.run_id, "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
+
+
+def champions() -> list[str]:
+    """models:/NAME/VERSION of every registered model's current champion."""
+    c = _client()
+    out = []
+    for rm in _all_registered(c):
+        v = (getattr(rm, "aliases", None) or {}).get(T.ALIAS_CHAMPION)
+        if v is None:
+            v = get_alias(rm.name, T.ALIAS_CHAMPION)
+        if v is not None:
+            out.append(f"models:/{rm.name}/{v}")
+    return sorted(out)
+
+
+def _all_registered(client):
+    token = None
+    while True:
+        page = client.search_registered_models(page_token=token)
+        yield from page
+        token = getattr(page, "token", None)
+        if not token:
+            return
