@@ -19,18 +19,10 @@ from . import tags as T
 from .aliases import get_alias, set_alias
 from .tracking import setup_tracking
 
-# tags beyond the contract's (TODO(lead): move into registry/tags.py)
-MODEL = "cpmant.model"  # run tag: the models:/NAME/VERSION a validation or promotion run is about
-VALIDATION = "cpmant.validation"  # version and run tag: passed | failed
-VALIDATION_RUN = "cpmant.validation_run_id"  # version tag: the run that decided
-VALIDATION_FAILURES = "cpmant.validation_failures"  # version and run tag: the failed gates, "; "-separated
-VALIDATION_KEY = "cpmant.validation_key"  # run tag: version + settings + gates + code + champion (reuse key)
-VALIDATION_SETTINGS = "cpmant.validation_settings_sha256"  # run tag: the measurement settings only
-PROMOTED_BY = "cpmant.promoted_by"  # version tag: a user name, or "validation"
-PROMOTION_REASON = "cpmant.promotion_reason"
-PROMOTED_AT = "cpmant.promoted_at"  # UTC, ISO 8601
-PREVIOUS_CHAMPION = "cpmant.previous_champion"  # the version champion pointed at before ("" if none)
-PROMOTION_RUN = "cpmant.promotion_run_id"
+# the tags beyond the contract's live in registry/tags.py with the others
+from .tags import (MODEL, PREVIOUS_CHAMPION, PROMOTED_AT, PROMOTED_BY, PROMOTION_REASON, PROMOTION_RUN,  # noqa: F401
+                   VALIDATION, VALIDATION_FAILURES, VALIDATION_KEY, VALIDATION_RUN, VALIDATION_SETTINGS)
+
 PASSED, FAILED = "passed", "failed"
 TAG_MAX = 4000  # MLflow tag values are limited (5000 characters on SQL stores)
 

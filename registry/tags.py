@@ -18,6 +18,19 @@ PRESET = "cpmant.preset"  # run tag of a pretraining run
 # data hash, code version, parent version); a stage looks it up with `registry.find_version` before running
 INPUTS_SHA256 = "cpmant.inputs_sha256"
 
+# validation and promotion (registry/promotion.py)
+MODEL = "cpmant.model"  # run tag: the models:/NAME/VERSION a validation or promotion run is about
+VALIDATION = "cpmant.validation"  # version and run tag: passed | failed
+VALIDATION_RUN = "cpmant.validation_run_id"  # version tag: the run that decided
+VALIDATION_FAILURES = "cpmant.validation_failures"  # version and run tag: the failed gates, "; "-separated
+VALIDATION_KEY = "cpmant.validation_key"  # run tag: version + settings + gates + code + champion (reuse key)
+VALIDATION_SETTINGS = "cpmant.validation_settings_sha256"  # run tag: the measurement settings only
+PROMOTED_BY = "cpmant.promoted_by"  # version tag: a user name, or "validation"
+PROMOTION_REASON = "cpmant.promotion_reason"
+PROMOTED_AT = "cpmant.promoted_at"  # UTC, ISO 8601
+PREVIOUS_CHAMPION = "cpmant.previous_champion"  # the version champion pointed at before ("" if none)
+PROMOTION_RUN = "cpmant.promotion_run_id"
+
 STAGES = ("pretrain", "compress", "delta")
 ALIAS_CANDIDATE, ALIAS_CHAMPION = "candidate", "champion"
 ALIASES = (ALIAS_CANDIDATE, ALIAS_CHAMPION)
