@@ -8,6 +8,7 @@ the backend can run on this machine and says why not (a CpmantError with the fix
     train      torch (CPU/GPU, torchrun for several processes), bmtrain (CUDA)
     compress   torch (CPU/GPU), bmcook (CUDA)
     generate   torch (CPU/GPU), bminf (CUDA)
+    infer      torch (memory-budget streaming, CPU or CUDA: cpmant.offload), bminf (BMInf's wrapper, CUDA)
 """
 
 from __future__ import annotations
@@ -126,3 +127,13 @@ def _torch_generate() -> None:
 def _bminf_generate() -> None:
     _require_cuda("bminf", "--backend", "bminf==2.0.1")
     _not_built("BMInf", "generation", "use --backend torch, which also runs on GPUs")
+
+
+@register_backend("infer", "torch", "PyTorch on CPU or CUDA; --memory-budget streams layers (cpmant.offload)")
+def _torch_infer() -> None:
+    return None
+
+
+@register_backend("infer", "bminf", "BMInf 2.0 (CUDA: int8 kernels, layers streamed from pinned CPU memory)")
+def _bminf_infer() -> None:
+    _require_cuda("bminf", "--backend", "bminf==2.0.1")

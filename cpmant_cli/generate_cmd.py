@@ -1,8 +1,15 @@
-"""`cpmant generate`: continue texts with a registered model (runs no flow and records nothing)."""
+"""`cpmant generate`: continue texts with a registered model (runs no flow and records nothing).
+
+    cpmant generate models:/cpm-ant-tiny@champion "床前明月光"
+    cpmant generate models:/cpm-ant-tiny@champion "床前明月光" --memory-budget 64MB [--int8]   # streams layers
+    cpmant generate models:/cpm-ant-tiny@champion "床前明月光" --stream                      # tokens as they come
+    cpmant generate models:/cpm-ant-tiny@champion "床前明月光" --backend bminf               # BMInf, CUDA only
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _generation_config(args):
@@ -13,16 +20,67 @@ def _generation_config(args):
                                          if getattr(args, k, None) is not None})
 
 
-def cmd_generate(args) -> int:
-    from cpmant.checkpoint import load_pretrained
-    from cpmant.generate import generate
+def _load(args):
+    """(model, tokenizer) as the flags say: the whole model, a memory budget (cpmant.offload), or BMInf."""
+    from cpmant.errors import CpmantError
+
+    budget = None
+    if args.memory_budget is not None:
+        from cpmant.offload import parse_size
+
+        budget = parse_size(args.memory_budget)  # a bad size fails before the model is fetched
+    from cpmant.backends import get_backend
+
+    get_backend("infer", args.backend)  # bminf without CUDA fails here, before the model is fetched
+    if budget is None and not args.int8 and args.backend == "torch":
+        from registry.pulling import load_model  # plain or delta (composed with its base)
+
+        return load_model(args.uri, device=args.device)
+    from cpmant.delta.checkpoint import is_delta_checkpoint
+    from cpmant.offload import load_for_inference
     from registry.pulling import checkpoint_dir
 
+    path = checkpoint_dir(args.uri)
+    if is_delta_checkpoint(path):
+        raise CpmantError(f"{args.uri} is a delta: --memory-budget, --int8 and --backend bminf stream plain "
+                          "checkpoints", f"merge it first: `cpmant pull {args.uri} --to DIR --merge`, then "
+                          "`cpmant generate DIR ...`")
+    return load_for_inference(path, budget, backend=args.backend, device=args.device, int8=args.int8)
+
+
+def cmd_generate(args) -> int:
+    import contextlib
+
+    from cpmant.generate import generate
+    from cpmant.memory import PeakMemory
+
     gen = _generation_config(args)  # bad settings fail before the model is fetched
-    model, tok = load_pretrained(checkpoint_dir(args.uri))
-    outs = generate(model, tok, args.text, gen)
-    for text, out in zip(args.text, outs):
-        print(f"{text}{out}")
+    if args.stream and gen.num_beams > 1:
+        print("note: beam search knows its answer only at the end: --stream prints it in one piece", file=sys.stderr)
+    budgeted = args.memory_budget is not None
+    if budgeted:  # jieba's dictionary (about 80 MiB, loaded at the first cut) is part of the baseline, like imports
+        from cpmant.tokenizer import jieba_cut
+
+        jieba_cut("床前明月光")
+    with (PeakMemory() if budgeted else contextlib.nullcontext()) as pm:
+        model, tok = _load(args)
+        if budgeted and getattr(model, "offload", None) is not None:
+            print(model.offload.summary(), file=sys.stderr)
+        if args.stream:
+            from cpmant.generate import generate_stream
+
+            for text in args.text:
+                print(text, end="", flush=True)
+                for piece in generate_stream(model, tok, text, gen):
+                    print(piece, end="", flush=True)
+                print(flush=True)
+        else:
+            for text, out in zip(args.text, generate(model, tok, args.text, gen)):
+                print(f"{text}{out}")
+    if budgeted:
+        cuda = "" if pm.cuda_peak_mb is None else f", CUDA peak {pm.cuda_peak_mb:.1f} MiB"
+        print(f"peak memory {pm.peak_mb:.1f} MiB above the baseline (budget {args.memory_budget}){cuda}",
+              file=sys.stderr)
     return 0
 
 
@@ -36,17 +94,29 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
              "top_p": "sample among the likeliest tokens up to this probability, in (0, 1] (1 = no limit)",
              "num_beams": "beam search width (1 = none)", "repetition_penalty": "1 = off; above 1 discourages repeats",
              "seed": "seed of the sampling generator",
+             "stop": "end a text where this string appears (repeat the flag for several)",
              "precision": "compute precision: auto (fp32 on the CPU, where decoding is faster in fp32; bf16 on "
                           "CUDA with compute capability 8.0+), fp32 or bf16"}
     for name in GenerationConfig.field_names():
         default = getattr(d, name)
+        flag = "--" + name.replace("_", "-")
         if isinstance(default, str):  # a choice (precision): GenerationConfig checks it and names the choices
-            p.add_argument("--" + name.replace("_", "-"), default=None, metavar="|".join(PRECISIONS),
+            p.add_argument(flag, default=None, metavar="|".join(PRECISIONS),
                            help=f"{helps.get(name, name)} (default: {default})")
             continue
+        if isinstance(default, (tuple, list)):  # a list of strings (stop)
+            p.add_argument(flag, action="append", default=None, metavar="TEXT",
+                           help=f"{helps.get(name, name)} (default: none)")
+            continue
         kind = int if isinstance(default, int) or name == "seed" else float
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
+        p.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
                        help=f"{helps.get(name, name)} (default: {default})")
+
+
+def _backend_names() -> tuple[str, ...]:
+    from cpmant.backends import backend_names
+
+    return backend_names("infer")
 
 
 def add_verbs(sub) -> None:
@@ -54,4 +124,15 @@ def add_verbs(sub) -> None:
     p.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint folder")
     p.add_argument("text", nargs="+", help="prompt text(s)")
     _add_generation_args(p)
+    p.add_argument("--stream", action="store_true", help="print the continuation as tokens come")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="keep the weights within SIZE (64MB, 1.5GB; binary units): as many layers resident as fit, "
+                        "the rest streamed from the memory-mapped checkpoint with the next layer prefetched "
+                        "(GPU memory with --device cuda)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights (per-row scales) for the encoder Linears: a quarter of the bytes to hold and "
+                        "stream (made once, cached under CPMANT_HOME/cache/offload)")
+    p.add_argument("--backend", choices=_backend_names(), default="torch",
+                   help="torch (any machine; --memory-budget streams layers) or bminf (BMInf 2.0, CUDA only)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.set_defaults(fn=cmd_generate)
