@@ -53,6 +53,14 @@ CASES = [
     ("convert-missing", ["convert", "{missing}", "{out}", "--to", "hf"], "does not exist", "cannot tell"),
     ("convert-random-pt", ["convert", "{random_pt}", "{out}", "--to", "cpmant"], "not a", "weights_only"),
     ("pull-to-a-file", ["pull", "models:/cpm-ant-tiny/1", "--to", "{file}"], "", None),
+    # inference, delta tuning and validation verbs
+    ("memory-budget-bad", ["generate", "models:/cpm-ant-tiny/1", "hi", "--memory-budget", "12QB"], "memory size", None),
+    ("bminf-without-cuda", ["generate", "models:/cpm-ant-tiny/1", "hi", "--backend", "bminf"], "CUDA", None),
+    ("tune-unknown-task", ["tune", "models:/cpm-ant-tiny/1", "--task", "nope"], "nope", None),
+    ("tune-unknown-method", ["tune", "models:/cpm-ant-tiny/1", "--task", "demo-ccpm", "--method", "nope"], "nope",
+     None),
+    ("validate-not-a-uri", ["validate", "foo"], "foo", None),
+    ("promote-no-reason", ["promote", "models:/cpm-ant-tiny/1", "--reason", ""], "reason", None),
 ]
 
 
