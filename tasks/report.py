@@ -1,0 +1,607 @@
+"""The lifecycle report: one self-contained HTML page (inline CSS, plots as inline base64 PNG, no external URL) read
+from MLflow, written under CPMANT_HOME (or where asked), logged as an artifact of a `report` run and summarised as a
+Prefect markdown artifact.
+
+    collect(experiment) -> dict                   every section's data, read from the tracking store
+    render_html(data) -> str                      the page
+    render_markdown(data, path) -> str            the Prefect artifact's summary
+    write_report(tracking, out=None) -> dict      the task: collect, render, write, log; {"path", "run_id", ...}
+
+Sections: loss curves (pretraining runs' `loss` history), the size ladder beside CPM-Ant's published ladder, delta
+tuning against full fine-tuning per task, the validation gates and their decisions, energy / emissions / cost per
+stage, the lineage from corpus to deltas, and the projection of a full 10B pretraining run (cpmant.projection).
+A section whose stage has not run yet says so. Published figures are labelled columns and run params, never
+metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from cpmant import projection as P
+from registry import tags as T
+
+from .config import TrackingConfig
+
+REPORT_STAGE = "report"  # the `report` run's cpmant.stage tag
+NOT_STAGES = ("report", "lifecycle")  # runs that make nothing themselves: not summed per stage
+COST_METRICS = ("energy_kwh", "emissions_kg_co2e", "cost_rmb", "duration_s")
+PUBLISHED_LADDER_BASE_LOSS = 2.420  # CPM-Ant 10B's published LM loss (CPM-ANT.md)
+MAX_CURVES = 6
+NOT_RUN = "not run yet"
+
+
+# ---- reading MLflow ------------------------------------------------------------------------------------------
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def _runs(exp_ids: list[str], stage: str | None = None, max_results: int = 500) -> list:
+    flt = f"tags.`{T.STAGE}` = '{stage}'" if stage else ""
+    return _client().search_runs(exp_ids, filter_string=flt, max_results=max_results,
+                                 order_by=["attributes.start_time DESC"])
+
+
+def _tables(run) -> dict[str, dict]:
+    """The tables a run logged with mlflow.log_table (listed in its `mlflow.loggedArtifacts` tag): path -> table
+    as {"columns": [...], "data": [[...]]}."""
+    import mlflow
+
+    try:
+        listed = json.loads(run.data.tags.get("mlflow.loggedArtifacts", "[]"))
+    except ValueError:
+        return {}
+    out = {}
+    for a in listed:
+        if a.get("type") == "table":
+            try:
+                out[a["path"]] = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{a['path']}")
+            except Exception:  # an artifact store that lost it: the rest of the report still renders
+                continue
+    return out
+
+
+def _rows(table: dict) -> list[dict]:
+    cols = table.get("columns") or []
+    return [dict(zip(cols, r)) for r in table.get("data") or []]
+
+
+def _run_row(run) -> dict:
+    return {"run": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
+            "stage": run.data.tags.get(T.STAGE, ""), "start": run.info.start_time,
+            **{k: run.data.metrics.get(k) for k in COST_METRICS}}
+
+
+def _loss_curves(runs) -> list[dict]:
+    client = _client()
+    out = []
+    for r in runs[:MAX_CURVES]:
+        hist = sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)
+        valid = sorted(client.get_metric_history(r.info.run_id, "valid_loss"), key=lambda m: m.step)
+        if hist:
+            out.append({"run": r.info.run_name, "run_id": r.info.run_id,
+                        "steps": [m.step for m in hist], "loss": [m.value for m in hist],
+                        "valid_steps": [m.step for m in valid], "valid_loss": [m.value for m in valid]})
+    return out
+
+
+def published_ladder() -> list[dict]:
+    """CPM-Ant's released ladder (CPM-ANT.md): shapes and LM losses, from the recipes' published figures."""
+    from cpmant.compress.recipe import LADDER, RECIPES
+
+    rows = [{"model": "10B", "attention_layers": 48, "ffn_layers": 48, "num_heads": 32, "dim_ff": 10240,
+             "published_lm_loss": PUBLISHED_LADDER_BASE_LOSS, "published_loss_increase": 0.0}]
+    for name in LADDER:
+        r = RECIPES[name]
+        shape = r.target_shape(_ten_b())
+        rows.append({"model": name.upper(), "attention_layers": shape.get("att_layers"),
+                     "ffn_layers": shape.get("ffn_layers"), "num_heads": shape.get("num_heads"),
+                     "dim_ff": shape.get("dim_ff"),
+                     "published_lm_loss": round(PUBLISHED_LADDER_BASE_LOSS * (1 + r.published_loss_increase), 3),
+                     "published_loss_increase": r.published_loss_increase})
+    return rows
+
+
+def _ten_b():
+    from cpmant.config import get_preset
+
+    return get_preset("10b")
+
+
+def _ladder(exp_ids) -> dict | None:
+    from cpmant.compress.recipe import PUBLISHED_LABEL
+
+    for r in _runs(exp_ids, "compress"):
+        if r.info.run_name != "compress-ladder":
+            continue
+        t = _tables(r).get("ladder.json")
+        if t:
+            rows = [{("published_loss_increase" if k == PUBLISHED_LABEL else k): v for k, v in row.items()}
+                    for row in _rows(t)]
+            return {"run_id": r.info.run_id, "rows": rows}
+    return None
+
+
+def _deltas(exp_ids) -> dict:
+    """Per task: the comparison table (zero-shot, each delta method, full fine-tuning) of the newest `compare-*`
+    run; and the registered delta versions."""
+    tables: dict[str, dict] = {}
+    runs = _runs(exp_ids, "delta")
+    for r in runs:
+        for path, t in _tables(r).items():
+            if path.startswith("comparison-"):
+                task_name = r.data.tags.get("cpmant.task") or path[len("comparison-"):-len(".json")]
+                tables.setdefault(task_name, {"run_id": r.info.run_id, "rows": _rows(t)})
+    versions = [v for v in _all_versions() if v["stage"] == "delta"]
+    return {"tables": tables, "versions": versions, "runs": len(runs)}
+
+
+def _validation(exp_ids) -> list[dict]:
+    out = []
+    for r in _runs(exp_ids, "validate"):
+        tags = {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.") and k != T.STAGE}
+        decisions = {k: v for k, v in {**r.data.params, **tags}.items()
+                     if any(w in k.lower() for w in ("gate", "decision", "pass", "verdict", "promot"))}
+        out.append({"run": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status,
+                    "model": tags.get(T.PARENT) or r.data.params.get("model") or r.data.params.get("model_uri", ""),
+                    "metrics": {k: v for k, v in sorted(r.data.metrics.items()) if k not in COST_METRICS},
+                    "decisions": decisions, "tables": {p: _rows(t) for p, t in _tables(r).items()}})
+    return out
+
+
+def _all_versions() -> list[dict]:
+    client = _client()
+    out = []
+    for mv in client.search_model_versions(max_results=1000):
+        t = mv.tags or {}
+        out.append({"uri": f"models:/{mv.name}/{mv.version}", "name": mv.name, "version": str(mv.version),
+                    "stage": t.get(T.STAGE, ""), "parent": t.get(T.PARENT, ""), "run_id": mv.run_id,
+                    "aliases": list(getattr(mv, "aliases", []) or [])})
+    return out
+
+
+def _lineages(versions: list[dict], limit: int = 12) -> list[list[dict]]:
+    """The chains of the versions nobody descends from (deltas first, then variants, then bases)."""
+    from registry.ancestry import lineage
+
+    parents = {v["parent"] for v in versions if v["parent"]}
+    leaves = [v for v in versions if v["uri"] not in parents]
+    order = {"delta": 0, "compress": 1, "pretrain": 2}
+    leaves.sort(key=lambda v: (order.get(v["stage"], 3), v["name"], -int(v["version"])))
+    out = []
+    for v in leaves[:limit]:
+        try:
+            out.append(lineage(v["uri"]))
+        except Exception:  # a broken parent tag: the chain is left out, not the report
+            continue
+    return out
+
+
+def _measured(pretrain_runs) -> dict | None:
+    """The newest finished pretraining run's throughput and energy (the projection's measured input)."""
+    from .config import TrackingConfig as _TC
+
+    for r in pretrain_runs:
+        m = r.data.metrics
+        if r.info.status != "FINISHED" or not m.get("tokens_per_second") or not m.get("num_parameters"):
+            continue
+        out = {"run_id": r.info.run_id, "run": r.info.run_name, "tokens_per_second": m["tokens_per_second"],
+               "num_parameters": m["num_parameters"], "mfu": m.get("mfu"), "peak_flops": m.get("peak_flops")}
+        dur, kwh = m.get("duration_s"), m.get("energy_kwh")
+        if dur and kwh:
+            out["device_power_w"] = kwh * 1000.0 / (dur / 3600.0) / max(int(r.data.params.get(
+                "tracking.devices", "1") or 1), 1)
+            if m.get("emissions_kg_co2e"):
+                out["grid_g_per_kwh"] = m["emissions_kg_co2e"] / kwh * 1000.0
+        device = r.data.params.get("tracking.device", "cpu")
+        out["price_rmb_per_hour"] = _TC().device_hour_rmb.get(device)
+        out["device"] = device
+        return out
+    return None
+
+
+def collect(experiment: str = "cpmant") -> dict:
+    """Every section's data from the current tracking store (registry.tracking's URI)."""
+    import mlflow
+
+    from registry.tracking import setup_tracking
+
+    setup_tracking(experiment)
+    exp_ids = [e.experiment_id for e in _client().search_experiments()]
+    staged = [r for r in _runs(exp_ids, None, 2000) if r.data.tags.get(T.STAGE)]
+    pretrain_runs = [r for r in staged if r.data.tags.get(T.STAGE) == "pretrain"]
+    per_stage: dict[str, dict] = {}
+    for r in staged:
+        s = r.data.tags[T.STAGE]
+        if s in NOT_STAGES:
+            continue
+        agg = per_stage.setdefault(s, {"stage": s, "runs": 0, **{k: 0.0 for k in COST_METRICS}})
+        agg["runs"] += 1
+        for k in COST_METRICS:
+            agg[k] += float(r.data.metrics.get(k) or 0.0)
+    versions = _all_versions()
+    measured = _measured(pretrain_runs)
+    return {
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "loss_curves": _loss_curves(pretrain_runs),
+        "ladder": _ladder(exp_ids),
+        "published_ladder": published_ladder(),
+        "deltas": _deltas(exp_ids),
+        "validation": _validation(exp_ids),
+        "stages": list(per_stage.values()),
+        "runs": [_run_row(r) for r in staged if r.data.tags[T.STAGE] not in NOT_STAGES][:200],
+        "versions": versions,
+        "lineages": _lineages(versions),
+        "measured": measured,
+        "projection": [p.row() for p in P.project_10b(measured)],
+        "published": P.published_rows(),
+        "emissions_readings": P.emissions_readings(),
+        "profiles": {k: {"name": p.name, "peak_flops": p.peak_flops, "board_power_w": p.board_power_w,
+                         "pue": p.pue, "grid_g_per_kwh": p.grid_g_per_kwh,
+                         "price_rmb_per_hour": p.price_rmb_per_hour, "sources": p.sources()}
+                     for k, p in P.PROFILES.items()},
+    }
+
+
+# ---- plots (matplotlib, inline PNG) ---------------------------------------------------------------------------
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(curves: list[dict]) -> str | None:
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=90)
+    for c in curves:
+        ax.plot(c["steps"], c["loss"], lw=1, label=f"{c['run']} ({c['run_id'][:8]}) train")
+        if c["valid_steps"]:
+            ax.plot(c["valid_steps"], c["valid_loss"], "o--", ms=3, lw=0.8, label=f"{c['run_id'][:8]} held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_ladder_vs_published(rows: list[dict]) -> str | None:
+    rows = [r for r in rows if r.get("params") and r.get("lm_loss")]
+    if len(rows) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=90)
+    base = rows[0]["lm_loss"]
+    ax.plot([r["params"] for r in rows], [r["lm_loss"] for r in rows], "o-", label="ours (held-out LM loss)")
+    pub = [(r["params"], base * (1 + r["published_loss_increase"])) for r in rows
+           if r.get("published_loss_increase") is not None]
+    if len(pub) > 1:
+        ax.plot(*zip(*pub), "s--", alpha=0.7, label="CPM-Ant's published increases on our parent")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("LM loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_stage_costs(stages: list[dict]) -> str | None:
+    if not stages:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=90)
+    names = [s["stage"] for s in stages]
+    for ax, (k, label) in zip(axes, (("energy_kwh", "kWh"), ("emissions_kg_co2e", "kg CO2e"), ("cost_rmb", "RMB"))):
+        ax.bar(names, [s[k] for s in stages], color="#4c72b0")
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+    return _png(fig)
+
+
+def plot_projection(rows: list[dict]) -> str | None:
+    # CPM-Ant's own figures and each profile at the published utilisation (our CPU's MFU on a GPU is in the table,
+    # not on this scale)
+    rows = [r for r in rows if r.get("cost_rmb") and r["device"] != "this machine" and "measured" not in r["label"]]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=90)
+    labels = [r["label"] for r in rows] + ["CPM-Ant published"]
+    ax.barh(labels, [r["cost_rmb"] / 1e3 for r in rows] + [P.CPM_ANT_COST_RMB / 1e3],
+            color=["#4c72b0"] * len(rows) + ["#dd8452"])
+    ax.set_xlabel("thousand RMB for 200 B tokens of the 10B")
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+# ---- HTML -------------------------------------------------------------------------------------------------
+CSS = """
+body{font-family:"Noto Sans CJK SC","Noto Sans",system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;border-bottom:2px solid #4c72b0;padding-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;
+color:#2b4a80}table{border-collapse:collapse;margin:.6em 0;font-size:.85em}th,td{border:1px solid #ccc;
+padding:.25em .5em;text-align:right}th{background:#eef2f8}td.l,th.l{text-align:left}
+.note{color:#555;font-size:.9em}.missing{color:#a33;font-style:italic}img{max-width:100%}
+.pub{background:#fff4e6}code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _esc(v) -> str:
+    return html.escape(str(v))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a >= 1e5:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:,.1f}"
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[str] | None = None, labels: dict | None = None,
+           pub_cols: tuple = ()) -> str:
+    if not rows:
+        return f'<p class="missing">{NOT_RUN}</p>'
+    cols = cols or list(rows[0])
+    labels = labels or {}
+    head = "".join(f'<th class="{"pub" if c in pub_cols else "l"}">{_esc(labels.get(c, c))}</th>' for c in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cls = "pub" if c in pub_cols else ("l" if isinstance(v, str) or v is None else "")
+            cells.append(f'<td class="{cls}">{_esc(_fmt(v))}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _img(b64: str | None, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
+
+
+def _section(title: str, anchor: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title, quote=False)}</h2>{body}</section>'
+
+
+def render_html(data: dict) -> str:
+    s = []
+    curves = data["loss_curves"]
+    s.append(_section("Loss curves", "loss", (
+        _img(plot_loss_curves(curves), "pretraining loss curves")
+        + _table([{"run": c["run"], "run_id": c["run_id"], "steps": c["steps"][-1], "first loss": c["loss"][0],
+                   "last loss": c["loss"][-1],
+                   "held-out loss": c["valid_loss"][-1] if c["valid_loss"] else None} for c in curves]))
+        if curves else f'<p class="missing">pretraining: {NOT_RUN}</p>'))
+
+    lad = data["ladder"]
+    pub_cols = ("published_lm_loss", "published_loss_increase")
+    pub_labels = {"published_lm_loss": "published LM loss (CPM-Ant)",
+                  "published_loss_increase": "published loss increase (CPM-Ant 10B ladder)"}
+    body = ""
+    if lad:
+        body += _img(plot_ladder_vs_published(lad["rows"]), "size ladder against the published ladder")
+        body += "<p>Ours (run <code>" + _esc(lad["run_id"]) + "</code>):</p>"
+        body += _table(lad["rows"], ["model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params",
+                                     "bytes_on_disk", "lm_loss", "loss_increase", "published_loss_increase",
+                                     "generation_tokens_per_second"], pub_labels, pub_cols)
+    else:
+        body += f'<p class="missing">compression ladder: {NOT_RUN}</p>'
+    body += "<p>CPM-Ant's published ladder (reference figures, not measurements):</p>"
+    body += _table(data["published_ladder"], None, pub_labels, pub_cols)
+    s.append(_section("Size ladder beside CPM-Ant's published ladder", "ladder", body))
+
+    d = data["deltas"]
+    body = ""
+    for task_name, t in sorted(d["tables"].items()):
+        body += f"<h3>{_esc(task_name)}</h3>" + _table(t["rows"])
+    if d["versions"]:
+        body += "<p>Registered deltas:</p>" + _table(d["versions"], ["uri", "parent", "aliases", "run_id"])
+    if not body:
+        body = f'<p class="missing">delta tuning: {NOT_RUN}</p>'
+    s.append(_section("Delta tuning against full fine-tuning", "deltas", body))
+
+    body = ""
+    for v in data["validation"]:
+        body += f"<h3>{_esc(v['run'])} <small>{_esc(v['model'])}</small></h3>"
+        body += _table([{"gate / decision": k, "value": x} for k, x in sorted(v["decisions"].items())])
+        body += _table([{"metric": k, "value": x} for k, x in v["metrics"].items()])
+        for p, rows in v["tables"].items():
+            body += f"<p>{_esc(p)}</p>" + _table(rows)
+    s.append(_section("Validation gates and decisions", "validation",
+                      body or f'<p class="missing">validation: {NOT_RUN}</p>'))
+
+    body = _img(plot_stage_costs(data["stages"]), "energy, emissions and cost per stage")
+    body += _table(data["stages"], ["stage", "runs", *COST_METRICS])
+    if data["runs"]:
+        body += "<details><summary>every run</summary>" + _table(
+            data["runs"], ["run", "stage", "status", *COST_METRICS, "run_id"]) + "</details>"
+    s.append(_section("Energy, emissions and cost per stage", "costs", body))
+
+    body = ""
+    for chain in data["lineages"]:
+        base = chain[-1]
+        steps = [f"corpus data:{_esc(base['data_sha256'][:16])}"]
+        for c in reversed(chain):
+            alias = f", @{_esc(','.join(c['aliases']))}" if c["aliases"] else ""
+            steps.append(f"<code>{_esc(c['uri'])}</code> ({_esc(c['stage'])}{alias})")
+        body += f"<p>{' &rarr; '.join(steps)} <span class='note'>code {_esc(base['git_sha'][:12])}</span></p>"
+    s.append(_section("Lineage from corpus to deltas", "lineage",
+                      body or f'<p class="missing">registered models: {NOT_RUN}</p>'))
+
+    s.append(_section("Projection of a full 10B pretraining run", "projection", _projection_html(data)))
+    toc = " · ".join(f'<a href="#{a}">{t}</a>' for a, t in (
+        ("loss", "loss"), ("ladder", "ladder"), ("deltas", "deltas"), ("validation", "validation"),
+        ("costs", "costs"), ("lineage", "lineage"), ("projection", "10B projection")))
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>CPM-Ant lifecycle report</title>'
+            f"<style>{CSS}</style></head><body><h1>CPM-Ant lifecycle report</h1>"
+            f'<p class="note">generated {_esc(data["generated"])} from <code>{_esc(data["tracking_uri"])}</code></p>'
+            f"<p>{toc}</p>{''.join(s)}</body></html>")
+
+
+def _projection_html(data: dict) -> str:
+    e = data["emissions_readings"]
+    m = data["measured"]
+    rows = data["projection"]
+    cols = ["label", "device", "basis", "tokens_per_second_per_device", "devices", "device_hours", "wall_days",
+            "energy_kwh", "emissions_kg_co2e", "cost_rmb"]
+    labels = {"tokens_per_second_per_device": "tokens/s per device", "device_hours": "device-hours",
+              "wall_days": "days", "energy_kwh": "kWh", "emissions_kg_co2e": "kg CO2e", "cost_rmb": "RMB"}
+    check = rows[0]
+    body = (f"<p>200 B tokens (CPM-Ant's run) on {P.CPM_ANT_PARAMS / 1e9:.2f} B parameters, 32 devices, 6N FLOPs per "
+            "token. On a GPU profile the rate is peak &times; utilisation / 6N, at CPM-Ant's own utilisation of the "
+            f"A100 ({P.published_utilisation():.1%}: 1,181 tokens/s &times; 6 &times; 9.39e9 / 312 TFLOP/s) and, "
+            "as a second reading, at the MFU our pretraining measured; on this machine our measured tokens/s is "
+            "scaled by 6N. Energy = device-hours &times; board power &times; PUE; cost = device-hours &times; the "
+            "profile's price per device-hour (electricity included).</p>")
+    if m:
+        body += (f"<p>Measured: run <code>{_esc(m['run_id'])}</code>, {_fmt(m['tokens_per_second'])} tokens/s at "
+                 f"{_fmt(m['num_parameters'])} parameters, MFU {_fmt(m.get('mfu'))}.</p>")
+    else:
+        body += f'<p class="missing">no finished pretraining run: the measured rows are {NOT_RUN}</p>'
+    body += _img(plot_projection(rows), "projected cost of a 10B pretraining run")
+    body += _table(rows, cols, labels)
+    body += "<p>Published figures beside it (reference figures, never logged as metrics):</p>"
+    body += _table(data["published"], ["label", "device_hours", "cost_rmb", "emissions_kg_co2e", "source"],
+                   labels, ("device_hours", "cost_rmb", "emissions_kg_co2e"))
+    dev = check["cost_rmb"] / P.CPM_ANT_COST_RMB - 1
+    body += (f"<p><b>Check:</b> fed CPM-Ant's own figures (1,181 tokens/s per A100, 200 B tokens, 32 GPUs) the "
+             f"projection gives {_fmt(check['device_hours'])} A100-hours and {_fmt(check['cost_rmb'])} RMB, "
+             f"{dev:+.1%} from the published 430,000 RMB.</p>")
+    body += ("<p><b>Two readings of the published emissions.</b> "
+             f"(1) As published: {_fmt(e['published_emissions_kg'])} kg CO2e at China's grid "
+             f"({_fmt(e['grid_g_per_kwh'])} g/kWh) is {_fmt(e['implied_energy_kwh'])} kWh over "
+             f"{_fmt(e['gpu_hours'])} A100-hours: <b>{e['implied_kwh_per_gpu_hour']:.3f} kWh per A100-hour</b>, "
+             f"an average draw of {e['implied_kwh_per_gpu_hour'] * 1000:.0f} W, "
+             f"{e['implied_share_of_board_power']:.0%} of an A100's {_fmt(e['board_power_w'])} W board power, "
+             "under half of it, with no data-centre overhead. "
+             f"(2) At the board power and PUE {e['pue']}: the same hours use {_fmt(e['board_power_energy_kwh'])} kWh "
+             f"and emit <b>{_fmt(e['board_power_emissions_kg'])} kg CO2e</b>; the published total would need a grid "
+             f"of {_fmt(e['grid_needed_at_board_power_g_per_kwh'])} g/kWh at the board power alone. T5-11B's "
+             f"published 46.7 t stays about {P.T5_11B_EMISSIONS_KG / e['board_power_emissions_kg']:.1f}&times; "
+             "the second reading.</p>")
+    src = []
+    for k, p in data["profiles"].items():
+        items = "".join(f"<li>{_esc(n)}: {_esc(v)}</li>" for n, v in p["sources"].items())
+        src.append(f"<li><b>{_esc(p['name'])}</b>: {_fmt(p['peak_flops'] / 1e12)} TFLOP/s, "
+                   f"{_fmt(p['board_power_w'])} W, PUE {p['pue']}, {_fmt(p['grid_g_per_kwh'])} g/kWh, "
+                   f"{_fmt(p['price_rmb_per_hour'])} RMB per device-hour<ul>{items}</ul></li>")
+    body += "<p>Hardware profiles and their sources:</p><ul>" + "".join(src) + "</ul>"
+    return body
+
+
+def render_markdown(data: dict, path: str) -> str:
+    """The Prefect artifact: where the page is, and the headline figures."""
+    check = data["projection"][0]
+    lines = [f"# CPM-Ant lifecycle report", "", f"Full page: `{path}`", "",
+             "| stage | runs | kWh | kg CO2e | RMB | s |", "|---|---|---|---|---|---|"]
+    for st in data["stages"]:
+        lines.append(f"| {st['stage']} | {st['runs']} | {_fmt(st['energy_kwh'])} | {_fmt(st['emissions_kg_co2e'])} "
+                     f"| {_fmt(st['cost_rmb'])} | {_fmt(st['duration_s'])} |")
+    lines += ["", "## 10B projection (200 B tokens)", "", "| row | device-hours | RMB | kg CO2e |", "|---|---|---|---|"]
+    for r in data["projection"]:
+        lines.append(f"| {r['label']} | {_fmt(r['device_hours'])} | {_fmt(r['cost_rmb'])} | "
+                     f"{_fmt(r['emissions_kg_co2e'])} |")
+    lines += [f"| CPM-Ant published | {_fmt(P.CPM_ANT_GPU_HOURS)} | {_fmt(P.CPM_ANT_COST_RMB)} | "
+              f"{_fmt(P.CPM_ANT_EMISSIONS_KG)} |", f"| T5-11B published | | | {_fmt(P.T5_11B_EMISSIONS_KG)} |", "",
+              f"CPM-Ant's own figures give {check['cost_rmb'] / P.CPM_ANT_COST_RMB - 1:+.1%} against the published "
+              "cost.", "",
+              "Sections not run yet: " + (", ".join(k for k, v in (
+                  ("pretraining", data["loss_curves"]), ("ladder", data["ladder"]),
+                  ("delta tuning", data["deltas"]["tables"] or data["deltas"]["versions"]),
+                  ("validation", data["validation"])) if not v) or "none")]
+    return "\n".join(lines)
+
+
+def default_path() -> Path:
+    from cpmant.paths import subdir
+
+    return subdir("reports") / "report.html"
+
+
+def build_report(experiment: str = "cpmant", out: str | Path | None = None) -> tuple[Path, dict, str]:
+    """Collect, render and write the page (atomically); (path, data, html). No run is logged."""
+    from cpmant.fsutil import atomic_write_text
+
+    data = collect(experiment)
+    page = render_html(data)
+    path = Path(out).expanduser().resolve() if out else default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path, data, page
+
+
+def _log_report(tracking: TrackingConfig, path: Path, data: dict) -> str:
+    """A `report` run holding the page, the projection table, and the published figures as params."""
+    import mlflow
+
+    from registry.tracking import setup_tracking
+
+    setup_tracking(tracking.experiment)
+    tags = {**getattr(tracking, "parent_tags", dict)(), T.STAGE: REPORT_STAGE}  # nested under the lifecycle's run
+    with mlflow.start_run(run_name="report", tags=tags) as run:
+        mlflow.log_artifact(str(path), artifact_path="report")
+        rows = data["projection"]
+        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "projection.json")
+        mlflow.log_params({"published.cpm_ant_cost_rmb": P.CPM_ANT_COST_RMB,
+                           "published.cpm_ant_emissions_kg_co2e": P.CPM_ANT_EMISSIONS_KG,
+                           "published.cpm_ant_gpu_hours": P.CPM_ANT_GPU_HOURS,
+                           "published.cpm_ant_tokens_per_second": P.CPM_ANT_TOKENS_PER_SECOND,
+                           "published.t5_11b_emissions_kg_co2e": P.T5_11B_EMISSIONS_KG,
+                           "published.source": P.PUBLISHED_SOURCE[:500]})
+    return run.info.run_id
+
+
+@task(name="report", task_run_name="report", cache_policy=NONE)
+def write_report(tracking: TrackingConfig, out: str | None = None) -> dict:
+    """Write the page (default $CPMANT_HOME/reports/report.html), log it as an artifact of a `report` run and as a
+    Prefect markdown artifact `lifecycle-report`. Returns {"path", "run_id", "sections"}."""
+    from prefect.artifacts import create_markdown_artifact
+
+    path, data, _ = build_report(tracking.experiment, out)
+    run_id = _log_report(tracking, path, data)
+    create_markdown_artifact(render_markdown(data, str(path)), key="lifecycle-report",
+                             description="CPM-Ant lifecycle report")
+    sections = {"loss_curves": bool(data["loss_curves"]), "ladder": bool(data["ladder"]),
+                "deltas": bool(data["deltas"]["tables"] or data["deltas"]["versions"]),
+                "validation": bool(data["validation"]), "lineage": bool(data["lineages"]),
+                "projection": True}
+    return {"path": str(path), "run_id": run_id, "sections": sections,
+            "projection": data["projection"], "measured": data["measured"]}
