@@ -209,3 +209,35 @@ def test_evaluate_generation_tasks_and_tuning_lowers_the_loss(micro, fixture_cor
         loss.backward()
         opt.step()
     assert task.training_loss(m2, tok, train).item() < 0.5 * first.item()
+
+
+def _repeating_corpus(fixture_corpus, dest: Path) -> Path:
+    """The fixture poems plus what fortunes-zh has too: each poem again with other punctuation and title (the
+    corpus' whitespace dedup keeps both), and a poem that opens with a fixture poem's first couplet."""
+    poems = [p.split("\n") for p in (fixture_corpus / "poems.txt").read_text(encoding="utf-8").strip().split("\n\n")]
+    docs = ["\n".join(p) for p in poems]
+    for i, (title, body) in enumerate(poems):
+        docs.append(f"{title}又\n{body.replace('，', ',').replace('。', '.')}")
+        first = body.split("。")[0]
+        second = "，".join(c[::-1] for c in body.split("。")[1].split("，"))  # a couplet of its own
+        docs.append(f"{title}续\n{first}。{second}。")
+    dest.mkdir()
+    (dest / "poems.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return dest
+
+
+def test_demo_splits_share_no_input_even_when_the_corpus_repeats_poems(fixture_corpus, tmp_path):
+    import re
+
+    corpus = _repeating_corpus(fixture_corpus, tmp_path / "corpus")
+    key = {"demo-ccpm": lambda e: e.input, "demo-lcsts": lambda e: e.input,
+           "demo-c3": lambda e: e.input.split("\n问题：")[0]}  # c3: the poem, whatever the question
+    for name, k in key.items():
+        for seed in range(3):
+            d = build_demo_task(name, corpus, tmp_path / f"{name}-{seed}", seed=seed, sizes=(12, 6, 6))
+            split = {s: [re.sub(r"[\W_]+", "", k(e)) for e in get_task(name).load(s, d)]
+                     for s in ("train", "valid", "test")}
+            for s, keys in split.items():
+                assert len(keys) == len(set(keys)), (name, seed, s)  # no input twice
+            assert not set(split["train"]) & (set(split["valid"]) | set(split["test"])), (name, seed)
+            assert not set(split["valid"]) & set(split["test"]), (name, seed)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from cpmant.cuge import get_task, task_names
+from cpmant.cuge import metrics as M
 from cpmant.errors import CpmantError
 
 pytestmark = pytest.mark.unit
@@ -89,6 +90,9 @@ def test_math23k_formats_and_answers():
     assert [ex.answer for ex in load("math23k", "valid")] == [24, 16]  # a JSON list
     test = load("math23k", "test")  # JSONL; no "ans": the equation's value
     assert [ex.answer for ex in test] == [4, 20]
+    rounded = {"text": "1除以3是多少？", "equation": "x=1/3", "ans": "0.33"}  # gold: the equation's exact value
+    (ex,) = get_task("math23k").parse(rounded)
+    assert ex.answer == pytest.approx(1 / 3, abs=1e-12) and M.math_answer_accuracy(["x=1/3"], [ex.answer]) == 100.0
 
 
 def test_over_threshold_fails_naming_file_and_line():

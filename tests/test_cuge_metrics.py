@@ -66,6 +66,9 @@ def test_equation_rejects(text):
 
 def test_math_answer_accuracy():
     preds = ["x=3+5", "x=3*5", "不是方程", "x=0.5*4", "x=1/3"]
-    answers = [8, 8, 1, 2.0, 0.33333]  # the last is a rounded gold answer: within the relative tolerance 1e-4
+    answers = [8, 8, 1, 2.0, 0.33333]  # 1/3 - 0.33333 = 3.3e-6: within the tolerance 1e-4
     assert M.math_answer_accuracy(preds, answers) == pytest.approx(60.0)
+    # absolute tolerance 1e-4 (GTS / Graph2Tree's Math23K evaluation), not relative: 10001 is not 10000
+    assert M.math_answer_accuracy(["x=10001", "x=9999.99995", "x=33.33", "x=100/3", "x=33(1/3)"],
+                                  [10000, 10000, 100 / 3, 100 / 3, 100 / 3]) == pytest.approx(60.0)
     assert M.math_answer_accuracy(["x=1"], [None]) == 0.0

@@ -154,6 +154,19 @@ def test_delta_refuses_another_base(base_dir, tmp_path):
         dck.load_delta(base_dir, out)
 
 
+def test_delta_verify_refuses_a_base_whose_weights_were_swapped_under_its_metadata(base_dir, tmp_path):
+    import shutil
+
+    out = dck.save_delta(tmp_path / "d", apply_delta(ck.load_pretrained(base_dir)[0], "lora"), base_dir)
+    torch.manual_seed(5)
+    other = ck.save_model_dir(tmp_path / "other", build_model(CFG).state_dict(), CFG, base_dir / "vocab.txt")
+    forged = Path(shutil.copytree(base_dir, tmp_path / "forged"))
+    shutil.copyfile(other / "model.safetensors", forged / "model.safetensors")  # same size, other weights
+    dck.load_delta(base_dir, out, verify=True)  # the true base passes
+    with pytest.raises(CpmantError, match="model.safetensors"):
+        dck.load_delta(forged, out, verify=True)
+
+
 def test_lora_merge_gives_the_same_logits_as_a_plain_checkpoint(base_dir, tmp_path):
     model, _ = ck.load_pretrained(base_dir)
     h = apply_delta(model, "lora")

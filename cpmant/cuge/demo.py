@@ -10,7 +10,9 @@ their scores are never CUGE scores (`Task.is_demo`).
 - demo-math23k (math23k's format): templated word problems (小明有3个苹果，又买了5个... -> x=3+5), with
   percentages and fractions; the corpus is not used.
 
-Splits are made at the poem level (a poem's examples stay in one split); sizes default to 200/50/50
+Splits are made at the poem level (a poem's examples stay in one split), and poems that share an example's key
+(its input text with punctuation and spaces removed: the corpus repeats poems and lines across documents) are one
+group, so no input of valid or test is in train, and no input appears twice; sizes default to 200/50/50
 (train/valid/test) and shrink in proportion when the corpus has fewer poems. `build_demo_task` writes the raw
 files plus `demo.json` (seed, corpus, counts; written last, so its presence marks a complete build).
 `task.load(split)` builds once into $CPMANT_HOME/cuge/<name>-<seed>/ from the default corpus, or
@@ -33,7 +35,7 @@ from ..fsutil import atomic_write_text
 from .base import SPLITS, Examples, Task, normalize_split, register_task
 from .tasks import c3 as _c3, ccpm as _ccpm, lcsts as _lcsts, math23k as _math23k
 
-DEMO_VERSION = 2  # bump when the builders change: it is part of demo.json and the folder key
+DEMO_VERSION = 3  # bump when the builders change: it is part of demo.json and the folder key
 DEFAULT_SIZES = (200, 50, 50)  # train, valid, test
 MANIFEST = "demo.json"
 MAX_POEM_CHARS = 96  # longer texts are left out of demo-c3 / demo-lcsts (keeps CPU tuning fast)
@@ -47,6 +49,7 @@ _TITLE_LINE = re.compile(r"^[《〈](.+?)[》〉]$")
 _AUTHOR_FIELD = re.compile(r"^作者\s*[:：]\s*([^（(\s]+)")
 _ATTRIBUTION = re.compile(r"^-{1,2}\s*(.*?)\s*《(.+?)》\s*$")
 _SOURCE = re.compile(r"^-{1,2}\s*")
+_NON_WORD = re.compile(r"[\W_]+")
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,49 @@ def _quota(available: int, sizes: tuple[int, int, int]) -> tuple[int, int, int]:
     return available - valid - test, valid, test
 
 
-def _assign(groups: list[list], sizes: tuple[int, int, int], rng: random.Random) -> dict[str, list]:
-    """Shuffle the groups (one per poem) and fill test, valid, then train; a group never spans two splits."""
+def _norm(text: str) -> str:
+    """An example's identity: its text without punctuation, symbols or spaces."""
+    return _NON_WORD.sub("", text)
+
+
+def _merge_shared(groups: list[list], key) -> list[list]:
+    """Groups that share a row key merged into one (in first-seen order), each key's first row only: two corpus
+    documents can hold the same poem or line (fortunes-zh does), and one key must never reach two splits."""
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        for row in g:
+            k = key(row)
+            if k not in owner:
+                owner[k] = i
+                continue
+            a, b = find(owner[k]), find(i)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    merged: dict[int, list] = {}
+    seen: set[str] = set()
+    for i, g in enumerate(groups):
+        rows = merged.setdefault(find(i), [])
+        for row in g:
+            k = key(row)
+            if k not in seen:
+                seen.add(k)
+                rows.append(row)
+    return list(merged.values())
+
+
+def _assign(groups: list[list], sizes: tuple[int, int, int], rng: random.Random, key=None) -> dict[str, list]:
+    """Shuffle the groups (one per poem) and fill test, valid, then train; a group never spans two splits.
+    With `key` (row -> str), groups sharing a key are merged first (`_merge_shared`)."""
+    if key is not None:
+        groups = _merge_shared(groups, key)
     groups = [g for g in groups if g]
     rng.shuffle(groups)
     quota = dict(zip(("train", "valid", "test"), _quota(sum(len(g) for g in groups), sizes)))
@@ -176,7 +220,7 @@ def _build_ccpm(poems: list[Poem], sizes, rng: random.Random) -> dict[str, list]
             choices, answer = _choices(rng, nxt, d)
             rows.append({"translation": first, "choices": choices, "answer": answer})
         groups.append(rows)
-    return _assign(groups, sizes, rng)
+    return _assign(groups, sizes, rng, key=lambda r: _norm(r["translation"]))
 
 
 def _build_c3(poems: list[Poem], sizes, rng: random.Random) -> dict[str, list]:
@@ -194,12 +238,13 @@ def _build_c3(poems: list[Poem], sizes, rng: random.Random) -> dict[str, list]:
         choices, _ = _choices(rng, answer, d)
         groups.append([[list(p.lines), [{"question": question, "choice": choices, "answer": answer,
                                           "id": f"demo-{i}-0"}], f"demo-{i}"]])
-    return _assign(groups, sizes, rng)
+    return _assign(groups, sizes, rng, key=lambda r: _norm("".join(r[0])))  # the poem: one question per poem
 
 
 def _build_lcsts(poems: list[Poem], sizes, rng: random.Random) -> dict[str, list]:
     usable = [p for p in poems if p.title and len(p.text) <= MAX_POEM_CHARS]
-    return _assign([[{"text": p.text, "summary": p.title}] for p in usable], sizes, rng)
+    return _assign([[{"text": p.text, "summary": p.title}] for p in usable], sizes, rng,
+                   key=lambda r: _norm(r["text"]))
 
 
 _NAMES = ("小明", "小红", "小刚", "小华", "小丽", "小军", "小芳", "小亮")
@@ -252,7 +297,7 @@ def _build_math23k(poems, sizes, rng: random.Random) -> dict[str, list]:
         value = evaluate_expression(equation)
         ans = str(int(value)) if value == int(value) else f"{value:g}"
         groups.append([{"id": str(len(groups) + 1), "text": text, "equation": equation, "ans": ans}])
-    return _assign(groups, sizes, rng)
+    return _assign(groups, sizes, rng, key=lambda r: r["text"])
 
 
 @dataclass(frozen=True)

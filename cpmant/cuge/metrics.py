@@ -15,7 +15,11 @@ from collections.abc import Sequence
 
 from .mathexpr import try_evaluate
 
-MATH_REL_TOL = 1e-4  # relative tolerance of Math23K answers (gold answers are often rounded decimals)
+# Math23K answers: right when |value - gold| < MATH_ABS_TOL, the tolerance of the usual Math23K evaluation (GTS,
+# Graph2Tree: abs(pred - gold) < 1e-4), gold being the value of the gold equation. A relative tolerance would call
+# 10001 right for 10000; MATH_REL_TOL only absorbs float rounding on large values.
+MATH_ABS_TOL = 1e-4
+MATH_REL_TOL = 1e-9
 
 
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
@@ -92,7 +96,7 @@ def ndcg_at_k(scores: Sequence[float], relevance: Sequence[float], groups: Seque
 
 
 def math_answer_accuracy(predictions: Sequence[str], answers: Sequence[float | None]) -> float:
-    """Share of generated equations whose value equals the gold answer (relative tolerance MATH_REL_TOL).
+    """Share of generated equations whose value equals the gold answer (within MATH_ABS_TOL).
 
     By hand: no kept library evaluates Math23K equations; `mathexpr.try_evaluate` parses them safely. A generated
     text that does not parse is wrong; so is an example whose gold answer is unknown (None)."""
@@ -102,6 +106,6 @@ def math_answer_accuracy(predictions: Sequence[str], answers: Sequence[float | N
     for pred, gold in zip(predictions, answers):
         value = try_evaluate(pred)
         if value is not None and gold is not None and math.isclose(value, gold, rel_tol=MATH_REL_TOL,
-                                                                   abs_tol=MATH_REL_TOL):
+                                                                   abs_tol=MATH_ABS_TOL):
             right += 1
     return 100.0 * right / len(answers)

@@ -204,7 +204,9 @@ def attach_delta(model: torch.nn.Module, delta_dir: str | Path, cfg: dict | None
 def load_delta(base_dir: str | Path, delta_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, verify: bool = False):
     """(model, tokenizer): the base checkpoint `base_dir` with the delta of `delta_dir` composed, in eval mode.
-    Refused (CpmantError) when the base's sha256 differs from the one the delta names."""
+    Refused (CpmantError) when the base's sha256 differs from the one the delta names. The base's sha256 is the one
+    its metadata records; verify=True also hashes both folders' files against their metadata, so that a base whose
+    weights were swapped under the same metadata is refused too."""
     delta_dir = Path(delta_dir)
     if verify:
         verify_delta(delta_dir)
@@ -213,7 +215,7 @@ def load_delta(base_dir: str | Path, delta_dir: str | Path, device: str | torch.
         raise CpmantError(f"{delta_dir} is not a delta checkpoint (method {cfg.get('method')!r} saves every weight)",
                           "load it on its own with cpmant.checkpoint.load_pretrained")
     check_base(base_dir, cfg, delta_dir)
-    model, tok = ck.load_pretrained(base_dir, device="cpu", dtype=dtype)
+    model, tok = ck.load_pretrained(base_dir, device="cpu", dtype=dtype, verify=verify)
     attach_delta(model, delta_dir, cfg)
     return model.to(device).eval(), tok
 
