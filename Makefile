@@ -1,11 +1,18 @@
 # The two commands of a fresh machine (README): `make lifecycle` and `make test`.
-.PHONY: setup lifecycle test test-all bench
+.PHONY: setup lifecycle test test-all bench up down
 
 setup:
 	bash scripts/setup.sh
 
 lifecycle: setup
 	.venv/bin/cpmant lifecycle
+
+# PostgreSQL, the MLflow and Prefect servers, the work pool, the deployments and a worker on 127.0.0.1 (infra/up.sh)
+up: setup
+	bash infra/up.sh
+
+down:
+	bash infra/down.sh
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -94,12 +94,24 @@ def _backend_names(stage: str) -> tuple[str, ...]:
 
 
 # ---- config ------------------------------------------------------------------------------------------------
+def runner_overrides(args) -> dict:
+    """`--task-runner` / `--dask-address` as config overrides of the `orchestration` section (verbs in other
+    modules call it after `add_runner_args`)."""
+    o = {}
+    if getattr(args, "task_runner", None):
+        o["task_runner"] = args.task_runner
+    if getattr(args, "dask_address", None):
+        o["dask_address"] = args.dask_address
+        o.setdefault("task_runner", "dask")
+    return {"orchestration": o} if o else {}
+
+
 def _stage_overrides(args, section: str = "pretrain") -> dict:
     from cpmant.configio import deep_merge, parse_overrides
 
     p = {k: getattr(args, k) for k in ("preset", "corpus", "max_steps", "resume", "nproc", "backend")
          if getattr(args, k, None) is not None}
-    return deep_merge(parse_overrides(args.set), {section: p} if p else {})
+    return deep_merge(deep_merge(parse_overrides(args.set), {section: p} if p else {}), runner_overrides(args))
 
 
 def _load_lifecycle(args) -> dict:
@@ -133,8 +145,15 @@ def _report(out: dict, args, started: float) -> int:
         print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
         return 0
     print(format_summary(out["summary"]))
-    reused = all(r["reused"] for r in out["summary"])
-    tail = "; every result was reused (--force reruns)" if reused else ""
+    stages = out.get("reused_stages")
+    if stages is not None:  # the lifecycle: which stages were reused, which have not landed
+        tail = (f"; reused: {', '.join(stages)} (--force STAGE reruns one, --force all)" if stages
+                else "; no stage was reused")
+        if out.get("skipped_stages"):
+            tail += f"; not run (not available yet): {', '.join(out['skipped_stages'])}"
+    else:
+        reused = all(r["reused"] for r in out["summary"])
+        tail = "; every result was reused (--force reruns)" if reused else ""
     print(f"done in {time.perf_counter() - started:.1f} s{tail}")
     return 0
 
@@ -154,7 +173,9 @@ def cmd_pretrain(args) -> int:
     t0 = time.perf_counter()
     cfg = _load_lifecycle(args)
     args.interrupt_hint = lambda: pretrain_run_folder(cfg)
-    return _report(_run_flow(pretrain_flow, cfg, force=args.force), args, t0)
+    from flows.runners import with_runner
+
+    return _report(_run_flow(with_runner(pretrain_flow, cfg), cfg, force=args.force), args, t0)
 
 
 def cmd_lifecycle(args) -> int:
@@ -162,9 +183,15 @@ def cmd_lifecycle(args) -> int:
     from flows.pretrain import pretrain_run_folder
 
     t0 = time.perf_counter()
+    from flows.config import check_force
+
+    force = True if args.force == [] else (args.force or False)
+    force = check_force(force)  # an unknown stage is an error before anything runs
     cfg = _load_lifecycle(args)
     args.interrupt_hint = lambda: pretrain_run_folder(cfg)
-    return _report(_run_flow(lifecycle_flow, cfg, force=args.force), args, t0)
+    # the lifecycle's own tasks are bookkeeping; each stage subflow runs on the configured task runner
+    return _report(_run_flow(lifecycle_flow, cfg, force=list(force) if isinstance(force, tuple) else force),
+                   args, t0)
 
 
 def cmd_compress(args) -> int:
@@ -175,13 +202,16 @@ def cmd_compress(args) -> int:
     from flows.config import LifecycleConfig
 
     t0 = time.perf_counter()
-    over = parse_overrides(args.set)
+    from cpmant.configio import deep_merge
+
+    over = deep_merge(parse_overrides(args.set), runner_overrides(args))
     if args.backend is not None:
         over.setdefault("compress", {})["backend"] = args.backend
     cfg = build_config(LifecycleConfig, args.config, over)
     get_backend("compress", cfg.compress.backend)  # fail before any flow starts
     get_recipes(args.recipe or cfg.compress.recipes)  # an unknown recipe too
-    out = _run_flow(compress_flow, args.uri, args.recipe, cfg.model_dump(mode="json"), force=args.force)
+    dumped = cfg.model_dump(mode="json")
+    out = _run_flow(with_runner(compress_flow, dumped), args.uri, args.recipe, dumped, force=args.force)
     return _report(out, args, t0)
 
 
@@ -227,19 +257,44 @@ def cmd_serve(args) -> int:
 
 
 # ---- the parser: the verbs above, then those kept in modules of their own -------------------------------------
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """--task-runner and --dask-address (for the stage verbs and lifecycle; read back with runner_overrides)."""
+    p.add_argument("--task-runner", choices=["thread", "dask"], default=None,
+                   help="how tasks run: thread (Prefect's thread pool, the default) or dask (prefect-dask: a local "
+                        "cluster of 2 worker processes, or --dask-address)")
+    p.add_argument("--dask-address", type=_dask_address, default=None, metavar="tcp://HOST:PORT",
+                   help="an existing Dask scheduler (implies --task-runner dask)")
+
+
+def _dask_address(text: str) -> str:
+    if not text.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Dask scheduler address (tcp://HOST:PORT)")
+    return text
+
+
+_dask_address.__name__ = "Dask scheduler address"
+
+
+def _add_run_args(p: argparse.ArgumentParser, force_stages: bool = False) -> None:
     p.add_argument("--preset", type=_nonempty, help=f"model preset: {_preset_names()}")
     p.add_argument("--corpus", type=_nonempty, help="folder of .txt/.jsonl files (default: Debian fortunes-zh)")
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; see configs/)")
     p.add_argument("--max-steps", type=_int_at_least(1), help="optimizer steps (1 or more)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. pretrain.lr=0.05 tracking.country_iso_code=FRA")
-    _add_outcome_args(p)
+    _add_outcome_args(p, force_stages)
 
 
-def _add_outcome_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true",
-                   help="run again even when a version made from the same inputs exists (default: reuse it)")
+def _add_outcome_args(p: argparse.ArgumentParser, force_stages: bool = False) -> None:
+    if force_stages:
+        from flows.config import STAGES
+
+        p.add_argument("--force", nargs="*", choices=STAGES, default=None, metavar="STAGE",
+                       help="rerun every stage even when identical results exist; with stage names "
+                            f"({', '.join(STAGES)}) rerun only those")
+    else:
+        p.add_argument("--force", action="store_true",
+                       help="run again even when a version made from the same inputs exists (default: reuse it)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
 
 
@@ -248,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "and registry. State lives under CPMANT_HOME (default ./.cpmant).")
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("lifecycle", help="run every stage on the embedded default (now: pretrain, compress)")
-    _add_run_args(p)
+    p = sub.add_parser("lifecycle", help="run every stage on the embedded default: pretrain, compress, tune, "
+                       "validate (promote what passes), report")
+    _add_run_args(p, force_stages=True)
+    add_runner_args(p)
     p.set_defaults(fn=cmd_lifecycle)
 
     p = sub.add_parser("pretrain", help="pretrain a preset on a corpus and register cpm-ant-<preset>")
@@ -258,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (continue the latest complete checkpoint; the default), never, or a step folder")
     p.add_argument("--nproc", type=_int_at_least(1), help="processes through torchrun (gloo on CPU)")
     p.add_argument("--backend", choices=_backend_names("train"), help="training backend")
+    add_runner_args(p)
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("compress", help="compress a registered model into size variants (the published ladder)")
@@ -270,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. compress.eval_rows=32")
     p.add_argument("--backend", choices=_backend_names("compress"), help="compression backend")
     _add_outcome_args(p)
+    add_runner_args(p)
     p.set_defaults(fn=cmd_compress)
 
 

@@ -1,6 +1,7 @@
 """Prefect tasks of the compression stage: make one variant (tracked, registered, or reused), then the ladder table.
 
-    compress_variant(compress, tracking, parent_uri, recipe, force=False) -> dict
+    fetch_parent(tracking, parent_uri) -> str   (the parent pinned to its version, its checkpoint in the local cache)
+    compress_variant(compress, tracking, parent_uri, recipe, force=False) -> dict   (Prefect-cached: ContentHash)
     ladder_table(tracking, parent_uri, rows) -> list[dict]
 """
 
@@ -20,8 +21,10 @@ from cpmant.compress.recipe import PUBLISHED_LABEL, Recipe, get_recipes
 from cpmant.paths import subdir
 from registry import tags as T
 
+from .aliases import new_version_alias
+from .caching import ContentHash
 from .config import TrackingConfig
-from .tracking import AsyncMetricLogger, MlflowCallbacks, tracked_stage
+from .tracking import AsyncMetricLogger, MlflowCallbacks, retry_transient, tracked_stage
 
 # the ladder's columns: report keys, with the published reference figure a labelled column (never a metric)
 LADDER_COLUMNS = ["model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params", "bytes_on_disk",
@@ -81,7 +84,24 @@ def _reused(uri: str, recipe: Recipe) -> dict:
             "published_loss_increase": recipe.published_loss_increase}
 
 
-@task(name="compress-variant", task_run_name=_variant_run_name, cache_policy=NONE)
+@task(name="fetch-parent", task_run_name="fetch-parent", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def fetch_parent(tracking: TrackingConfig, parent_uri: str) -> str:
+    """The parent pinned to models:/NAME/VERSION (an alias could move while the rungs run) and its checkpoint in
+    the local model cache, verified, once: the rungs then read it at the same time without racing to download."""
+    from registry.pulling import checkpoint_dir, resolve_version
+    from registry.tracking import setup_tracking
+
+    setup_tracking(tracking.experiment)
+    name, version = resolve_version(parent_uri)
+    pinned = f"models:/{name}/{version}"
+    checkpoint_dir(pinned)
+    return pinned
+
+
+@task(name="compress-variant", task_run_name=_variant_run_name, retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient,
+      cache_policy=ContentHash())
 def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_uri: str, recipe: Recipe | str,
                      force: bool = False) -> dict:
     """Make, measure and register `<base>-<recipe>` from `parent_uri` inside a tracked MLflow run. A version made
@@ -108,7 +128,8 @@ def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_
     out = (Path(compress.output_dir) / name) if compress.output_dir else subdir("runs", f"compress-{name}")
     if force:
         shutil.rmtree(out / recipe.name, ignore_errors=True)  # made again from scratch (distillation too)
-    with tracked_stage(tracking, f"compress-{recipe.name}", tags={T.STAGE: "compress", T.PARENT: parent}) as run:
+    tags = {**tracking.parent_tags(), T.STAGE: "compress", T.PARENT: parent}
+    with tracked_stage(tracking, f"compress-{recipe.name}", tags=tags) as run:
         mlflow.log_params({k: v[:500] for k, v in {**recipe_params(recipe, compress),
                                                    **_data_params(parent_dir)}.items()})
         logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
@@ -122,12 +143,13 @@ def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_
         mlflow.log_dict(report, "compress_report.json")
         description = describe_variant(recipe, parent, report)
         reg = register_checkpoint(out / recipe.name / "model", variant, stage="compress", parent=parent,
-                                  extra_tags={T.INPUTS_SHA256: key.config_sha256}, description=description)
+                                  extra_tags={T.INPUTS_SHA256: key.config_sha256}, description=description,
+                                  alias=new_version_alias(tracking, variant))
     return {**report, "model": reg.uri, "run_id": run.info.run_id, "reused": False, "description": description,
             "published_loss_increase": recipe.published_loss_increase}
 
 
-@task(name="ladder-table", cache_policy=NONE)
+@task(name="ladder-table", task_run_name="ladder-table", cache_policy=NONE)
 def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) -> list[dict]:
     """The ladder in CPM-Live's shape, as an MLflow table (in a `compress-ladder` run) and a Prefect artifact,
     with a plot of LM loss against parameters and the published increases beside ours. The published increase is
@@ -148,7 +170,7 @@ def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) ->
     if rows and all(r.get("reused") for r in rows):  # nothing new: the ladder of these versions is logged already
         return table
     labelled = [{COLUMN_LABELS.get(c, c): r[c] for c in LADDER_COLUMNS} for r in table]
-    with tracked_stage(tracking, "compress-ladder", tags={T.STAGE: "compress"}):
+    with tracked_stage(tracking, "compress-ladder", tags={**tracking.parent_tags(), T.STAGE: "compress"}):
         mlflow.log_table({COLUMN_LABELS.get(c, c): [r[c] for r in table] for c in LADDER_COLUMNS}, "ladder.json")
         png = plot_ladder(table, subdir("runs") / "ladder.png")
         if png:

@@ -4,6 +4,8 @@ tracking section defined here (energy, emissions, cost). The whole-lifecycle con
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from cpmant.compress.config import CompressConfig  # noqa: F401  (the compress tasks' section)
@@ -27,11 +29,28 @@ class TrackingConfig(FrozenModel):
     )
     electricity_rmb_per_kwh: float = Field(0.0, ge=0, description="added per kWh (0 when the hour price has it)")
     metric_flush_steps: int = Field(50, ge=1, description="per-step metrics are sent to MLflow in batches")
+    # set by the lifecycle, not by users: they shape where runs are filed and which alias a new version gets, never
+    # a result, so the caches leave them out (tasks/caching.py)
+    parent_run_id: str | None = Field(None, description="MLflow run the stage's runs nest under (the lifecycle's "
+                                      "stage run); None = top-level runs")
+    register_alias: str | None = Field(None, description="alias a new version gets; None = `candidate` when the "
+                                       "model has none yet, else `challenger` (only the lifecycle moves `candidate`)")
 
+    def parent_tags(self) -> dict[str, str]:
+        """The run tag that files a run under `parent_run_id` in MLflow (works across threads and processes)."""
+        return {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+
+
+# fields of the config that never change a result: left out of cache keys and reuse hashes
+NON_RESULT_FIELDS = {"tracking": ("parent_run_id", "register_alias", "metric_flush_steps")}
 
 
 class OrchestrationConfig(FrozenModel):
     """How the flows run their tasks (Prefect task runners)."""
 
-    task_runner: str = Field("thread", description="thread (Prefect's thread pool) or dask (prefect-dask)")
-    dask_address: str | None = Field(None, description="an existing Dask scheduler (tcp://...); None = local cluster")
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="thread (Prefect's ThreadPoolTaskRunner) or dask (prefect-dask's DaskTaskRunner)")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler (tcp://HOST:PORT); None = a "
+                                     "local cluster started for the flow run")
+    dask_workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster (1 thread each)")
+    max_workers: int | None = Field(None, ge=1, description="threads of the thread runner (None = Prefect's default)")

@@ -20,11 +20,14 @@ from cpmant.training.loop import TrainResult, config_sha256, resolve_run_dir
 from cpmant.training.loop import pretrain as pretrain_fn
 from cpmant.training.prepare import PreparedData, prepare_data
 
+from .caching import ContentHash
 from .config import PretrainConfig, TrackingConfig
 from .plots import plot_loss
 from .tracking import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
                        tracked_stage)
 
+# the tag of training tasks: a Prefect tag concurrency limit of 1 on it (infra/up.sh) runs one training at a time
+TRAINING_TAG = "cpmant-training"
 SUMMARY_KEYS = ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps", "model_dir")
 
 
@@ -93,16 +96,35 @@ def find_pretrained(pretrain: PretrainConfig, tracking: TrackingConfig, data: Pr
             **{k: metrics.get(k) for k in SUMMARY_KEYS if k in metrics}}
 
 
+def torchrun_args(cfg: PretrainConfig) -> list[str]:
+    """torchrun's launch flags: one node (`--standalone`), or `nnodes` nodes meeting at `rdzv_endpoint`
+    (HOST:PORT, the c10d rendezvous on node 0) with this node's `node_rank`; every node runs the same flow with
+    the same config but its own node_rank, and node 0 (global rank 0) writes the checkpoints and the result."""
+    nnodes = int(getattr(cfg, "nnodes", 1) or 1)
+    if nnodes <= 1:
+        return ["--standalone", f"--nproc-per-node={cfg.nproc}"]
+    endpoint = getattr(cfg, "rdzv_endpoint", None)
+    if not endpoint:
+        raise CpmantError(f"pretrain.nnodes={nnodes} needs pretrain.rdzv_endpoint",
+                          "set pretrain.rdzv_endpoint=HOST:PORT (node 0's address, reachable from every node)")
+    return [f"--nnodes={nnodes}", f"--nproc-per-node={cfg.nproc}", f"--node-rank={int(getattr(cfg, 'node_rank', 0))}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={getattr(cfg, 'rdzv_id', None) or 'cpmant-' + config_sha256(cfg)[:12]}"]
+
+
 def _train_multiprocess(cfg: PretrainConfig, logger: AsyncMetricLogger) -> TrainResult:
     """torchrun over `python -m cpmant.training`; the per-step metrics are read back from the machine log."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path, res_path = Path(tmp) / "config.yaml", Path(tmp) / "result.json"
         dump_config(cfg, cfg_path)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg),
                "-m", "cpmant.training", "--config", str(cfg_path), "--result", str(res_path)]
         proc = subprocess.run(cmd, env=worker_env(1))
         if proc.returncode != 0 or not res_path.exists():
-            raise CpmantError(f"torchrun with {cfg.nproc} processes failed (exit {proc.returncode})",
+            nodes = getattr(cfg, "nnodes", 1)
+            raise CpmantError(f"torchrun with {cfg.nproc} processes x {nodes} node(s) failed "
+                              f"(exit {proc.returncode})" + ("" if proc.returncode else
+                                                             "; this node wrote no result (only node 0 does)"),
                               "read the error above; rerun with --resume auto to continue from the last checkpoint")
         d = json.loads(res_path.read_text(encoding="utf-8"))
     d["run_dir"], d["model_dir"] = Path(d["run_dir"]), Path(d["model_dir"])
@@ -128,7 +150,8 @@ def resolved_params(pretrain: PretrainConfig, data: PreparedData) -> dict[str, s
     return {**_flat_params("", resolved), **_flat_params("data.", data.summary())}
 
 
-@task(name="pretrain", task_run_name="pretrain-{pretrain.preset}", cache_policy=NONE)
+@task(name="pretrain", task_run_name="pretrain-{pretrain.preset}", cache_policy=ContentHash(),
+      tags=[TRAINING_TAG], retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData, force: bool = False) -> dict:
     """Pretrain inside a tracked MLflow run; returns the result and the run id. The summary metrics are logged at
     the final step, beside the last loss, where the registered model reads them. `force`: start from step 0 even
@@ -140,11 +163,11 @@ def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: Prepar
     p = pretrain
     if force and p.resume == "auto":
         p = p.model_copy(update={"resume": "never"})
-    with tracked_stage(tracking, f"pretrain-{p.preset}", tags={STAGE: "pretrain"}) as run:
+    with tracked_stage(tracking, f"pretrain-{p.preset}", tags={**tracking.parent_tags(), STAGE: "pretrain"}) as run:
         mlflow.log_params(resolved_params(p, data))
         logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
         try:
-            if p.nproc > 1:
+            if p.nproc > 1 or int(getattr(p, "nnodes", 1) or 1) > 1:
                 res = _train_multiprocess(p, logger)
             else:
                 res = pretrain_fn(p, MlflowCallbacks(logger), prepared=data)
@@ -175,7 +198,7 @@ def describe(result: dict) -> str:
             f"held-out loss {result['valid_loss_end']:.3f}")
 
 
-def _register(model_dir, name: str, stage: str, parent: str, step: int, description: str):
+def _register(model_dir, name: str, stage: str, parent: str, step: int, description: str, alias: str | None):
     """registry.register.register_checkpoint, logging the model at `step` (the training run's final step, so the
     logged model shows the final metrics) where the registry takes a step."""
     import inspect
@@ -183,20 +206,26 @@ def _register(model_dir, name: str, stage: str, parent: str, step: int, descript
     from registry.register import register_checkpoint
 
     kw = {"step": step} if "step" in inspect.signature(register_checkpoint).parameters else {}
-    return register_checkpoint(model_dir, name, stage=stage, parent=parent, description=description, **kw)
+    return register_checkpoint(model_dir, name, stage=stage, parent=parent, description=description, alias=alias,
+                               **kw)
 
 
 @task(name="register-model", task_run_name="register-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
-def register_model(trained: dict, name: str, stage: str = "pretrain", parent: str = "") -> str:
-    """Register the trained checkpoint as a new version with alias `candidate`, logged in its training run at the
-    run's final step."""
+def register_model(trained: dict, name: str, stage: str = "pretrain", parent: str = "",
+                   tracking: TrackingConfig | None = None) -> str:
+    """Register the trained checkpoint as a new version, logged in its training run at the run's final step, with
+    alias `candidate` (the model's first version, or inside the lifecycle) or `challenger` (tasks/aliases.py)."""
     import mlflow
 
     from registry.tracking import setup_tracking
 
-    setup_tracking()
+    from .aliases import new_version_alias
+
+    tracking = tracking or TrackingConfig()
+    setup_tracking(tracking.experiment)
+    alias = new_version_alias(tracking, name)
     with mlflow.start_run(run_id=trained["run_id"]):
         res = trained["result"]
-        reg = _register(res["model_dir"], name, stage, parent, int(res["steps"]), f"{name}: {describe(res)}")
+        reg = _register(res["model_dir"], name, stage, parent, int(res["steps"]), f"{name}: {describe(res)}", alias)
     return reg.uri

@@ -90,6 +90,10 @@ def test_pretrain_flow_tracks_and_registers(prefect_harness, mlflow_store, fixtu
     forced = pretrain_flow(_config(fixture_corpus, tmp_path / "run"), force=True)
     assert forced["model_uri"] == "models:/cpm-ant-tiny/2" and forced["reused"] is False
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before + 1
+    # a stage run outside the lifecycle does not move `candidate` (the version a lifecycle validates): the new
+    # version is the `challenger`
+    assert int(client.get_model_version_by_alias("cpm-ant-tiny", "candidate").version) == 1
+    assert int(client.get_model_version_by_alias("cpm-ant-tiny", "challenger").version) == 2
 
     # the logged model shows the final values (before: the step-0 valid_loss from before training)
     (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{out['run_id']}'", output_format="list")

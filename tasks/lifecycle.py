@@ -1,0 +1,64 @@
+"""Prefect tasks of the lifecycle's MLflow record: a parent run `lifecycle` and one nested run per stage.
+
+    open_run(tracking, name, parent_run_id=None, tags=None) -> run_id
+    close_run(tracking, run_id, summary, status="FINISHED", extra=None, name="stage") -> None
+
+Runs are made with MlflowClient (no active-run stack): a stage's own runs, made in task threads or Dask worker
+processes, are filed under the stage run by the `mlflow.parentRunId` tag (TrackingConfig.parent_run_id)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from .config import TrackingConfig
+from .tracking import retry_transient
+
+LIFECYCLE_TAG = "cpmant.lifecycle"  # run tag: "parent" on the lifecycle run, the stage's name on a stage run
+
+
+@task(name="open-run", task_run_name="open-run-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def open_run(tracking: TrackingConfig, name: str, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+
+    exp_id = setup_tracking(tracking.experiment)
+    client = MlflowClient()
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(exp_id, tags=all_tags, run_name=name).info.run_id
+
+
+@task(name="close-run", task_run_name="close-run-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def close_run(tracking: TrackingConfig, run_id: str, summary: list[dict], status: str = "FINISHED",
+              extra: dict | None = None, name: str = "stage") -> None:
+    """Log the stage's summary (a table, the models it made or reused, wall time, reused 0/1) and end the run."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+
+    setup_tracking(tracking.experiment)
+    client = MlflowClient()
+    ts = int(time.time() * 1000)
+    seconds = max([r.get("seconds") or 0.0 for r in summary] or [0.0])
+    reused = bool(summary) and all(r.get("reused") for r in summary)
+    metrics = [Metric("duration_s", float(seconds), ts, 0), Metric("reused", float(reused), ts, 0),
+               Metric("models", float(len(summary)), ts, 0)]
+    for k, v in (extra or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            metrics.append(Metric(k, float(v), ts, 0))
+    models = ", ".join(str(r.get("model")) for r in summary)
+    client.log_batch(run_id, metrics=metrics, params=[], tags=[RunTag("cpmant.models", models[:5000]),
+                                                              RunTag("cpmant.reused", "yes" if reused else "no")])
+    if summary:
+        cols = ("stage", "model", "metric", "value", "seconds", "reused", "note")
+        client.log_table(run_id, {c: [r.get(c) for r in summary] for c in cols}, "summary.json")
+    client.set_terminated(run_id, status=status)
