@@ -235,8 +235,10 @@ def cmd_register(args) -> int:
 def cmd_pull(args) -> int:
     from registry.pulling import download
 
-    out = download(args.uri, args.to)
-    print(f"pulled {args.uri} into {out} (every file verified against its sha256 tag)")
+    out = download(args.uri, args.to, merge=args.merge)
+    how = ("a plain checkpoint: the delta merged into its base's weights" if args.merge else
+           "every file verified against its sha256 tag")
+    print(f"pulled {args.uri} into {out} ({how})")
     return 0
 
 
@@ -335,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="download a version's checkpoint, verifying every file's sha256")
     p.add_argument("uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     p.add_argument("--to", required=True, type=_nonempty, help="a new or empty folder")
+    p.add_argument("--merge", action="store_true",
+                   help="for a LoRA delta: a plain checkpoint with the delta merged into its base's weights (same "
+                        "logits; loads without the base)")
     p.set_defaults(fn=cmd_pull)
 
     p = sub.add_parser("serve", help="serve a version over HTTP (MLflow's /invocations protocol) on 127.0.0.1")

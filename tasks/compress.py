@@ -25,6 +25,7 @@ from .aliases import new_version_alias
 from .caching import ContentHash
 from .config import TrackingConfig
 from .tracking import AsyncMetricLogger, MlflowCallbacks, retry_transient, tracked_stage
+from .tracking import recorded_tracking as _recorded_tracking
 
 # the ladder's columns: report keys, with the published reference figure a labelled column (never a metric)
 LADDER_COLUMNS = ["model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params", "bytes_on_disk",
@@ -132,6 +133,10 @@ def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_
     with tracked_stage(tracking, f"compress-{recipe.name}", tags=tags) as run:
         mlflow.log_params({k: v[:500] for k, v in {**recipe_params(recipe, compress),
                                                    **_data_params(parent_dir)}.items()})
+        # the whole resolved config and the code version, for `cpmant rerun`
+        mlflow.log_dict({"compress": compress.model_dump(mode="json"), "tracking": _recorded_tracking(tracking),
+                         "recipe": recipe.model_dump(mode="json")}, "config.json")
+        mlflow.set_tag(T.GIT_SHA, key.git_sha)
         logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
         try:
             report = compress_checkpoint(parent_dir, recipe, compress, out / recipe.name, parent_uri=parent,

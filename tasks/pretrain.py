@@ -25,6 +25,7 @@ from .config import PretrainConfig, TrackingConfig
 from .plots import plot_loss
 from .tracking import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
                        tracked_stage)
+from .tracking import recorded_tracking as _recorded_tracking
 
 # the tag of training tasks: a Prefect tag concurrency limit of 1 on it (infra/up.sh) runs one training at a time
 TRAINING_TAG = "cpmant-training"
@@ -158,13 +159,18 @@ def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: Prepar
     when the run folder holds checkpoints of this config (`resume: auto` would return the finished model)."""
     import mlflow
 
-    from registry.tags import CONFIG_SHA256, DATA_SHA256, PRESET, STAGE
+    from cpmant.checkpoint import git_sha
+    from registry.tags import CONFIG_SHA256, DATA_SHA256, GIT_SHA, PRESET, STAGE
 
     p = pretrain
     if force and p.resume == "auto":
         p = p.model_copy(update={"resume": "never"})
     with tracked_stage(tracking, f"pretrain-{p.preset}", tags={**tracking.parent_tags(), STAGE: "pretrain"}) as run:
         mlflow.log_params(resolved_params(p, data))
+        # the whole resolved config and the code version, for `cpmant rerun` (where runs nest is not an input)
+        mlflow.log_dict({"pretrain": p.model_dump(mode="json"), "tracking": _recorded_tracking(tracking)},
+                        "config.json")
+        mlflow.set_tag(GIT_SHA, git_sha())
         logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
         try:
             if p.nproc > 1 or int(getattr(p, "nnodes", 1) or 1) > 1:

@@ -150,6 +150,13 @@ class StageRun:
         mlflow.log_metrics(finite(metrics), step=self.final_step)
 
 
+def recorded_tracking(tracking: TrackingConfig) -> dict:
+    """The tracking section as a run records it: without where the run is filed (parent run, alias policy)."""
+    from .config import NON_RESULT_FIELDS
+
+    return tracking.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS["tracking"]) - {"metric_flush_steps"})
+
+
 @contextlib.contextmanager
 def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] | None = None):
     """An MLflow run wrapped in codecarbon's offline tracker; logs energy_kwh, emissions_kg_co2e, cost_rmb,
@@ -160,6 +167,7 @@ def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] 
 
     from registry.tracking import setup_tracking
 
+    tags = {**tracking.parent_tags(), **(tags or {})}  # nested under the lifecycle's stage run, when there is one
     cost_rmb(tracking, 0.0, 0.0)  # an unpriced device is an error now, not after the stage has run
     setup_tracking(tracking.experiment)
     logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its start-up chatter is not the user's business

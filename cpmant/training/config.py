@@ -46,6 +46,11 @@ class PretrainConfig(FrozenModel):
                                          "new lr/schedule apply from the resumed step on)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
     nproc: int = Field(1, ge=1, description="processes (torchrun; gloo on CPU, NCCL on CUDA)")
+    # several machines (torchrun multi-node): the same config on every node, each with its own node_rank
+    nnodes: int = Field(1, ge=1, description="nodes (torchrun --nnodes); more than 1 needs rdzv_endpoint")
+    node_rank: int = Field(0, ge=0, description="this node's rank (torchrun --node-rank)")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the c10d rendezvous on node 0")
+    rdzv_id: str | None = Field(None, description="rendezvous id; None = cpmant-<config hash>")
     backend: str = Field("torch", description="training backend (cpmant.backends: torch, bmtrain)")
     num_threads: int | None = Field(None, description="torch intra-op threads per process (None = cores/procs)")
     output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>-<key8>")

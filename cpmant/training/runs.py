@@ -28,7 +28,7 @@ from .config import PretrainConfig, upgrade_bf16
 
 # fields that change neither the weights nor the reported numbers
 NOT_HASHED = frozenset({"resume", "output_dir", "num_threads", "encode_workers", "save_interval", "keep_last",
-                        "keep_every", "allow_changed_settings"})
+                        "keep_every", "allow_changed_settings", "node_rank", "rdzv_endpoint", "rdzv_id"})
 LOCK_FILE = ".lock"
 
 
