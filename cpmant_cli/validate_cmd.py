@@ -16,15 +16,20 @@ def cmd_validate(args) -> int:
     from registry.pulling import resolve_version
     from registry.tracking import setup_tracking
 
-    from .main import _report, _run_flow
+    from cpmant.configio import deep_merge
+    from flows.runners import with_runner
+
+    from .main import _report, _run_flow, runner_overrides
 
     t0 = time.perf_counter()
-    cfg = build_config(LifecycleConfig, args.config, parse_overrides(args.set))  # bad settings fail first
+    cfg = build_config(LifecycleConfig, args.config,  # bad settings fail first
+                       deep_merge(parse_overrides(args.set), runner_overrides(args)))
     setup_tracking(cfg.tracking.experiment)
     for uri in args.uri:  # an unknown model or version fails before any flow starts
         resolve_version(uri)
     promote = False if args.no_promote else None
-    out = _run_flow(validate_flow, list(args.uri), cfg.model_dump(mode="json"), force=args.force, promote=promote)
+    config = cfg.model_dump(mode="json")
+    out = _run_flow(with_runner(validate_flow, config), list(args.uri), config, force=args.force, promote=promote)
     _report(out, args, t0)
     if not args.json:
         for r in out["results"]:
@@ -45,7 +50,7 @@ def cmd_promote(args) -> int:
 
 
 def add_verbs(sub) -> None:
-    from .main import _add_outcome_args, _nonempty
+    from .main import _add_outcome_args, _nonempty, add_runner_args
 
     p = sub.add_parser("validate", help="measure versions (perplexity, smoke generations, speed, latency, memory, a "
                                         "delta's task) and move `champion` where every gate passes")
@@ -57,6 +62,7 @@ def add_verbs(sub) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. validation.eval_rows=32 validation.gates.perplexity.threshold=500")
     _add_outcome_args(p)
+    add_runner_args(p)
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("promote", help="make a version `champion` by hand, recording who asked and why")
