@@ -18,6 +18,8 @@ PRESET = "cpmant.preset"  # run tag of a pretraining run
 # data hash, code version, parent version); a stage looks it up with `registry.find_version` before running
 INPUTS_SHA256 = "cpmant.inputs_sha256"
 
+TASK = "cpmant.task"  # a delta's task (version and run tag)
+METHOD = "cpmant.method"  # a delta's method (version and run tag)
 # validation and promotion (registry/promotion.py)
 MODEL = "cpmant.model"  # run tag: the models:/NAME/VERSION a validation or promotion run is about
 VALIDATION = "cpmant.validation"  # version and run tag: passed | failed

@@ -63,3 +63,29 @@ def _finish(fig, ax, out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_comparison(table: list[dict], out: Path, title: str = "") -> Path | None:
+    """One bar per row of a task's comparison table (zero-shot, each method, full): the task's score, with the
+    share of parameters each method trained written on its bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r.get("score") is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    names = [r["method"] for r in rows]
+    scores = [r["score"] for r in rows]
+    colors = ["#999999" if n == "zero-shot" else "#1f77b4" if n != "full" else "#d62728" for n in names]
+    bars = ax.bar(names, scores, color=colors, label=rows[0]["metric"])
+    for b, r in zip(bars, rows):
+        ratio = r.get("trainable_ratio")
+        label = f"{r['score']:.3g}" + (f"\n{ratio:.2%} trained" if ratio else "")
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(rows[0]["metric"])
+    ax.set_title(f"Delta tuning: {title or rows[0].get('task', '')}")
+    ax.margins(y=0.2)
+    return _finish(fig, ax, out)

@@ -9,7 +9,8 @@ from ..configio import FrozenModel
 
 class TuneConfig(FrozenModel):
     tasks: str = Field("demo-ccpm,demo-c3,demo-lcsts,demo-math23k", description="CUGE or demo task names, comma list")
-    methods: str = Field("lora", description="delta methods, comma list (`full` = full fine-tuning baseline)")
+    methods: str = Field("lora,full", description="delta methods, comma list (`full` = full fine-tuning, the "
+                                                   "baseline every delta is compared with)")
     data: str | None = Field(None, description="folder of a CUGE task's raw files (None: $CUGE_DATA/<task>)")
     epochs: int = Field(3, ge=1, description="passes over the training examples (at most; early stop may end sooner)")
     batch_size: int = Field(8, ge=1, description="training examples per optimizer step")

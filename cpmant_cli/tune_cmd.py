@@ -1,0 +1,47 @@
+"""`cpmant tune`: delta-tune a registered model on CUGE or demo tasks (the tune flow)."""
+
+from __future__ import annotations
+
+import time
+
+
+def cmd_tune(args) -> int:
+    from cpmant.configio import build_config, parse_overrides
+    from flows.config import LifecycleConfig
+    from flows.tune import resolve_methods, resolve_tasks, tune_flow
+
+    from .main import _report, _run_flow
+
+    t0 = time.perf_counter()
+    over = parse_overrides(args.set)
+    tune = over.setdefault("tune", {})
+    for key in ("task", "method", "data"):
+        if getattr(args, key, None) is not None:
+            tune[{"task": "tasks", "method": "methods"}.get(key, key)] = getattr(args, key)
+    cfg = build_config(LifecycleConfig, args.config, over)
+    resolve_tasks(cfg.tune.tasks)  # an unknown task or method fails here, before any flow starts
+    resolve_methods(cfg.tune.methods)
+    out = _run_flow(tune_flow, args.uri, cfg.tune.tasks, cfg.tune.methods, cfg.model_dump(mode="json"),
+                    force=args.force)
+    return _report(out, args, t0)
+
+
+def add_verbs(sub) -> None:
+    from .main import _add_outcome_args, _nonempty
+
+    p = sub.add_parser("tune", help="tune task deltas of a registered model (LoRA and others; CUGE or demo tasks) "
+                                    "and register <model>-<task>-<method>")
+    p.add_argument("uri", help="the base: models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--task", type=_nonempty, default=None,
+                   help="task name or comma list: a CUGE task (ccpm, c3, sogou-log, lcsts, kdconv, math23k) or a demo "
+                        "task (demo-ccpm, demo-c3, demo-lcsts, demo-math23k); an unknown name lists the known ones "
+                        "(default: the config's tune.tasks)")
+    p.add_argument("--method", type=_nonempty, default=None,
+                   help="delta method or comma list, e.g. lora, bitfit, adapter, or full (full fine-tuning, the "
+                        "baseline); an unknown name lists the known ones (default: the config's tune.methods)")
+    p.add_argument("--data", type=_nonempty, default=None,
+                   help="folder of a CUGE task's raw files (default: $CUGE_DATA/<task>; demo tasks need none)")
+    p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its tune section applies)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. tune.epochs=2")
+    _add_outcome_args(p)
+    p.set_defaults(fn=cmd_tune)

@@ -1,0 +1,438 @@
+"""Prefect tasks of the delta-tuning stage: the zero-shot score of the base per task (cached per base version), one
+tracked and registered delta per (model, task, method) (or the existing one), then a comparison table per task.
+
+    resolve_tasks(spec) -> list[str]             an unknown task lists the known ones
+    resolve_methods(spec) -> list[str]           an unknown method lists the known ones
+    zero_shot(tune, tracking, base_uri, task) -> dict
+    tune_delta(tune, tracking, base_uri, task, method, force=False) -> dict
+    comparison_table(tracking, base_uri, task, zero, rows) -> list[dict]
+
+The core does the work: `cpmant.cuge` (tasks: loading, formatting, metrics) and `cpmant.delta` (methods through
+OpenDelta, the tuning loop, delta-only checkpoints). These tasks record it: params, `trainable_params`,
+`trainable_ratio`, `delta_bytes`, `eval_<metric>` per epoch (step = epoch), the test scores, energy, emissions,
+cost (tracked_stage), and register `<model>-<task>-<method>` with `cpmant.stage=delta` and `cpmant.parent` = the
+base version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+
+from cpmant.errors import CpmantError
+from cpmant.paths import subdir
+from registry import tags as T
+
+from .config import TrackingConfig, TuneConfig
+from .tracking import AsyncMetricLogger, finite, tracked_stage
+
+TASK_TAG, METHOD_TAG = T.TASK, T.METHOD  # a delta's task and method (version and run tags)
+TASK_DATA_TAG = "cpmant.task_data_sha256"  # the task's examples (train, valid, test) as loaded
+KIND_TAG = "cpmant.tune.kind"  # run tag: zero-shot | delta | comparison
+ZERO_SHOT = "zero-shot"
+FULL = "full"
+EVAL_SPLIT = "test"  # every row of a comparison table is scored on the same split
+# the comparison table's columns
+TABLE_COLUMNS = ["task", "method", "model", "metric", "score", "vs_full", "trainable_params", "trainable_ratio",
+                 "delta_bytes", "delta_bytes_ratio", "seconds", "reused"]
+DEMO_NOTE = "demo task built from the installed corpus: not a CUGE score"
+
+
+# ---- the core, in one place (cpmant.cuge and cpmant.delta) ---------------------------------------------------------
+def _cuge():
+    """The task registry: `get_task(name)`, `task_names()`."""
+    import cpmant.cuge as cuge
+
+    if hasattr(cuge, "get_task"):
+        return cuge
+    from cpmant.cuge import base
+
+    return base
+
+
+def task_names() -> list[str]:
+    return list(_cuge().task_names())
+
+
+def method_names() -> list[str]:
+    from cpmant.delta import methods
+
+    names = list(methods.method_names())
+    return names if FULL in names else [*names, FULL]
+
+
+def _split_names(spec: str | list | tuple | None) -> list[str]:
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(map(str, spec))
+    return [s.strip() for s in str(spec or "").split(",") if s.strip()]
+
+
+def resolve_tasks(spec) -> list[str]:
+    """Task names from a comma list; an unknown or empty one is a CpmantError listing the known tasks."""
+    known = task_names()
+    names = _split_names(spec)
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        what = f"unknown task {', '.join(map(repr, bad))}" if bad else "no task given"
+        raise CpmantError(what, f"choose from: {', '.join(known)} (a comma list tunes several)")
+    return list(dict.fromkeys(names))
+
+
+def resolve_methods(spec) -> list[str]:
+    """Method names from a comma list (`full` = full fine-tuning); an unknown one lists the known methods."""
+    known = method_names()
+    names = _split_names(spec)
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        what = f"unknown delta method {', '.join(map(repr, bad))}" if bad else "no method given"
+        raise CpmantError(what, f"choose from: {', '.join(known)} (a comma list tunes several)")
+    return list(dict.fromkeys(names))
+
+
+def load_split(task_name: str, split: str, tune: TuneConfig):
+    """One split of a task's examples (its raw files under tune.data or $CUGE_DATA/<task>; demo tasks build
+    theirs from the corpus); malformed rows above tune.malformed_threshold fail naming the file and line."""
+    return _cuge().get_task(task_name).load(split, data_dir=tune.data, malformed_threshold=tune.malformed_threshold)
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if hasattr(x, "model_dump"):
+        return x.model_dump(mode="json")
+    return repr(x)
+
+
+def examples_sha256(examples) -> str:
+    """A hash of loaded examples (what the tuning and the scores depend on, whatever files they came from)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex, ensure_ascii=False, sort_keys=True, default=_jsonable).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _tune_settings(tune: TuneConfig, method: str) -> dict:
+    """The config fields that decide `method`'s delta: the loop's settings, this method's learning rate and params
+    (not the task and method lists, nor the data folder: the task's examples are hashed instead)."""
+    d = tune.model_dump(mode="json")
+    out = {k: v for k, v in d.items() if k not in ("tasks", "methods", "data", "lr", "method_params")}
+    return {**out, "lr": tune.lr_for(method), "params": d["method_params"].get(method) or {}}
+
+
+def _base(base_uri: str) -> tuple[str, str, Path, str]:
+    """(name, models:/NAME/VERSION, local folder, checkpoint sha256) of the base version."""
+    from mlflow.tracking import MlflowClient
+
+    from registry.pulling import checkpoint_dir, resolve_version
+
+    name, version = resolve_version(base_uri)
+    uri = f"models:/{name}/{version}"
+    sha = MlflowClient().get_model_version(name, str(version)).tags.get(T.CHECKPOINT_SHA256, "")
+    return name, uri, checkpoint_dir(uri), sha
+
+
+def _git_sha() -> str:
+    from cpmant.checkpoint import git_sha
+
+    return git_sha()
+
+
+def _parent_tags(tracking: TrackingConfig) -> dict[str, str]:
+    """The tag that files a run under the lifecycle's stage run (none outside the lifecycle)."""
+    f = getattr(tracking, "parent_tags", None)
+    return dict(f()) if callable(f) else {}
+
+
+def _alias(tracking: TrackingConfig, name: str) -> str:
+    """The alias a new delta version gets (tasks/aliases.py: `candidate` first, `challenger` outside the lifecycle
+    once the model has a candidate)."""
+    try:
+        from .aliases import new_version_alias
+    except ImportError:
+        return T.ALIAS_CANDIDATE
+    return new_version_alias(tracking, name)
+
+
+def _flat(prefix: str, d: dict) -> dict[str, str]:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(f"{prefix}{k}.", v))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:500]
+    return out
+
+
+def _primary(task_name: str) -> str:
+    return str(_cuge().get_task(task_name).primary_metric)
+
+
+def _is_demo(task_name: str) -> bool:
+    return bool(getattr(_cuge().get_task(task_name), "is_demo", task_name.startswith("demo-")))
+
+
+# ---- zero-shot ------------------------------------------------------------------------------------------------
+def _zero_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"zeroshot-{task_run.parameters.get('task_name', 'task')}"
+
+
+def _find_run(key: str):
+    """The newest finished run tagged with this inputs hash, or None."""
+    import mlflow
+
+    from registry.tracking import setup_tracking
+
+    setup_tracking()
+    exps = [e.experiment_id for e in mlflow.search_experiments()]
+    if not exps:
+        return None
+    runs = mlflow.search_runs(exps, filter_string=f"tags.`{T.INPUTS_SHA256}` = '{key}' and "
+                                                  "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0] if runs else None
+
+
+@task(name="zero-shot", task_run_name=_zero_run_name, cache_policy=NONE)
+def zero_shot(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_name: str,
+              force: bool = False) -> dict:
+    """The base's score on the task without tuning: one tracked run per (base version, task, examples, code),
+    reused on later calls unless `force`."""
+    import mlflow
+
+    from cpmant.checkpoint import load_pretrained
+
+    t0 = time.perf_counter()
+    _, base, base_dir, base_sha = _base(base_uri)
+    examples = load_split(task_name, EVAL_SPLIT, tune)
+    data_sha = examples_sha256(examples)
+    key = _sha({"kind": ZERO_SHOT, "base": base, "base_sha": base_sha, "task": task_name, "data": data_sha,
+                "eval": [tune.eval_batch_size, tune.max_eval_examples, tune.precision],
+                "git": _git_sha()})
+    primary = _primary(task_name)
+    found = None if force else _find_run(key)
+    if found is not None:
+        metrics = {k[len("test_"):]: v for k, v in found.data.metrics.items() if k.startswith("test_")}
+        return {"task": task_name, "method": ZERO_SHOT, "model": base, "metric": primary,
+                "score": metrics.get(primary), "metrics": metrics, "trainable_params": 0, "trainable_ratio": 0.0,
+                "delta_bytes": 0, "delta_bytes_ratio": 0.0, "seconds": time.perf_counter() - t0, "reused": True,
+                "run_id": found.info.run_id}
+    tags = {**_parent_tags(tracking), T.STAGE: "delta", T.PARENT: base, TASK_TAG: task_name, METHOD_TAG: ZERO_SHOT,
+            KIND_TAG: ZERO_SHOT, T.INPUTS_SHA256: key}
+    with tracked_stage(tracking, f"zeroshot-{task_name}", tags=tags) as run:
+        mlflow.log_params({"task": task_name, "method": ZERO_SHOT, "base": base, "eval_split": EVAL_SPLIT,
+                           "eval_examples": len(examples), "task_data_sha256": data_sha})
+        from cpmant.delta.train import evaluate_zero_shot
+
+        model, tok = load_pretrained(base_dir)
+        metrics = evaluate_zero_shot(_cuge().get_task(task_name), model, tok, examples, tune)
+        run.log_final({f"test_{k}": v for k, v in metrics.items()})
+    return {"task": task_name, "method": ZERO_SHOT, "model": base, "metric": primary, "score": metrics.get(primary),
+            "metrics": metrics, "trainable_params": 0, "trainable_ratio": 0.0, "delta_bytes": 0,
+            "delta_bytes_ratio": 0.0, "seconds": time.perf_counter() - t0, "reused": False,
+            "run_id": run.info.run_id}
+
+
+# ---- one delta ------------------------------------------------------------------------------------------------
+def _tune_run_name() -> str:
+    """tune-<task>-<method>: what the task run does."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return f"tune-{p.get('task_name', 'task')}-{p.get('method', 'method')}"
+
+
+class TuneCallbacks:
+    """The tuning loop's callbacks (cpmant.delta.train.tune): each step's loss through the batched logger
+    (step = optimizer step), each epoch's task metrics as `eval_<metric>` at step = epoch."""
+
+    def __init__(self, logger: AsyncMetricLogger, run_id: str):
+        self.logger, self.run_id = logger, run_id
+        self.epochs: list[tuple[int, dict]] = []
+
+    def on_step(self, step: int, loss: float) -> None:
+        self.logger.log(int(step), {"loss": float(loss)})
+
+    def on_eval(self, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        named = {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float))}
+        self.epochs.append((int(epoch), named))
+        ts = int(time.time() * 1000)
+        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, ts, int(epoch))
+                                                       for k, v in finite(named).items()], synchronous=True)
+
+
+def delta_name(base_name: str, task_name: str, method: str) -> str:
+    """`<model>-<task>-<method>`, e.g. cpm-ant-tiny-demo-ccpm-lora."""
+    return f"{base_name}-{task_name}-{method}"
+
+
+def _reused(uri: str, task_name: str, method: str, t0: float) -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name, version = uri[len("models:/"):].rsplit("/", 1)
+    mv = MlflowClient().get_model_version(name, version)
+    row = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/tune_report.json")
+    return {**row, "model": uri, "run_id": mv.run_id, "reused": True, "seconds": time.perf_counter() - t0}
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+@task(name="tune-delta", task_run_name=_tune_run_name, cache_policy=NONE)
+def tune_delta(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_name: str, method: str,
+               force: bool = False) -> dict:
+    """Tune `method` on `task_name` from `base_uri` in a tracked MLflow run, score it on the test split and register
+    `<model>-<task>-<method>` (only the delta's weights, naming its base; `full` saves every weight). A version made
+    from the same inputs (base version and checkpoint, the task's examples, method and settings, code) is returned
+    instead, unless `force`."""
+    import mlflow
+
+    from cpmant.checkpoint import load_pretrained, read_meta
+    from cpmant.delta.checkpoint import save_delta
+    from cpmant.delta.train import evaluate_zero_shot, tune as tune_loop
+    from registry.register import find_version, register_checkpoint
+
+    t0 = time.perf_counter()
+    base_name, base, base_dir, base_sha = _base(base_uri)
+    name = delta_name(base_name, task_name, method)
+    task_obj = _cuge().get_task(task_name)
+    splits = {s: load_split(task_name, s, tune) for s in ("train", "valid", EVAL_SPLIT)}
+    data_sha = _sha({s: examples_sha256(ex) for s, ex in splits.items()})
+    settings = _tune_settings(tune, method)
+    key = _sha({"kind": "delta", "base": base, "base_sha": base_sha, "task": task_name, "data": data_sha,
+                "method": method, "settings": settings, "git": _git_sha()})
+    if not force:
+        found = find_version(name, {T.INPUTS_SHA256: key, T.PARENT: base})
+        if found:
+            return _reused(found, task_name, method, t0)
+    out = subdir("runs", f"tune-{base_name}") / f"{task_name}-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    primary = str(task_obj.primary_metric)
+    tags = {**_parent_tags(tracking), T.STAGE: "delta", T.PARENT: base, TASK_TAG: task_name, METHOD_TAG: method,
+            KIND_TAG: "delta"}
+    with tracked_stage(tracking, f"tune-{task_name}-{method}", tags=tags) as run:
+        mlflow.log_params({**_flat("tune.", settings), "task": task_name, "method": method, "base": base,
+                           "task_data_sha256": data_sha, "data.dir": str(tune.data or ""),
+                           **{f"examples.{s}": len(ex) for s, ex in splits.items()}})
+        logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
+        callbacks = TuneCallbacks(logger, run.info.run_id)
+        model, tok = load_pretrained(base_dir)
+        try:
+            res = tune_loop(model, tok, task_obj, splits["train"], splits["valid"], method, tune,
+                            callbacks=callbacks, progress=sys.stderr.isatty())
+        finally:
+            logger.close()
+        rep = res.report
+        mlflow.log_params({f"method.{k}": str(v)[:500] for k, v in (rep.get("params") or {}).items()
+                           if k != "name"} | {"method.lr": rep.get("lr")})
+        # the model holds the best epoch's delta: its score on the test split is the comparison table's
+        metrics = evaluate_zero_shot(task_obj, res.handle.model, tok, splits[EVAL_SPLIT], tune)
+        # the contract's hashes for the version's tags: the tuning config (method and settings) and the data it was
+        # trained on (the task's examples); `data` carries the base's corpus lineage forward
+        meta = {"config_sha256": _sha({"method": method, "settings": settings}), "data_sha256": data_sha,
+                "stage": "delta", "task": task_name, "data": read_meta(base_dir).get("data")}
+        save_delta(out, res.handle, base_dir, base_uri=base, task=task_name, metrics=metrics,
+                   state_dict=res.best_state, meta=meta)
+        trainable, ratio = int(rep["trainable_params"]), float(rep["trainable_ratio"])
+        delta_bytes, base_bytes = _weights_bytes(out), _weights_bytes(base_dir)
+        run.final_step = int(rep.get("epochs_run") or 0)
+        final = {"trainable_params": trainable, "trainable_ratio": ratio, "delta_bytes": delta_bytes,
+                 "delta_bytes_ratio": delta_bytes / base_bytes if base_bytes else 0.0,
+                 "best_epoch": rep.get("best_epoch"), "examples_per_second": rep.get("examples_per_second"),
+                 **{f"test_{k}": v for k, v in metrics.items()}}
+        run.log_final(final)
+        row = {"task": task_name, "method": method, "metric": primary, "score": metrics.get(primary),
+               "metrics": metrics, "trainable_params": trainable, "trainable_ratio": ratio,
+               "delta_bytes": delta_bytes, "delta_bytes_ratio": final["delta_bytes_ratio"], "base_bytes": base_bytes,
+               "best_epoch": rep.get("best_epoch"), "epochs": rep.get("history"), "base": base}
+        mlflow.log_dict(row, "tune_report.json")
+        description = f"{method} delta of {base} on {task_name}" + (f" ({DEMO_NOTE})" if _is_demo(task_name)
+                                                                      else "")
+        if row["score"] is not None:
+            description += f": test {primary} {row['score']:.4g}"
+        description += f", {trainable:,} trainable parameters ({ratio:.3%}), {delta_bytes:,} bytes"
+        reg = register_checkpoint(out, name, stage="delta", parent=base, step=run.final_step,
+                                  extra_tags={T.INPUTS_SHA256: key, TASK_TAG: task_name, METHOD_TAG: method,
+                                              TASK_DATA_TAG: data_sha},
+                                  description=description, alias=_alias(tracking, name))
+    return {**row, "model": reg.uri, "run_id": run.info.run_id, "reused": False,
+            "seconds": time.perf_counter() - t0, "description": description}
+
+
+# ---- the comparison table ---------------------------------------------------------------------------------------
+def _table_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"compare-{task_run.parameters.get('task_name', 'task')}"
+
+
+def table_rows(zero: dict | None, rows: list[dict]) -> list[dict]:
+    """zero-shot first, then each method, full last; `vs_full` = score / full's score where full was tuned."""
+    ordered = ([zero] if zero else []) + [r for r in rows if r["method"] != FULL] + [r for r in rows
+                                                                                     if r["method"] == FULL]
+    full = next((r.get("score") for r in rows if r["method"] == FULL), None)
+    out = []
+    for r in ordered:
+        s = r.get("score")
+        out.append({"task": r["task"], "method": r["method"], "model": r["model"], "metric": r["metric"],
+                    "score": s, "vs_full": (s / full) if (s is not None and full) else None,
+                    "trainable_params": r.get("trainable_params"), "trainable_ratio": r.get("trainable_ratio"),
+                    "delta_bytes": r.get("delta_bytes"), "delta_bytes_ratio": r.get("delta_bytes_ratio"),
+                    "seconds": round(float(r.get("seconds") or 0.0), 1), "reused": bool(r.get("reused"))})
+    return out
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else v
+
+
+@task(name="comparison-table", task_run_name=_table_run_name, cache_policy=NONE)
+def comparison_table(tracking: TrackingConfig, base_uri: str, task_name: str, zero: dict | None,
+                     rows: list[dict]) -> list[dict]:
+    """Zero-shot, each method and full side by side on the task's test split: an MLflow table and plot (in a
+    `compare-<task>` run) and a Prefect table artifact `tune-<task>`. Nothing new is logged when every row was
+    reused."""
+    import mlflow
+
+    from .plots import plot_comparison
+
+    table = table_rows(zero, rows)
+    if not table or all(r["reused"] for r in table):
+        return table
+    demo = _is_demo(task_name)
+    key = f"tune-{task_name}".lower()
+    tags = {**_parent_tags(tracking), T.STAGE: "delta", T.PARENT: zero["model"] if zero else base_uri,
+            TASK_TAG: task_name, KIND_TAG: "comparison"}
+    with tracked_stage(tracking, f"compare-{task_name}", tags=tags):
+        mlflow.log_table({c: [r[c] for r in table] for c in TABLE_COLUMNS}, f"comparison-{task_name}.json")
+        png = plot_comparison(table, subdir("runs") / f"comparison-{task_name}.png",
+                              title=f"{task_name}{' (demo task)' if demo else ''}")
+        if png:
+            mlflow.log_artifact(str(png), artifact_path="plots")
+    create_table_artifact([{c: _fmt(r[c]) for c in TABLE_COLUMNS} for r in table], key=key,
+                          description=f"Delta tuning on {task_name} from {base_uri}"
+                                      + (f" ({DEMO_NOTE})" if demo else ""))
+    return table

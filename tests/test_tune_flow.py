@@ -1,0 +1,127 @@
+"""The delta-tuning stage end to end on a micro base: `cpmant tune` with lora and full on demo-ccpm (built from the
+fixture corpus) registers `<model>-<task>-<method>` versions tagged stage=delta with their base as parent, the lora
+version holds only the delta's weights, the runs log trainable_params / trainable_ratio / delta_bytes / eval_<metric>
+per epoch / energy, the comparison table is an MLflow table and a Prefect artifact, a rerun reuses the versions,
+`cpmant lineage` shows corpus -> base -> delta, and a bad task or method is refused before any flow starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import registered_micro_model
+
+pytestmark = pytest.mark.flow
+TASK = "demo-ccpm"
+# one epoch on a few examples: the stage's wiring is under test, not the scores
+SETTINGS = ["tune.epochs=2", "tune.max_train_examples=8", "tune.max_eval_examples=4", "tune.batch_size=4",
+            "tune.patience=0", "tracking.measure_power_secs=1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, fixture_corpus):
+    home = tmp_path_factory.mktemp("tune_home")
+    mp, _, reg = registered_micro_model(home, fixture_corpus)
+    yield {"home": home, "uri": reg.uri, "corpus": str(fixture_corpus)}
+    mp.undo()
+
+
+def _tune(base, capsys, *extra) -> dict:
+    from cpmant_cli.main import main
+
+    rc = main(["tune", "models:/cpm-ant-tiny@candidate", "--task", TASK, "--method", "lora,full",
+               "--data", base["corpus"], "--json", "--set", *SETTINGS, *extra])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+def test_tune_registers_deltas_with_lineage_metrics_and_table(prefect_harness, base, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from safetensors import safe_open
+
+    from cpmant.delta.methods import LoraParams
+    from registry.ancestry import format_lineage, lineage
+    from registry.pulling import checkpoint_dir
+
+    out = _tune(base, capsys)
+    names = [f"cpm-ant-tiny-{TASK}-{m}" for m in ("lora", "full")]
+    assert out["deltas"] == [f"models:/{n}/1" for n in names]
+    client = MlflowClient()
+    base_bytes = (checkpoint_dir(base["uri"]) / "model.safetensors").stat().st_size
+    micro = {"layers": 2, "dim_model": 32, "heads_x_dim": 2 * 16}
+    for name, method in zip(names, ("lora", "full")):
+        mv = client.get_model_version(name, "1")
+        t = mv.tags
+        assert (t["cpmant.stage"], t["cpmant.parent"], t["cpmant.task"], t["cpmant.method"]) == (
+            "delta", base["uri"], TASK, method)
+        assert t["cpmant.inputs_sha256"] and t["cpmant.checkpoint_sha256"] and "candidate" in mv.aliases
+        folder = checkpoint_dir(f"models:/{name}/1")
+        run = client.get_run(mv.run_id)
+        m = run.data.metrics
+        for key in ("trainable_params", "trainable_ratio", "delta_bytes", "test_f1", "energy_kwh",
+                    "emissions_kg_co2e", "cost_rmb", "duration_s"):
+            assert key in m, (name, key)
+        # eval_<metric> once per epoch, at step = epoch
+        assert [h.step for h in client.get_metric_history(run.info.run_id, "eval_f1")] == [1, 2]
+        assert run.data.params["task"] == TASK and run.data.params["method"] == method
+        # the contract's hashes: the data it was tuned on (the task's examples) and its tuning config
+        assert t["cpmant.data_sha256"] == run.data.params["task_data_sha256"] and t["cpmant.config_sha256"]
+        if method == "lora":
+            # only the delta: A and B of project_q and project_v in each layer, r=8 (CPM-Ant's recipe)
+            assert not (folder / "model.safetensors").exists()
+            with safe_open(str(folder / "delta.safetensors"), "pt") as f:
+                keys = sorted(f.keys())
+            assert len(keys) == micro["layers"] * 2 * 2 and all(".lora." in k for k in keys)
+            r = LoraParams().r
+            want = micro["layers"] * 2 * (r * micro["dim_model"] + micro["heads_x_dim"] * r)
+            assert m["trainable_params"] == want
+            assert m["delta_bytes"] == (folder / "delta.safetensors").stat().st_size < base_bytes / 5
+            assert t["cpmant.checkpoint_sha256"] == t["cpmant.file_sha256.delta.safetensors"]
+        else:
+            assert m["trainable_ratio"] == 1.0 and abs(m["delta_bytes"] - base_bytes) < 0.01 * base_bytes
+
+    # the comparison table: zero-shot, lora, full on the test split; MLflow table + Prefect artifact
+    table = out["tables"][TASK]
+    assert [r["method"] for r in table] == ["zero-shot", "lora", "full"]
+    assert table[0]["model"] == base["uri"] and [r["model"] for r in table[1:]] == out["deltas"]
+    for row in table[1:]:
+        name, version = row["model"][len("models:/"):].rsplit("/", 1)
+        assert row["score"] == client.get_run(client.get_model_version(name, version).run_id).data.metrics["test_f1"]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`cpmant.tune.kind` = 'comparison' and tags.`cpmant.task` = '{TASK}'")
+    assert len(runs) == 1
+    logged = mlflow.load_table(f"comparison-{TASK}.json", run_ids=[runs[0].info.run_id])
+    assert list(logged["method"]) == ["zero-shot", "lora", "full"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts()
+    assert any(a.key == f"tune-{TASK}" and a.type == "table" for a in arts)
+
+    # lineage: corpus -> base -> delta, with the delta's task and method
+    chain = lineage(out["deltas"][0])
+    assert [c["role"] for c in chain] == ["delta", "base"]
+    text = format_lineage(chain)
+    first = text.splitlines()[0]
+    assert first == (f"corpus data:{chain[-1]['data_sha256'][:16]} -> base {base['uri']} -> delta "
+                     f"{out['deltas'][0]} (task {TASK}, method lora)")
+
+    # a rerun with the same inputs returns the same versions, without new runs
+    again = _tune(base, capsys)
+    assert again["deltas"] == out["deltas"] and all(r["reused"] for r in again["summary"])
+
+
+@pytest.mark.parametrize("flag,value,listed", [("--task", "demo-nope", "demo-ccpm"),
+                                               ("--method", "lora,nope", "lora")])
+def test_unknown_task_or_method_lists_the_known_ones(flag, value, listed, capsys, monkeypatch):
+    from cpmant_cli import main as cli
+
+    started = []
+    monkeypatch.setattr(cli, "_run_flow", lambda *a, **k: started.append(a))
+    rc = cli.main(["tune", "models:/cpm-ant-tiny/1", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and not started
+    assert err.startswith("error: unknown ") and "nope" in err and listed in err.splitlines()[1]
