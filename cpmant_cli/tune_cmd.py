@@ -10,10 +10,13 @@ def cmd_tune(args) -> int:
     from flows.config import LifecycleConfig
     from flows.tune import resolve_methods, resolve_tasks, tune_flow
 
-    from .main import _report, _run_flow
+    from cpmant.configio import deep_merge
+    from flows.runners import with_runner
+
+    from .main import _report, _run_flow, runner_overrides
 
     t0 = time.perf_counter()
-    over = parse_overrides(args.set)
+    over = deep_merge(parse_overrides(args.set), runner_overrides(args))
     tune = over.setdefault("tune", {})
     for key in ("task", "method", "data"):
         if getattr(args, key, None) is not None:
@@ -21,13 +24,14 @@ def cmd_tune(args) -> int:
     cfg = build_config(LifecycleConfig, args.config, over)
     resolve_tasks(cfg.tune.tasks)  # an unknown task or method fails here, before any flow starts
     resolve_methods(cfg.tune.methods)
-    out = _run_flow(tune_flow, args.uri, cfg.tune.tasks, cfg.tune.methods, cfg.model_dump(mode="json"),
+    config = cfg.model_dump(mode="json")
+    out = _run_flow(with_runner(tune_flow, config), args.uri, cfg.tune.tasks, cfg.tune.methods, config,
                     force=args.force)
     return _report(out, args, t0)
 
 
 def add_verbs(sub) -> None:
-    from .main import _add_outcome_args, _nonempty
+    from .main import _add_outcome_args, _nonempty, add_runner_args
 
     p = sub.add_parser("tune", help="tune task deltas of a registered model (LoRA and others; CUGE or demo tasks) "
                                     "and register <model>-<task>-<method>")
@@ -44,4 +48,5 @@ def add_verbs(sub) -> None:
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its tune section applies)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. tune.epochs=2")
     _add_outcome_args(p)
+    add_runner_args(p)
     p.set_defaults(fn=cmd_tune)
