@@ -1,14 +1,16 @@
-"""Generation tokens/s: ours in fp32 and in bf16, and transformers' `generate` on the same weights.
+"""Generation tokens/s: ours in fp32 and int8 (and bf16 with --bf16), and transformers' `generate` on the same weights.
 
-Run from the repository root:  .venv/bin/python bench/bench_generate.py [--quick] [--threads N]
+Run from the repository root:  .venv/bin/python bench/bench_generate.py [--quick] [--threads N] [--bf16]
 Writes bench/results/generate.json and prints a table; bench/README.md ("Generation") explains it.
 
-Greedy decoding of max_new_tokens (64) after a prompt of 32 random token ids, batch 1 and 8, for the tiny and
-d256-l4 configs (random weights). Ours: `cpmant.generate.generate_ids` (KV cache) in fp32 and in bf16 (through
-GenerationConfig.precision where it exists, else cpmant.precision.autocast around the call); transformers:
-CpmAntForCausalLM.generate (its KV cache) in fp32 and under bf16 autocast, loaded with to_hf_state_dict of our
-weights. The four take turns round after round; ratios are medians of per-round ratios. Tokens/s counts the tokens
-each one actually generated (ours stops at </s>, which random weights rarely choose).
+Greedy decoding of max_new_tokens (64) after a prompt of 32 random token ids, batch 1 and 8, for the tiny preset and
+d512-l8 (the tiny preset with dim 512, dim_ff 1536, 8 heads of 64, 8 layers), random weights. Ours:
+`cpmant.generate.generate_ids` (KV cache) in fp32, and the int8 model of the same weights
+(`cpmant.compress.quantize.quantize_model`, run through the int8 kernel); with --bf16 also ours in bf16 and
+transformers under bf16 autocast. transformers: CpmAntForCausalLM.generate (its KV cache) in fp32, loaded with
+to_hf_state_dict of our weights (the same weights as `cpmant convert --to hf` writes). The peers take turns round
+after round; ratios are medians of per-round ratios. Tokens/s counts the tokens each one actually generated (ours
+stops at </s>, which random weights rarely choose).
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleave, markdown_table, median, paired_ratio, recording_load, run_benchmark  # noqa: E402
-from bench_train_step import step_configs  # noqa: E402
 
-MODES = {"full": dict(rounds=7, new_tokens=64, prompt_tokens=32, quick=False),
-         "quick": dict(rounds=2, new_tokens=64, prompt_tokens=32, quick=True)}
+
+def generate_configs():
+    from cpmant.config import get_preset
+
+    tiny = get_preset("tiny")  # vocab 8000, dim 128, 4 layers: the CPU default
+    return {"tiny": tiny,
+            "d512-l8": tiny.replace(dim_model=512, dim_ff=1536, num_heads=8, dim_head=64, num_layers=8)}
+
+MODES = {"full": dict(rounds=5, new_tokens=64, prompt_tokens=32, quick=False),
+         "quick": dict(rounds=1, new_tokens=64, prompt_tokens=32, quick=True)}
 BATCHES = (1, 8)
 
 
@@ -80,6 +89,7 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
     from transformers import CpmAntForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from cpmant.compress.quantize import quantize_model
     from cpmant.convert import to_hf_config, to_hf_state_dict
     from cpmant.model import CPMAnt
     from cpmant.tokenizer import BOS_ID, SENTINELS, SPECIAL_TOKENS
@@ -88,9 +98,10 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     report["meta"]["torch_threads"] = torch.get_num_threads()
     n, results = mode["new_tokens"], []
-    for name, config in step_configs().items():
+    for name, config in generate_configs().items():
         torch.manual_seed(0)
         ours = CPMAnt(config).eval()
+        int8 = quantize_model(ours).eval()
         hf = CpmAntForCausalLM(to_hf_config(config)).eval()
         hf.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=True)
         for batch in BATCHES:
@@ -99,9 +110,10 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
                                  (batch, mode["prompt_tokens"] - 1), generator=g)
             rows = [[BOS_ID, *r] for r in body.tolist()]
             fp32, how = our_generate(ours, rows, n, "fp32")
-            bf16, _ = our_generate(ours, rows, n, "bf16")
-            peers = {"ours_fp32": fp32, "ours_bf16": bf16, "hf_fp32": hf_generate(hf, rows, n, False),
-                     "hf_bf16": hf_generate(hf, rows, n, True)}
+            peers = {"ours_fp32": fp32, "ours_int8": our_generate(int8, rows, n, "fp32")[0],
+                     "hf_fp32": hf_generate(hf, rows, n, False)}
+            if args.bf16:
+                peers.update(ours_bf16=our_generate(ours, rows, n, "bf16")[0], hf_bf16=hf_generate(hf, rows, n, True))
             counts = {k: f() for k, f in peers.items()}  # warm-up, and the number of tokens each generates
             r: dict = {"config": name, "batch": batch, "new_tokens": n, "prompt_tokens": mode["prompt_tokens"],
                        "ours_bf16_via": how, "generated_tokens": counts}
@@ -113,16 +125,17 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
                 return paired_ratio([counts[a] / t for t in secs[a]], [counts[b] / t for t in secs[b]])
 
             r.update({f"{k}_tokens_per_s": v for k, v in tps.items()})
-            r.update({"ours_bf16_vs_ours_fp32": rat("ours_bf16", "ours_fp32"),
-                      "ours_fp32_vs_hf_fp32": rat("ours_fp32", "hf_fp32"),
-                      "ours_bf16_vs_hf_fp32": rat("ours_bf16", "hf_fp32"),
-                      "ours_bf16_vs_hf_bf16": rat("ours_bf16", "hf_bf16"),
-                      "rounds_seconds": secs})
-            print(f"   {name}, batch {batch}: ours fp32 {tps['ours_fp32']:,.0f} / bf16 {tps['ours_bf16']:,.0f}, "
-                  f"transformers fp32 {tps['hf_fp32']:,.0f} / bf16 {tps['hf_bf16']:,.0f} tok/s "
-                  f"(load {r['load_average']['after'][:1]})", flush=True)
+            r.update({"ours_fp32_vs_hf_fp32": rat("ours_fp32", "hf_fp32"),
+                      "ours_int8_vs_ours_fp32": rat("ours_int8", "ours_fp32"),
+                      "ours_int8_vs_hf_fp32": rat("ours_int8", "hf_fp32"), "rounds_seconds": secs})
+            if args.bf16:
+                r.update({"ours_bf16_vs_ours_fp32": rat("ours_bf16", "ours_fp32"),
+                          "ours_bf16_vs_hf_bf16": rat("ours_bf16", "hf_bf16")})
+            print(f"   {name}, batch {batch}: ours fp32 {tps['ours_fp32']:,.0f} / int8 {tps['ours_int8']:,.0f}, "
+                  f"transformers fp32 {tps['hf_fp32']:,.0f} tok/s; ours/tf {r['ours_fp32_vs_hf_fp32']:.2f}x, "
+                  f"int8/fp32 {r['ours_int8_vs_ours_fp32']:.2f}x (load {r['load_average']['after'][:1]})", flush=True)
             results.append(r)
-        del ours, hf
+        del ours, int8, hf
     report["generate"] = results
 
 
@@ -130,18 +143,23 @@ def table(r: dict) -> str:
     rows = []
     for s in r["generate"]:
         la = s["load_average"]["before"][:1] + s["load_average"]["after"][:1]
-        rows.append((f"{s['config']}, batch {s['batch']}",
-                     f"{s['ours_fp32_tokens_per_s']:,.0f} / {s['ours_bf16_tokens_per_s']:,.0f}",
-                     f"{s['hf_fp32_tokens_per_s']:,.0f} / {s['hf_bf16_tokens_per_s']:,.0f}",
-                     f"{s['ours_bf16_vs_ours_fp32']:.2f}x", f"{s['ours_fp32_vs_hf_fp32']:.2f}x",
-                     f"{s['ours_bf16_vs_hf_fp32']:.2f}x", f"{s['ours_bf16_vs_hf_bf16']:.2f}x",
-                     " -> ".join(map(str, la))))
-    return markdown_table(("generate", "tokens/s ours fp32 / bf16", "transformers fp32 / bf16", "ours bf16 / fp32",
-                           "ours fp32 / tf fp32", "ours bf16 / tf fp32", "ours bf16 / tf bf16", "load"), rows)
+        row = [f"{s['config']}, batch {s['batch']}", f"{s['ours_fp32_tokens_per_s']:,.0f}",
+               f"{s['ours_int8_tokens_per_s']:,.0f}", f"{s['hf_fp32_tokens_per_s']:,.0f}",
+               f"{s['ours_fp32_vs_hf_fp32']:.2f}x", f"{s['ours_int8_vs_hf_fp32']:.2f}x",
+               f"{s['ours_int8_vs_ours_fp32']:.2f}x"]
+        if "ours_bf16_vs_ours_fp32" in s:
+            row += [f"{s['ours_bf16_vs_ours_fp32']:.2f}x", f"{s['ours_bf16_vs_hf_bf16']:.2f}x"]
+        rows.append((*row, " -> ".join(map(str, la))))
+    head = ["generate", "tokens/s ours fp32", "ours int8", "transformers fp32", "ours fp32 / tf fp32",
+            "ours int8 / tf fp32", "ours int8 / fp32"]
+    if r["generate"] and "ours_bf16_vs_ours_fp32" in r["generate"][0]:
+        head += ["ours bf16 / fp32", "ours bf16 / tf bf16"]
+    return markdown_table((*head, "load"), rows)
 
 
 def arguments(ap) -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    ap.add_argument("--bf16", action="store_true", help="also ours in bf16 and transformers under bf16 autocast")
 
 
 if __name__ == "__main__":

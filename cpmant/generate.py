@@ -2,8 +2,9 @@
 
 Input: `[<s>] + encode(text)` with `<unk>` dropped, after the task-2 prompt (prompt ids 2P..3P-1; task 0 when the
 model has fewer than 3 prompt types); everything is context, the text is segment 2, the prompt segment 0, positions
-0..L-1, span 0. Steps: `</s>` and newline are banned at the first step; pad, `<unk>` and `<s>` at every step
-(they decode to nothing); CTRL repetition penalty on the tokens generated so far; stop at `</s>`.
+0..L-1, span 0. Steps: `</s>` and newline are banned at the first step; every special that is no text at every step
+(pad, `<unk>`, `<s>`, `<mask>`, `<sep>`, `<d>`, `</d>`, the sentinels `<s0>`..`<s58>` and a small vocab's `<unusedN>`
+fillers: `banned_ids`); CTRL repetition penalty on the tokens generated so far; stop at `</s>`.
 
 Batching: rows are laid out `[prompt][padding][text]` so every row ends at the same column and the KV cache is one
 tensor. Padding gets span 1 (the text has span 0), so no real position attends to it, and positions skip it, so
@@ -11,9 +12,17 @@ each row computes exactly what it would alone. Cached decoding equals a full for
 are non-context (each sees the past only), which is what CPM-Live's cached `inference` computes.
 
 Speed: the KV cache (`cpmant.model.KVCache`) and the inputs of every column are allocated once for the prompt plus
-`max_new_tokens`, and each step writes one column in place; the per-row work (bans, penalty, finished rows, `</s>`,
-beam bookkeeping) is tensor operations over all rows at once. The host waits for the device only to ask whether
-every row has finished (every step on CPU, every few steps on an accelerator) and once at the end for the ids.
+`max_new_tokens`, and each step writes one column in place; the attention bias of the coming steps is built for
+many steps at once; a one-token step runs `CPMAnt._decode_one` (about a third of the tensor operations of the module
+path: decoding small models costs per operation, not per multiply); everything runs under torch.inference_mode. The
+per-row work (bans, penalty, finished rows, `</s>`, beam bookkeeping) is tensor operations over all rows at once.
+The host waits for the device only to ask whether every row has finished (every step on CPU, every few steps on an
+accelerator) and once at the end for the ids. int8 models multiply through the int8 kernel while decoding
+(`cpmant.modules.quant.int8_kernel`); MoE models run only the routed experts (`cpmant.modules.moe`).
+
+Streaming: `generate_stream(model, tokenizer, text, config=None, **overrides)` yields the continuation of one text in
+pieces as tokens come, the same text as `generate`. Stop strings (`GenerationConfig.stop`): a row ends once its
+decoded text contains one; `generate` and `generate_stream` cut the text before it.
 
 Settings: `GenerationConfig` (cpmant/generation_config.py) holds them, their defaults and their allowed ranges.
 
@@ -25,27 +34,34 @@ AVX-512 BF16, 1 thread, 64 new tokens, greedy, best of 2-3 rounds alternating fp
 (load average 1.2-4 from other work; bf16/fp32 tokens/s): tiny preset 0.59-0.71x at batch 1, 0.77x at 4,
 0.85-1.01x at 8, 1.21x at 32; d256/4 layers 0.67-0.95x at batch 1, 1.22x at 4, 1.24x at 8, 1.66x at 32. bf16 pays
 only for batches of many rows, and a batch-size threshold would give a text one continuation alone and another in
-a batch: so `auto` is fp32 and large batches may ask for bf16. The int8 path (`quantize_model`) is no faster than
-fp32 either except by chance (0.72-1.19x, one outlier 1.85x at tiny batch 1 under load). torch.compile of the
-one-token forward (dynamic shapes) was 1.4x eager per token but took 122 s to compile the tiny preset: not offered.
+a batch: so `auto` is fp32 and large batches may ask for bf16. (These bf16 figures predate the one-token step.)
+torch.compile of the one-token forward (dynamic shapes) was 1.4x eager per token but took 122 s to compile the tiny
+preset: not offered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Mapping, Optional, Union
+import weakref
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CpmantError
 from .generation_config import GenerationConfig
+from .modules.quant import int8_kernel
 from .precision import autocast, resolve_precision
 
-__all__ = ["GenerationConfig", "generate", "generate_ids", "generation_precision", "encode_inputs", "build_batch"]
+__all__ = ["GenerationConfig", "generate", "generate_ids", "generate_stream", "generation_precision", "encode_inputs",
+           "build_batch", "banned_ids", "cut_at_stop"]
 
 PAD_SPAN = 1  # span id of the padding between prompt and text
 SYNC_EVERY_ACCELERATED = 8  # on an accelerator, steps between checks that every row has finished (each check waits)
+BIAS_BLOCK_ELEMENTS = 1 << 22  # the attention bias of the coming steps is built this many floats at a time (16 MB)
+NEVER_GENERATED = ("<pad>", "<unk>", "<mask>", "<sep>", "<s>", "<d>", "</d>")  # specials banned at every step
+_banned_cache: "weakref.WeakKeyDictionary[Any, tuple[int, ...]]" = weakref.WeakKeyDictionary()
 
 
 def _prompt_task(config) -> int:
@@ -100,7 +116,11 @@ def build_batch(rows: list[list[int]], config, device) -> dict[str, torch.Tensor
 
 class _Sequence:
     """A batch being decoded: the inputs of every column, allocated once for T0 + max_new_tokens columns, and the
-    model's KV cache. `start` runs the T0 given columns, `step` one more token per row."""
+    model's KV cache. `start` runs the T0 given columns, `step` one more token per row.
+
+    The attention bias of a decoding step (position bias, -inf where masked) depends only on the columns, which are
+    all known at the start: it is built for many steps at once (blocks of at most BIAS_BLOCK_ELEMENTS floats) and
+    each step takes its row, instead of bucketing positions and building the mask at every step."""
 
     def __init__(self, model, batch: dict[str, torch.Tensor], max_new_tokens: int):
         self.model = model
@@ -117,21 +137,38 @@ class _Sequence:
         )
         self.input, self.T, self.capacity = batch["input"], T0, T0 + max_new_tokens
         self.cache = None
+        self._bias, self._bias_from = None, 0  # (H, R, n, T_end) bias of query columns _bias_from.. (or None)
 
     def _state(self) -> dict[str, torch.Tensor]:
         state = {k: v[:, : self.T] for k, v in self.columns.items()}
         state["length"] = torch.full((self.input.size(0),), self.T, dtype=torch.long, device=self.input.device)
         return state
 
+    def _step_bias(self) -> torch.Tensor:
+        """(H, R, 1, T) bias of the query column T-1 over keys 0..T-1."""
+        q = self.T - 1
+        if self._bias is None or q >= self._bias_from + self._bias.size(2):
+            c, H, R = self.columns, self.model.config.num_heads, self.input.size(0)
+            end = min(self.capacity, q + max(1, BIAS_BLOCK_ELEMENTS // max(1, H * R * self.capacity)))
+            cols = {k: v[:, :end] for k, v in c.items()}
+            length = torch.full((R,), end, dtype=torch.long, device=self.input.device)
+            self._bias = self.model.attention_bias(length, cols["context"], cols["position"], cols["segment"],
+                                                   cols["span"], q_start=q)  # (H, R, end - q, end)
+            self._bias_from = q
+        i = q - self._bias_from
+        return self._bias[:, :, i : i + 1, : self.T]
+
     def start(self) -> torch.Tensor:
         """Logits (B, V) after the given columns."""
-        logits, self.cache = self.model.inference(self.input, **self._state(), max_length=self.capacity)
+        logits, self.cache = self.model.inference(self.input, **self._state(), max_length=self.capacity,
+                                                  last_only=True)
         return logits[:, -1]
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """Append tok (R,) to every row; logits (R, V) after it."""
         self.T += 1
-        logits, self.cache = self.model.inference(tok[:, None], past_key_values=self.cache, **self._state())
+        logits, self.cache = self.model.inference(tok[:, None], past_key_values=self.cache, **self._state(),
+                                                  bias=self._step_bias())
         return logits[:, -1]
 
     def expand(self, index: torch.Tensor) -> None:
@@ -139,19 +176,43 @@ class _Sequence:
         self.columns = {k: v.index_select(0, index) for k, v in self.columns.items()}
         self.input = self.input.index_select(0, index)
         self.cache.reorder_(index)
+        self._bias = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beams of one text swap histories: only the cache differs (their input columns are equal)."""
         self.cache.reorder_(index)
 
 
+def banned_ids(tokenizer) -> tuple[int, ...]:
+    """Ids never generated (CPM-Ant): pad, <unk>, <s>, and, where the tokenizer has a vocab (`decoder`, id ->
+    token), <mask>, <sep>, <d>, </d>, the sentinels <s0>..<s58> and the <unusedN> fillers of a small vocab: they
+    are no text (decode shows them as markup or drops them). </s> ends a row, </n> and </_> are text."""
+    try:
+        return _banned_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    from .tokenizer import SENTINELS
+
+    ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id}
+    decoder = getattr(tokenizer, "decoder", None)
+    if isinstance(decoder, (list, tuple)):
+        never = set(NEVER_GENERATED) | set(SENTINELS)
+        ids |= {i for i, t in enumerate(decoder) if t in never or t.startswith("<unused")}
+    out = tuple(sorted(ids))
+    try:
+        _banned_cache[tokenizer] = out
+    except TypeError:  # not weakly referable: computed again next time
+        pass
+    return out
+
+
 class _Bans:
     """Bans and CTRL repetition penalty, in place on fresh logits (R, V) fp32; seen (R, V) bool: tokens so far."""
 
     def __init__(self, tokenizer, repetition_penalty: float, device):
-        ids = lambda *xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        self.always = ids(tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id)
-        self.first = ids(tokenizer.eos_id, tokenizer.newline_id)
+        ids = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        self.always = ids(banned_ids(tokenizer))
+        self.first = ids((tokenizer.eos_id, tokenizer.newline_id))
         self.penalty = float(repetition_penalty)
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor, step: int) -> torch.Tensor:
@@ -194,29 +255,106 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator: Opti
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-@torch.no_grad()
+class _Sampler:
+    """Greedy (temperature 0) or sampled decoding, one column of tokens per `next()` call.
+
+    `next()` returns the next token of every row (R,) (finished rows get pad), or None once max_new_tokens are out or
+    every row has finished; it runs the forward pass of the previous column lazily, so no forward is wasted after
+    the last token. Every tensor operation runs inside `ctx()` (inference mode, autocast), entered per call and never
+    held across a yield, so a streaming caller's own code runs outside them. `finish(rows)` ends rows early (stop
+    strings)."""
+
+    def __init__(self, model, tokenizer, batch, cfg: GenerationConfig, generator, ctx):
+        self.cfg, self.generator, self.ctx, self.tok = cfg, generator, ctx, tokenizer
+        B, n = batch["input"].size(0), cfg.max_new_tokens
+        dev = batch["input"].device
+        self.n, self.every = n, _sync_every(dev)
+        with ctx():
+            self.seq, self.bans = _Sequence(model, batch, n), _Bans(tokenizer, cfg.repetition_penalty, dev)
+            self.seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=dev)
+            self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+            self.out = torch.full((B, n), tokenizer.pad_id, dtype=torch.long, device=dev)
+        self.steps, self.last = 0, None
+
+    def next(self) -> Optional[torch.Tensor]:
+        step = self.steps
+        if step == self.n:
+            return None
+        with self.ctx():
+            if step and step % self.every == 0 and bool(self.done.all()):
+                return None
+            logits = self.seq.start() if self.last is None else self.seq.step(self.last)
+            tok = sample(self.bans(logits, self.seen, step), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p,
+                         self.generator)
+            tok = tok.masked_fill(self.done, self.tok.pad_id)  # finished rows emit padding (they no longer count)
+            self.out[:, step] = tok
+            if self.bans.penalty != 1.0:
+                self.seen.scatter_(1, tok[:, None], True)
+            self.done |= tok == self.tok.eos_id
+        self.steps, self.last = step + 1, tok
+        return tok
+
+    def finish(self, rows: list[int]) -> None:
+        with self.ctx():
+            self.done[rows] = True
+
+    def ids(self) -> list[list[int]]:
+        return _until_eos(self.out[:, : self.steps].tolist(), self.tok.eos_id)
+
+
 def _sample_loop(model, tokenizer, batch, cfg: GenerationConfig,
-                 generator: Optional[torch.Generator] = None) -> list[list[int]]:
-    """Greedy (temperature 0) or sampled decoding; per row the generated ids before </s>."""
-    B, V, n = batch["input"].size(0), model.config.vocab_size, cfg.max_new_tokens
-    dev = batch["input"].device
-    seq, bans, every = _Sequence(model, batch, n), _Bans(tokenizer, cfg.repetition_penalty, dev), _sync_every(dev)
-    rows = torch.arange(B, device=dev)
-    seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    out = torch.full((B, n), tokenizer.pad_id, dtype=torch.long, device=dev)
-    logits, steps = seq.start(), 0
-    for step in range(n):
-        tok = sample(bans(logits, seen, step), cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        tok = tok.masked_fill(done, tokenizer.pad_id)  # finished rows emit padding (they no longer count)
-        out[:, step] = tok
-        seen[rows, tok] = True
-        done |= tok == tokenizer.eos_id
-        steps = step + 1
-        if steps == n or (steps % every == 0 and bool(done.all())):
-            break
-        logits = seq.step(tok)
-    return _until_eos(out[:, :steps].tolist(), tokenizer.eos_id)
+                 generator: Optional[torch.Generator] = None, ctx=None) -> list[list[int]]:
+    """Greedy or sampled decoding; per row the generated ids before </s> (with stop strings: up to and including
+    the token whose text completes the first stop string)."""
+    s = _Sampler(model, tokenizer, batch, cfg, generator, ctx or torch.inference_mode)
+    if not cfg.stop:
+        while s.next() is not None:
+            pass
+        return s.ids()
+    B = batch["input"].size(0)
+    ids: list[list[int]] = [[] for _ in range(B)]
+    live = set(range(B))
+    while live and (tok := s.next()) is not None:
+        stopped = []
+        for b, t in enumerate(tok.tolist()):
+            if b not in live:
+                continue
+            if t == tokenizer.eos_id:
+                live.discard(b)
+                continue
+            ids[b].append(t)
+            if _stop_at(tokenizer.decode(ids[b]), cfg.stop) is not None:
+                stopped.append(b)
+        if stopped:
+            live.difference_update(stopped)
+            s.finish(stopped)
+    return ids
+
+
+def _stop_at(text: str, stop: tuple[str, ...]) -> Optional[int]:
+    """Where the earliest stop string starts in text, or None."""
+    found = [i for i in (text.find(x) for x in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """text before the earliest occurrence of any stop string (the whole text when none occurs)."""
+    i = _stop_at(text, tuple(stop)) if stop else None
+    return text if i is None else text[:i]
+
+
+def _held_back(text: str, stop: tuple[str, ...]) -> int:
+    """How many trailing characters a stream keeps back: the longest end of text that may begin a stop string, and
+    a trailing U+FFFD (a character whose bytes a byte-level tokenizer has not finished)."""
+    keep = 0
+    for x in stop:
+        for k in range(min(len(x) - 1, len(text)), keep, -1):
+            if text.endswith(x[:k]):
+                keep = k
+                break
+    if text[len(text) - keep - 1 : len(text) - keep] == "\ufffd":
+        keep += 1
+    return keep
 
 
 @torch.no_grad()
@@ -315,40 +453,117 @@ def generation_precision(setting: str, device: Union[str, torch.device] = "cpu")
     return resolved
 
 
+def _decoding_context(model, cfg: GenerationConfig, device):
+    """A factory of the context every decoding computation runs in: inference mode, the generation precision and
+    the int8 kernel for int8 models (`cpmant.modules.quant.int8_kernel`)."""
+    precision = generation_precision(cfg.precision, device)
+
+    @contextlib.contextmanager
+    def ctx():
+        with torch.inference_mode(), autocast(precision, device), int8_kernel():
+            yield
+
+    return ctx
+
+
+def _prepare(model, tokenizer, texts: list[str], cfg: GenerationConfig):
+    device = next(model.parameters()).device
+    batch = build_batch(encode_inputs(tokenizer, list(texts), model.config, cfg.max_new_tokens), model.config, device)
+    return batch, device, _decoding_context(model, cfg, device)
+
+
 def generate_ids(model, tokenizer, texts: list[str],
                  config: Union[GenerationConfig, Mapping[str, Any], None] = None, **overrides) -> list[list[int]]:
     """Continue each text; per text the generated ids (no prompt, no </s>), at most max_new_tokens of them.
 
     `config` (default GenerationConfig()) with `overrides` (its field names) replaced. Greedy when temperature 0;
-    num_beams > 1 runs beam search. The forward passes run in `generation_precision(cfg.precision, device)`.
+    num_beams > 1 runs beam search. The forward passes run in `generation_precision(cfg.precision, device)`, under
+    torch.inference_mode. With `stop` strings, a greedy or sampled row ends with the token whose text completes
+    the first stop string (the ids keep that token; `generate` cuts the text before the stop string).
     """
     cfg = _resolve(config, overrides)
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise CpmantError("texts must be a list of strings", "pass [text] for one text")
     if not texts:
         return []
-    device = next(model.parameters()).device
-    batch = build_batch(encode_inputs(tokenizer, list(texts), model.config, cfg.max_new_tokens), model.config, device)
+    batch, device, ctx = _prepare(model, tokenizer, texts, cfg)
     was_training = model.training
     model.eval()
     try:
-        with autocast(generation_precision(cfg.precision, device), device):
-            return _decode(model, tokenizer, batch, cfg, device)
+        return _decode(model, tokenizer, batch, cfg, device, ctx)
     finally:
         model.train(was_training)
 
 
-def _decode(model, tokenizer, batch, cfg: GenerationConfig, device) -> list[list[int]]:
-    if cfg.num_beams > 1:
-        return _beam_loop(model, tokenizer, batch, cfg)
-    gen = None
+def _generator(cfg: GenerationConfig, device) -> Optional[torch.Generator]:
     if cfg.temperature > 0 and cfg.seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed)
-    return _sample_loop(model, tokenizer, batch, cfg, gen)
+        return gen
+    return None
+
+
+def _decode(model, tokenizer, batch, cfg: GenerationConfig, device, ctx=None) -> list[list[int]]:
+    ctx = ctx or _decoding_context(model, cfg, device)
+    if cfg.num_beams > 1:
+        with ctx():
+            return _beam_loop(model, tokenizer, batch, cfg)
+    return _sample_loop(model, tokenizer, batch, cfg, _generator(cfg, device), ctx)
 
 
 def generate(model, tokenizer, texts: list[str], config: Union[GenerationConfig, Mapping[str, Any], None] = None,
              **overrides) -> list[str]:
-    """Continue each text; returns only the continuations, decoded. Settings as `generate_ids`."""
-    return [tokenizer.decode(x) for x in generate_ids(model, tokenizer, texts, config, **overrides)]
+    """Continue each text; returns only the continuations, decoded, each cut before its first stop string.
+    Settings as `generate_ids`."""
+    cfg = _resolve(config, overrides)
+    return [cut_at_stop(tokenizer.decode(x), cfg.stop) for x in generate_ids(model, tokenizer, texts, cfg)]
+
+
+def generate_stream(model, tokenizer, text: str, config: Union[GenerationConfig, Mapping[str, Any], None] = None,
+                    **overrides) -> Iterator[str]:
+    """Continue one text, yielding its continuation in pieces as tokens come; "".join(pieces) == generate(model,
+    tokenizer, [text], same settings)[0]. Settings as `generate_ids`.
+
+    A piece is the new decoded text after a token; text that may be the start of a stop string is held back until
+    it is known not to be one (a stop string and what follows are never yielded). Beam search (num_beams > 1) knows
+    its answer only at the end: it yields it as one piece. The model is in eval mode until the iterator ends or is
+    closed; inference mode and autocast are entered per step, never left on between pieces.
+    """
+    cfg = _resolve(config, overrides)
+    if not isinstance(text, str):
+        raise CpmantError(f"text must be a string, not {type(text).__name__}",
+                          "pass one prompt; generate() continues a list of texts")
+    return _stream(model, tokenizer, text, cfg)
+
+
+def _stream(model, tokenizer, text: str, cfg: GenerationConfig) -> Iterator[str]:
+    batch, device, ctx = _prepare(model, tokenizer, [text], cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.num_beams > 1:
+            out = cut_at_stop(tokenizer.decode(_decode(model, tokenizer, batch, cfg, device, ctx)[0]), cfg.stop)
+            if out:
+                yield out
+            return
+        s = _Sampler(model, tokenizer, batch, cfg, _generator(cfg, device), ctx)
+        ids: list[int] = []
+        sent = 0
+        while (tok := s.next()) is not None:
+            t = int(tok[0])
+            if t == tokenizer.eos_id:
+                break
+            ids.append(t)
+            decoded = tokenizer.decode(ids)
+            cut = _stop_at(decoded, cfg.stop) if cfg.stop else None
+            end = cut if cut is not None else len(decoded) - _held_back(decoded, cfg.stop)
+            if end > sent:
+                yield decoded[sent:end]
+                sent = end
+            if cut is not None:
+                return
+        decoded = tokenizer.decode(ids)  # the held-back tail: no stop string came
+        if len(decoded) > sent:
+            yield decoded[sent:]
+    finally:
+        model.train(was_training)

@@ -26,6 +26,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.2  # CTRL penalty on tokens already generated; 1 = off, < 1 favours repeats
     seed: Optional[int] = 0  # seed of the sampling generator; None = torch's global generator
     precision: str = "auto"  # compute precision of the forward passes: auto | fp32 | bf16 (see cpmant.generate)
+    stop: tuple[str, ...] = ()  # a row ends once its decoded text contains one of these; the text is cut before it
 
     # field -> (kind, allowed range in words, check)
     _RULES = {
@@ -42,6 +43,11 @@ class GenerationConfig:
 
     def __post_init__(self):
         problems = []
+        stop = _coerce_stop(self.stop)
+        if stop is None:
+            problems.append(f"stop={self.stop!r} (allowed: a list of non-empty strings, or one string)")
+        else:
+            object.__setattr__(self, "stop", stop)
         for name, (kind, allowed, ok) in self._RULES.items():
             value = getattr(self, name)
             if name == "seed" and value is None:
@@ -90,8 +96,24 @@ class GenerationConfig:
         return self.num_beams == 1 and self.temperature == 0
 
     def to_params(self) -> dict[str, Any]:
-        """Plain dict of every field (the pyfunc's params and their defaults)."""
-        return asdict(self)
+        """Plain dict of every field (the pyfunc's params and their defaults); `stop` as a list (MLflow's params
+        take 1-D lists, not tuples)."""
+        out = asdict(self)
+        out["stop"] = list(self.stop)
+        return out
+
+
+def _coerce_stop(value: Any) -> Optional[tuple[str, ...]]:
+    """Stop strings as a tuple: one string is one stop string; None is none; anything else must be non-empty strs."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        return None
+    return out if all(isinstance(x, str) and x for x in out) else None
 
 
 def _coerce(value: Any, kind: str):

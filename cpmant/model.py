@@ -140,6 +140,12 @@ class Linear(nn.Module):
             return F.linear(x, self.weight) * self.scale
         return F.linear(x * self.scale, self.weight)
 
+    def forward_part(self, x: torch.Tensor, rows: Optional[slice] = None, cols: Optional[slice] = None):
+        """x (N, len(cols) or dim_in) times the weight's rows / columns (an MoE expert's part), scaled as forward
+        (by 1/sqrt(dim_in) of the whole Linear)."""
+        w = self.weight if rows is None else self.weight[rows]
+        return F.linear(x, w if cols is None else w[:, cols]) * self.scale
+
 
 class Embedding(nn.Module):
     """CPM-Live's Embedding: lookup / sqrt(D); `projection` is the tied output layer."""
@@ -364,9 +370,9 @@ class CPMAnt(nn.Module):
     def embed(self, input: torch.Tensor, segment: torch.Tensor, first: bool = True) -> torch.Tensor:
         """(B, L) ids -> (B, L, D): prompt table for the first prompt_length positions (when `first`), tokens after."""
         P = self.prompt_length if first else 0
-        prompt = F.embedding(input[:, :P], self.prompt_embedding.weight)  # (B, P, D)
-        tokens = F.embedding(input[:, P:], self.input_embedding.weight)  # (B, L-P, D)
-        h = torch.cat([prompt, tokens], dim=1)
+        h = F.embedding(input[:, P:], self.input_embedding.weight)  # (B, L-P, D)
+        if P:
+            h = torch.cat([F.embedding(input[:, :P], self.prompt_embedding.weight), h], dim=1)  # prompt (B, P, D) first
         # (prompt|token + segment) / sqrt(D): CPM-Live divides each embedding by sqrt(D)
         return (h + F.embedding(segment, self.segment_embedding.weight)) * (1.0 / math.sqrt(self.config.dim_model))
 
@@ -417,24 +423,194 @@ class CPMAnt(nn.Module):
 
     @torch.no_grad()
     def inference(self, input, length, context, position, segment, span, past_key_values: Optional[KVCache] = None,
-                  max_length: Optional[int] = None):
+                  max_length: Optional[int] = None, bias: Optional[torch.Tensor] = None, last_only: bool = False):
         """CPM-Live's incremental decoding. context/position/segment/span (B, T) and length (B,) describe the whole
         sequence so far; `input` holds only the positions not yet in `past_key_values` (all T on the first call).
         Returns (logits (B, n, V) fp32, the cache): the cache is updated in place (a new one, with room for
         `max_length` positions (default T), when none is given). Equals `forward` when later tokens are
-        non-context."""
+        non-context. `bias` (H, B, n, T), when given, is `attention_bias(length, context, position, segment, span,
+        T - n)` computed ahead by the caller (a decoder builds it for many steps at once). With `last_only` the
+        logits are those of the last position only, (B, 1, V) (a decoder's prompt needs no others)."""
         T, n = position.size(1), input.size(1)
         self._check_length(T)
         q_start = T - n
         cache = past_key_values if past_key_values is not None else KVCache(len(self.encoder.layers), max_length or T)
         if cache.length != q_start:
             raise ValueError(f"the cache holds {cache.length} positions but the inputs describe {T} with {n} new")
+        if (bias is not None and n == 1 and q_start > 0 and not self.training
+                and not torch.is_autocast_enabled(input.device.type) and self._decode_plan(cache) is not None):
+            return self._decode_one(input, segment[:, q_start], cache, bias), cache
         h = self.embed(input, segment[:, q_start:], first=q_start == 0)
-        bias = self.attention_bias(length, context, position, segment, span, q_start)  # (H, B, n, T)
+        if bias is None:
+            bias = self.attention_bias(length, context, position, segment, span, q_start)  # (H, B, n, T)
         h = self.encoder(h, bias, cache)
-        return self.input_embedding.projection(h).float(), cache
+        return self.input_embedding.projection(h[:, -1:] if last_only else h).float(), cache
+
+    # ---- one decoding step with the fewest operations --------------------------------------------------------------
+    def _decode_one(self, input, segment, cache: KVCache, bias) -> torch.Tensor:
+        """One new token per row: input (B, 1), segment (B,), bias (H, B, 1, T). The same function as the encoder's
+        modules, written out on (B, D) rows so that a step issues about a third of the tensor operations (decoding
+        small models is bound by the cost per operation, not by arithmetic): each plain Linear is one mm with its
+        1/sqrt(dim_in) folded into the input it shares with its siblings (q/k/v, w_0/w_1), the residual add and the
+        output scale are one addmm, and keys/values go straight into the cache; int8 q/k/v (and w_0/w_1) are one
+        fused int8 matmul (`cpmant.modules.quant.fused_forward`). Any module that is not plain (int8,
+        MoE, a delta wrapping project_q/project_v, a hook) is called as a module instead, so it computes what it
+        always does. fp32 or one dtype throughout (autocast takes the module path)."""
+        plan = self._decode_plan(cache)
+        h = (F.embedding(input[:, 0], self.input_embedding.weight)
+             + F.embedding(segment, self.segment_embedding.weight)) * (1.0 / math.sqrt(self.config.dim_model))
+        for i, (layer, (att_kind, ffn_kind)) in enumerate(zip(self.encoder.layers, plan)):
+            if layer.self_att is not None:
+                h = _attention_one(layer.self_att, h, bias, cache, i, att_kind)
+            if layer.ffn is not None:
+                h = _ffn_one(layer.ffn, h, ffn_kind)
+        cache.advance(1)
+        h = _rms(self.encoder.output_layernorm, h)
+        return self.input_embedding.projection(h[:, None]).float()
+
+    def _decode_plan(self, cache: KVCache) -> Optional[list]:
+        """Per layer (attention kind, FFN kind) for _decode_one, kept on the cache (one generation); None when the
+        encoder or a layer is not the plain class or is wrapped (a memory-budget scheduler, a hook): then the
+        modules run as modules."""
+        got = cache.__dict__.get("_plan")
+        if got is not None and got[0] is self:
+            return got[1]
+        layers = self.encoder.layers
+        ok = (type(self.encoder) is Encoder and _plain(self.encoder, layers)
+              and all(type(layer) is TransformerBlock and _plain(layer) for layer in layers))
+        plan = [_layer_plan(layer) for layer in layers] if ok else None
+        cache.__dict__["_plan"] = (self, plan)
+        return plan
 
     @staticmethod
     def reorder_cache(past_key_values: KVCache, index: torch.Tensor) -> KVCache:
         """A cache of rows `index` (R,) of `past_key_values` (beam search); `KVCache.reorder_` does it in place."""
         return past_key_values.reordered(index)
+
+
+# ---- the one-token decoding step's pieces (CPMAnt._decode_one) -----------------------------------------------------
+def _plain(*mods: nn.Module) -> bool:
+    """Modules whose forward is their class's own, unhooked (a delta or a hook changes what they compute)."""
+    return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ for m in mods)
+
+
+def _kind(*lins: nn.Module):
+    """"plain" when every one is an unwrapped Linear, "int8" when every one is an unwrapped QuantLinear, else None."""
+    from .modules.quant import QuantLinear  # imports this module
+
+    for kind, cls in (("plain", Linear), ("int8", QuantLinear)):
+        if all(type(m) is cls for m in lins) and _plain(*lins) and len({m.dim_in for m in lins}) == 1:
+            return kind
+    return None
+
+
+def _layer_plan(layer: "TransformerBlock") -> tuple:
+    """(attention's kind, FFN's kind): how _decode_one computes them ("plain": their weights directly; "int8": q/k/v
+    and w_0/w_1 as one fused int8 matmul; None: module calls)."""
+    att = ffn = None
+    # a hook on a layer's norm may bind its weights at each step (memory-budget streaming hooks the first norm):
+    # then the layer's weights are read at each step, never copied once for the generation
+    norms = [b for b in (layer.self_att and layer.self_att.layernorm_before_attention,
+                         layer.ffn and layer.ffn.layernorm_before_ffn) if b is not None]
+    copies = _plain(*norms)
+    if layer.self_att is not None:
+        a = layer.self_att.self_attention
+        if _plain(layer.self_att, a) and _kind(a.attention_out) == _kind(a.project_q, a.project_k, a.project_v):
+            att = _kind(a.project_q, a.project_k, a.project_v)
+            if not copies:
+                pass
+            elif att == "int8":
+                att = _small_int8(att, (a.project_q, a.project_k, a.project_v), (a.attention_out,))
+            elif att == "plain":
+                att = _small_plain(att, (a.project_q, a.project_k, a.project_v), a.attention_out)
+    if layer.ffn is not None:
+        f = layer.ffn.ffn
+        if (type(f) is FeedForward and type(f.w_in) is DenseGatedACT and _plain(layer.ffn, f, f.w_in)
+                and _kind(f.w_out) == _kind(f.w_in.w_0, f.w_in.w_1)):
+            ffn = _kind(f.w_in.w_0, f.w_in.w_1)
+            if not copies:
+                pass
+            elif ffn == "int8":
+                ffn = _small_int8(ffn, (f.w_in.w_0, f.w_in.w_1), (f.w_out,))
+            elif ffn == "plain":
+                ffn = _small_plain(ffn, (f.w_in.w_0, f.w_in.w_1), f.w_out)
+    return att, ffn
+
+
+def _small_plain(kind, first: tuple, second: "Linear"):
+    """Small float matrices (under cpmant.modules.quant.KERNEL_MIN_WEIGHTS together): ("float", the first ones
+    stacked, the second), scales folded in, copied once per generation, so that q/k/v (w_0/w_1) are one mm; larger
+    ones stay "plain" (no copy of large weights)."""
+    from .modules.quant import KERNEL_MIN_WEIGHTS
+
+    if sum(m.weight.numel() for m in first) + second.weight.numel() >= KERNEL_MIN_WEIGHTS:
+        return kind
+    return ("float", torch.cat([m.weight * m.scale for m in first]), second.weight * second.scale)
+
+
+def _small_int8(kind, first: tuple, second: tuple):
+    """For int8 matrices too small for the kernel (within int8_kernel()): their float copies, taken once for the
+    whole generation as ("float", stacked first weights, second weight), each with its 1/sqrt(dim_in) folded in."""
+    from .modules.quant import small_float_weight
+
+    dev = first[0].weight.device
+    probe = torch.empty(0, first[0].dim_in, device=dev)
+    w1 = small_float_weight(first, probe)
+    w2 = small_float_weight(second, torch.empty(0, second[0].dim_in, device=dev))
+    return ("float", w1, w2) if w1 is not None and w2 is not None else kind
+
+
+def _rms(norm: "RMSNorm", x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or not _plain(norm):
+        return norm(x)
+    # F.rms_norm issues about twenty operations on the CPU; these are five
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def _attention_one(block: "SelfAttentionBlock", h, bias, cache: KVCache, i: int, kind) -> torch.Tensor:
+    a = block.self_attention
+    B = h.size(0)
+    H, Dh = a.num_heads, a.dim_head
+    x = _rms(block.layernorm_before_attention, h)
+    plain = kind == "plain"
+    if plain:
+        xs = x * a.project_q.scale
+        q, k, v = (torch.mm(xs, m.weight.t()) for m in (a.project_q, a.project_k, a.project_v))
+    elif kind == "int8":
+        from .modules.quant import fused_forward
+
+        q, k, v = fused_forward((a.project_q, a.project_k, a.project_v), x)
+    elif kind is not None:  # ("float", q/k/v stacked, attention_out): an int8 model's small matrices
+        q, k, v = torch.mm(x, kind[1].t()).split(H * Dh, dim=-1)
+    else:
+        q, k, v = a.project_q(x), a.project_k(x), a.project_v(x)
+    k, v = cache.write(i, k.view(B, H, 1, Dh).transpose(0, 1), v.view(B, H, 1, Dh).transpose(0, 1))
+    T = k.size(2)
+    q = q.view(B, H, Dh).transpose(0, 1).reshape(H * B, 1, Dh)
+    s = torch.baddbmm(bias.reshape(H * B, 1, T), q, k.reshape(H * B, T, Dh).transpose(1, 2),
+                      alpha=1.0 / math.sqrt(Dh))
+    o = torch.bmm(s.softmax(-1), v.reshape(H * B, T, Dh))  # (H*B, 1, Dh)
+    o = o.view(H, B, Dh).transpose(0, 1).reshape(B, H * Dh)
+    if plain:
+        return torch.addmm(h, o, a.attention_out.weight.t(), alpha=a.attention_out.scale)
+    if isinstance(kind, tuple):
+        return torch.addmm(h, o, kind[2].t())
+    return h + a.attention_out(o)
+
+
+def _ffn_one(block: "FFNBlock", h, kind) -> torch.Tensor:
+    x = _rms(block.layernorm_before_ffn, h)
+    f = block.ffn
+    if kind == "int8":
+        from .modules.quant import fused_forward
+
+        a, b = fused_forward((f.w_in.w_0, f.w_in.w_1), x)
+        return h + f.w_out(F.gelu(a).mul_(b))
+    if isinstance(kind, tuple):  # ("float", w_0/w_1 stacked, w_out): an int8 model's small matrices
+        a, b = torch.mm(x, kind[1].t()).chunk(2, dim=-1)
+        return torch.addmm(h, F.gelu(a).mul_(b), kind[2].t())
+    if kind != "plain":
+        return h + f(x)
+    xs = x * f.w_in.w_0.scale
+    g = F.gelu(torch.mm(xs, f.w_in.w_0.weight.t())).mul_(torch.mm(xs, f.w_in.w_1.weight.t()))
+    return torch.addmm(h, g, f.w_out.weight.t(), alpha=f.w_out.scale)
