@@ -55,5 +55,20 @@ class CPMAntPyfunc(PythonModel):
             message = e.problem if e.fix is None else f"{e.problem} (fix: {e.fix})"
             raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE) from None
 
+    def predict_stream(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        """One prompt's continuation in pieces as tokens come (MLflow's PythonModel.predict_stream)."""
+        from cpmant.errors import CpmantError
+        from cpmant.generate import GenerationConfig, generate_stream
+
+        try:
+            config = GenerationConfig.from_params(params)
+            texts = _texts(model_input)
+            if len(texts) != 1:
+                raise CpmantError(f"predict_stream continues one prompt, got {len(texts)}", "send one prompt")
+            yield from generate_stream(self.model, self.tokenizer, texts[0], config)
+        except CpmantError as e:
+            message = e.problem if e.fix is None else f"{e.problem} (fix: {e.fix})"
+            raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE) from None
+
 
 mlflow.models.set_model(CPMAntPyfunc())

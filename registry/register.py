@@ -96,9 +96,15 @@ def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str
 
 def model_signature():
     """The pyfunc's signature: a list of prompts in, their continuations out, the generation params."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import DataType
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
-    return infer_signature(["床前明月光"], ["，疑是地上霜。"], params=_default_params())
+    # `stop` is a list of strings: infer_signature takes a tuple for an error and an empty list for datetimes
+    params = {k: v for k, v in _default_params().items() if k != "stop"}
+    sig = infer_signature(["床前明月光"], ["，疑是地上霜。"], params=params)
+    return ModelSignature(sig.inputs, sig.outputs,
+                          ParamSchema([*sig.params.params, ParamSpec("stop", DataType.string, [], (-1,))]))
 
 
 def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain", parent: str = "",

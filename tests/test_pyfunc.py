@@ -17,15 +17,13 @@ def served(tmp_path_factory, fixture_corpus):
     put behind MLflow's scoring app with a test client."""
     import mlflow
     from fastapi.testclient import TestClient
-    from mlflow.models import infer_signature
     from mlflow.pyfunc import scoring_server
 
     from cpmant.checkpoint import save_model_dir
     from cpmant.config import ModelConfig
     from cpmant.model import CPMAnt
     from cpmant.tokenizer import build_vocab
-    from registry.params import DEFAULT_PARAMS
-    from registry.register import PYFUNC_CODE
+    from registry.register import PYFUNC_CODE, model_signature
 
     tmp = tmp_path_factory.mktemp("pyfunc")
     vocab = build_vocab((fixture_corpus / "poems.txt").read_text(encoding="utf-8").splitlines(), 600,
@@ -39,7 +37,7 @@ def served(tmp_path_factory, fixture_corpus):
         warnings.simplefilter("always")
         mlflow.pyfunc.save_model(
             tmp / "model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(ckpt)},
-            signature=infer_signature(["床前明月光"], ["，疑是地上霜。"], params=dict(DEFAULT_PARAMS)),
+            signature=model_signature(),
             input_example=(["床前明月光"], {"max_new_tokens": 1}),
         )
         model = mlflow.pyfunc.load_model(str(tmp / "model"))
@@ -93,3 +91,17 @@ def test_predict_raises_mlflow_invalid_parameter(served):
         model.predict(["床前明月光"], params={"num_beams": 0})
     assert e.value.error_code == "INVALID_PARAMETER_VALUE" and "num_beams=0" in e.value.message
     assert len(model.predict(["床前明月光"], params={"max_new_tokens": 2})) == 1
+
+
+def test_stop_param_and_predict_stream(served):
+    """The served model takes `stop` (a list of strings) and streams: the pieces join into predict's text."""
+    model, client, _ = served
+    params = {"max_new_tokens": 6}
+    whole = model.predict(["床前明月光"], params=params)[0]
+    pieces = list(model.predict_stream(["床前明月光"], params=params))
+    assert len(pieces) >= 1 and "".join(pieces) == whole
+    if whole:
+        stop = whole[len(whole) // 2:][:1]
+        r = _post(client, {"inputs": ["床前明月光"], "params": {**params, "stop": [stop]}})
+        assert r.status_code == 200, r.text
+        assert stop not in r.json()["predictions"][0]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CpmantError
+from ..modules.quant import drop_packs
 from .mapped import _MappedFile
 from .plan import OffloadPlan
 
@@ -106,9 +107,12 @@ class LayerStreamer:
         seen = set()
         for (mod, attr), n in zip(self._owners[i], self.names[i]):
             _assign(mod, attr, torch.empty(0, dtype=self.source.dtype_of(n), device=self.device))
-            if id(mod) not in seen:  # QuantLinear's prepacked int8 weight is a copy: it goes with the layer
-                mod.__dict__.pop("_packed", None)
+            if id(mod) not in seen:  # the int8 kernel's packed weights are copies: they go with the layer
+                drop_packs(mod)
                 seen.add(id(mod))
+        layers = getattr(getattr(self.model, "encoder", None), "layers", None)
+        if layers is not None and i < len(layers):  # packs fused across a layer's Linears (q/k/v, w_0/w_1)
+            drop_packs(layers[i])
 
     def close(self) -> None:
         for h in self._handles:
