@@ -489,6 +489,22 @@ class CPMAnt(nn.Module):
 
 
 # ---- the one-token decoding step's pieces (CPMAnt._decode_one) -----------------------------------------------------
+# The int8 kernel lives in cpmant.modules.quant, which imports this module: it registers its QuantLinear and itself
+# here when imported (an int8 model cannot exist before), so this module never imports it (no import cycle).
+_INT8: dict = {}
+DEFAULT_KERNEL_MIN_WEIGHTS = 1 << 17  # cpmant.modules.quant.KERNEL_MIN_WEIGHTS before that module is imported
+
+
+def register_int8(cls: type, ops) -> None:
+    """cpmant.modules.quant calls this: `cls` is its QuantLinear, `ops` the module (fused_forward,
+    small_float_weight, KERNEL_MIN_WEIGHTS), read at each use so that tests may patch it."""
+    _INT8["cls"], _INT8["ops"] = cls, ops
+
+
+def _kernel_min_weights() -> int:
+    ops = _INT8.get("ops")
+    return DEFAULT_KERNEL_MIN_WEIGHTS if ops is None else ops.KERNEL_MIN_WEIGHTS
+
 def _plain(*mods: nn.Module) -> bool:
     """Modules whose forward is their class's own, unhooked (a delta or a hook changes what they compute)."""
     return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ for m in mods)
@@ -496,9 +512,8 @@ def _plain(*mods: nn.Module) -> bool:
 
 def _kind(*lins: nn.Module):
     """"plain" when every one is an unwrapped Linear, "int8" when every one is an unwrapped QuantLinear, else None."""
-    from .modules.quant import QuantLinear  # imports this module
-
-    for kind, cls in (("plain", Linear), ("int8", QuantLinear)):
+    kinds = [("plain", Linear)] + ([("int8", _INT8["cls"])] if _INT8 else [])
+    for kind, cls in kinds:
         if all(type(m) is cls for m in lins) and _plain(*lins) and len({m.dim_in for m in lins}) == 1:
             return kind
     return None
@@ -541,9 +556,7 @@ def _small_plain(kind, first: tuple, second: "Linear"):
     """Small float matrices (under cpmant.modules.quant.KERNEL_MIN_WEIGHTS together): ("float", the first ones
     stacked, the second), scales folded in, copied once per generation, so that q/k/v (w_0/w_1) are one mm; larger
     ones stay "plain" (no copy of large weights)."""
-    from .modules.quant import KERNEL_MIN_WEIGHTS
-
-    if sum(m.weight.numel() for m in first) + second.weight.numel() >= KERNEL_MIN_WEIGHTS:
+    if sum(m.weight.numel() for m in first) + second.weight.numel() >= _kernel_min_weights():
         return kind
     return ("float", torch.cat([m.weight * m.scale for m in first]), second.weight * second.scale)
 
@@ -551,8 +564,7 @@ def _small_plain(kind, first: tuple, second: "Linear"):
 def _small_int8(kind, first: tuple, second: tuple):
     """For int8 matrices too small for the kernel (within int8_kernel()): their float copies, taken once for the
     whole generation as ("float", stacked first weights, second weight), each with its 1/sqrt(dim_in) folded in."""
-    from .modules.quant import small_float_weight
-
+    small_float_weight = _INT8["ops"].small_float_weight
     dev = first[0].weight.device
     probe = torch.empty(0, first[0].dim_in, device=dev)
     w1 = small_float_weight(first, probe)
@@ -577,9 +589,7 @@ def _attention_one(block: "SelfAttentionBlock", h, bias, cache: KVCache, i: int,
         xs = x * a.project_q.scale
         q, k, v = (torch.mm(xs, m.weight.t()) for m in (a.project_q, a.project_k, a.project_v))
     elif kind == "int8":
-        from .modules.quant import fused_forward
-
-        q, k, v = fused_forward((a.project_q, a.project_k, a.project_v), x)
+        q, k, v = _INT8["ops"].fused_forward((a.project_q, a.project_k, a.project_v), x)
     elif kind is not None:  # ("float", q/k/v stacked, attention_out): an int8 model's small matrices
         q, k, v = torch.mm(x, kind[1].t()).split(H * Dh, dim=-1)
     else:
@@ -602,9 +612,7 @@ def _ffn_one(block: "FFNBlock", h, kind) -> torch.Tensor:
     x = _rms(block.layernorm_before_ffn, h)
     f = block.ffn
     if kind == "int8":
-        from .modules.quant import fused_forward
-
-        a, b = fused_forward((f.w_in.w_0, f.w_in.w_1), x)
+        a, b = _INT8["ops"].fused_forward((f.w_in.w_0, f.w_in.w_1), x)
         return h + f.w_out(F.gelu(a).mul_(b))
     if isinstance(kind, tuple):  # ("float", w_0/w_1 stacked, w_out): an int8 model's small matrices
         a, b = torch.mm(x, kind[1].t()).chunk(2, dim=-1)

@@ -271,7 +271,7 @@ class Task:
 
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
         """The metrics of predictions (as `predict` returns them) against the examples."""
-        from . import metrics as M
+        import cpmant.cuge.metrics as M  # noqa: N812
 
         if len(predictions) != len(examples):
             raise CpmantError(f"{len(predictions)} predictions for {len(examples)} examples",

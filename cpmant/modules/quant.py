@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import sys
 import warnings
 from typing import Iterator, Optional
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Linear
+from ..model import DEFAULT_KERNEL_MIN_WEIGHTS, Linear, register_int8
 
 QMAX = 127
 
@@ -51,7 +52,7 @@ _REDUCE_RANGE = not _has_vnni()
 # Below this many weights a matrix is multiplied in fp32 from a float copy made once (a cache, like the packs): the
 # kernel's fixed cost per call (quantizing the activations) loses to fp32 on small matrices (measured 1 row: 128x384
 # 16 vs 5.5 us, 512x512 16 vs 23 us; 8 rows: 128x384 19 vs 17 us, 512x512 25 vs 74 us), and such a copy costs little.
-KERNEL_MIN_WEIGHTS = 1 << 17
+KERNEL_MIN_WEIGHTS = DEFAULT_KERNEL_MIN_WEIGHTS
 _KERNEL_OK = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
@@ -265,3 +266,6 @@ def drop_packs(module: nn.Module) -> int:
             if m.__dict__.pop(key, None) is not None:
                 n += 1
     return n
+
+
+register_int8(QuantLinear, sys.modules[__name__])  # the one-token decoding step (cpmant/model.py) computes it fused
