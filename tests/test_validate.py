@@ -22,6 +22,13 @@ def test_find_loop_and_utf8():
     assert find_loop([1, 2, 7, 8, 7, 8, 7, 8, 7, 8, 9], max_ngram=4, max_repeats=3) == (2, 2, 4)
     assert find_loop([1, 2, 3, 1, 2, 3, 1, 2, 3], max_ngram=2, max_repeats=2) is None  # a 3-gram, n capped at 2
     assert find_loop(list(range(30)), 4, 1) is None
+    # whitespace runs are layout (fortunes-zh indents its attributions), not loops; a word repeated still is one
+    from cpmant.tokenizer import SPECIAL_TOKENS
+
+    space, newline = SPECIAL_TOKENS.index("</_>"), SPECIAL_TOKENS.index("</n>")
+    assert find_loop([9, space, space, space, space, space, 10], 4, 3, ignore={space, newline}) is None
+    assert find_loop([9, 11, 11, 11, 11, 10], 4, 3, ignore={space, newline}) == (1, 1, 4)
+    assert smoke_check("p", [9, space, space, space, space, space, 10], "x     y", unk_id=1).loop == ""
     assert valid_utf8("床前明月光") and not valid_utf8("a\ufffdb") and not valid_utf8("\ud800")
     ok = smoke_check("p", [10, 11, 12], "明月光", unk_id=1)
     bad = smoke_check("p", [1, 9, 9, 9, 9], "  ", unk_id=1, max_ngram=2, max_repeats=3)

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..tokenizer import SPECIAL_TOKENS
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
-def find_loop(ids: list[int], max_ngram: int = 4, max_repeats: int = 3) -> tuple[int, int, int] | None:
+def find_loop(ids: list[int], max_ngram: int = 4, max_repeats: int = 3,
+              ignore: frozenset[int] = frozenset()) -> tuple[int, int, int] | None:
     """The first degenerate loop in `ids` as (n, start, repeats): an n-gram repeated back to back more than
-    `max_repeats` times; None when there is none. The shortest n wins at a given start."""
+    `max_repeats` times; None when there is none. The shortest n wins at a given start. An n-gram made only of
+    `ignore` ids (whitespace: the corpus's own layout, e.g. fortunes-zh's indented "     -- 李白《...》") is
+    no loop."""
     ids = list(ids)
     L = len(ids)
     for start in range(L):
@@ -24,6 +29,8 @@ def find_loop(ids: list[int], max_ngram: int = 4, max_repeats: int = 3) -> tuple
             if start + n * (max_repeats + 1) > L:
                 break
             gram = ids[start:start + n]
+            if ignore and all(i in ignore for i in gram):
+                continue
             reps, pos = 1, start + n
             while pos + n <= L and ids[pos:pos + n] == gram:
                 reps += 1
@@ -73,9 +80,13 @@ class SmokeResult:
         return {**asdict(self), "passed": self.passed, "problems": self.problems}
 
 
+# the space and newline tokens (</_>, </n>): runs of them are layout, not a degenerate loop
+WHITESPACE_IDS = frozenset(SPECIAL_TOKENS.index(t) for t in ("</_>", "</n>"))
+
+
 def smoke_check(prompt: str, ids: list[int], text: str, unk_id: int, max_ngram: int = 4,
                 max_repeats: int = 3) -> SmokeResult:
-    loop = find_loop(ids, max_ngram, max_repeats)
+    loop = find_loop(ids, max_ngram, max_repeats, ignore=WHITESPACE_IDS)
     return SmokeResult(prompt=prompt, text=text, tokens=len(ids), nonempty=bool(text.strip()),
                        valid_utf8=valid_utf8(text), unk_tokens=sum(1 for i in ids if i == unk_id),
                        loop="" if loop is None else f"{loop[0]}-gram x{loop[2]} at token {loop[1]}")
