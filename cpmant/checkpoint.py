@@ -87,6 +87,19 @@ def _durable_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh hidden sibling of `out_dir` to write a checkpoint into, renamed into place once complete (model and
+    delta checkpoints alike); a folder that already holds a complete checkpoint is refused."""
+    if (out_dir / META_FILE).exists():
+        raise CpmantError(f"{out_dir} already holds a complete checkpoint", "choose another folder or delete it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def save_model_dir(
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -101,13 +114,7 @@ def save_model_dir(
     The metadata (each file's sha256 and size, code version, package versions, `meta`) is written last.
     """
     out_dir = Path(out_dir)
-    if (out_dir / META_FILE).exists():
-        raise CpmantError(f"{out_dir} already holds a complete checkpoint", "choose another folder or delete it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     config.save(tmp / CONFIG_FILE)

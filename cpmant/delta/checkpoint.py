@@ -110,13 +110,7 @@ def save_delta(out_dir: str | Path, handle: DeltaHandle, base_dir: str | Path, b
         return ck.save_model_dir(out_dir, tensors, ModelConfig.from_dict(cfg["base_config"]),
                                  vocab if vocab.is_file() else None, meta={"delta_method": "full", **(meta or {})},
                                  extra_files={DELTA_CONFIG_FILE: lambda p: write_json_atomic(p, cfg)})
-    if (out_dir / ck.META_FILE).exists():
-        raise CpmantError(f"{out_dir} already holds a complete checkpoint", "choose another folder or delete it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = ck.staging_dir(out_dir)
     save_file(tensors, str(tmp / DELTA_WEIGHTS_FILE), metadata={"format": "pt", "method": handle.method})
     write_json_atomic(tmp / DELTA_CONFIG_FILE, cfg)
     if vocab.is_file():
