@@ -102,6 +102,13 @@ def test_fresh_process_pulls_composed_and_pyfunc_loads(store, tmp_path):
         out = {{"composed": m(**x).tolist()}}
         py = mlflow.pyfunc.load_model({store['delta_uri']!r})
         out["pyfunc"] = py.predict(["床前明月光"], params={{"max_new_tokens": 2}})
+        # the scoring app `cpmant serve` runs (MLflow's), on the composed delta
+        from fastapi.testclient import TestClient
+        from mlflow.pyfunc import scoring_server
+        r = TestClient(scoring_server.init(py)).post(
+            "/invocations", headers={{"Content-Type": "application/json"}},
+            content=json.dumps({{"inputs": ["床前明月光"], "params": {{"max_new_tokens": 2}}}}))
+        out["served"] = [r.status_code, r.json().get("predictions")]
         print("RESULT" + json.dumps(out))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -110,6 +117,7 @@ def test_fresh_process_pulls_composed_and_pyfunc_loads(store, tmp_path):
     out = json.loads(r.stdout.split("RESULT", 1)[1])
     torch.testing.assert_close(torch.tensor(out["composed"]), store["want"], atol=1e-5, rtol=1e-5)
     assert isinstance(out["pyfunc"], list) and len(out["pyfunc"]) == 1 and isinstance(out["pyfunc"][0], str)
+    assert out["served"] == [200, out["pyfunc"]]  # served over HTTP: the same continuation as predict
     # the base was fetched once, into the shared cache that all its deltas use
     cached = [c for c in (store["tmp"] / "home" / "cache" / "models" / "cpm-ant-tiny").iterdir() if c.is_dir()]
     assert len(cached) == 1
