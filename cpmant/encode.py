@@ -16,14 +16,13 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-import jieba
 import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import CpmantError
 from .fsutil import atomic_write_bytes
 from .paths import subdir
-from .tokenizer import TOKENIZER_VERSION, CPMAntTokenizer
+from .tokenizer import TOKENIZER_VERSION, CPMAntTokenizer, jieba  # jieba: imported there, quietly
 
 CACHE_VERSION = 1
 

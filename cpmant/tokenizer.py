@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-import jieba
+with warnings.catch_warnings():  # jieba 0.42 imports pkg_resources, which setuptools 80 (OpenDelta's) warns about
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    import jieba
 
 from .errors import CpmantError
 from .fsutil import atomic_write_text

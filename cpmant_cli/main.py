@@ -236,7 +236,7 @@ def cmd_pull(args) -> int:
     from registry.pulling import download
 
     out = download(args.uri, args.to, merge=args.merge)
-    how = ("a plain checkpoint: the delta merged into its base's weights" if args.merge else
+    how = ("a plain checkpoint; a LoRA delta is merged into its base's weights" if args.merge else
            "every file verified against its sha256 tag")
     print(f"pulled {args.uri} into {out} ({how})")
     return 0

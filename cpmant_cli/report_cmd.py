@@ -4,6 +4,7 @@ home and compare its metrics)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 
 def cmd_report(args) -> int:
@@ -43,7 +44,9 @@ def cmd_rerun(args) -> int:
     from .main import _run_flow
     from .rerun import rerun
 
-    res = _run_flow(rerun, args.run, args.home, strict=args.strict)
+    with warnings.catch_warnings():  # the code-version warning: printed below as one `warning:` line
+        warnings.filterwarnings("ignore", message="the run ", category=UserWarning)
+        res = _run_flow(rerun, args.run, args.home, strict=args.strict)
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:

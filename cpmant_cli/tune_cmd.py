@@ -9,6 +9,8 @@ def cmd_tune(args) -> int:
     from cpmant.configio import build_config, parse_overrides
     from flows.config import LifecycleConfig
     from flows.tune import resolve_methods, resolve_tasks, tune_flow
+    from registry.pulling import resolve_version
+    from registry.tracking import setup_tracking
 
     from cpmant.configio import deep_merge
     from flows.runners import with_runner
@@ -24,6 +26,8 @@ def cmd_tune(args) -> int:
     cfg = build_config(LifecycleConfig, args.config, over)
     resolve_tasks(cfg.tune.tasks)  # an unknown task or method fails here, before any flow starts
     resolve_methods(cfg.tune.methods)
+    setup_tracking(cfg.tracking.experiment)  # and an unknown model or version
+    resolve_version(args.uri)
     config = cfg.model_dump(mode="json")
     out = _run_flow(with_runner(tune_flow, config), args.uri, cfg.tune.tasks, cfg.tune.methods, config,
                     force=args.force)

@@ -563,6 +563,8 @@ def build_report(experiment: str = "cpmant", out: str | Path | None = None) -> t
     data = collect(experiment)
     page = render_html(data)
     path = Path(out).expanduser().resolve() if out else default_path()
+    if path.is_dir():  # --out DIR: the page goes in it under its default name
+        path = path / default_path().name
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     return path, data, page

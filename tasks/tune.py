@@ -133,12 +133,15 @@ def _tune_settings(tune: TuneConfig, method: str) -> dict:
     return {**out, "lr": tune.lr_for(method), "params": d["method_params"].get(method) or {}}
 
 
-def _base(base_uri: str) -> tuple[str, str, Path, str]:
-    """(name, models:/NAME/VERSION, local folder, checkpoint sha256) of the base version."""
+def _base(base_uri: str, tracking: TrackingConfig) -> tuple[str, str, Path, str]:
+    """(name, models:/NAME/VERSION, local folder, checkpoint sha256) of the base version, looked up in the store
+    `tracking` names (a task may run first in a fresh process: nothing else has pointed MLflow there yet)."""
     from mlflow.tracking import MlflowClient
 
     from registry.pulling import checkpoint_dir, resolve_version
+    from registry.tracking import setup_tracking
 
+    setup_tracking(tracking.experiment)
     name, version = resolve_version(base_uri)
     uri = f"models:/{name}/{version}"
     sha = MlflowClient().get_model_version(name, str(version)).tags.get(T.CHECKPOINT_SHA256, "")
@@ -218,7 +221,7 @@ def zero_shot(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_na
     from cpmant.checkpoint import load_pretrained
 
     t0 = time.perf_counter()
-    _, base, base_dir, base_sha = _base(base_uri)
+    _, base, base_dir, base_sha = _base(base_uri, tracking)
     examples = load_split(task_name, EVAL_SPLIT, tune)
     data_sha = examples_sha256(examples)
     key = _sha({"kind": ZERO_SHOT, "base": base, "base_sha": base_sha, "task": task_name, "data": data_sha,
@@ -314,7 +317,7 @@ def tune_delta(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_n
     from registry.register import find_version, register_checkpoint
 
     t0 = time.perf_counter()
-    base_name, base, base_dir, base_sha = _base(base_uri)
+    base_name, base, base_dir, base_sha = _base(base_uri, tracking)
     name = delta_name(base_name, task_name, method)
     task_obj = _cuge().get_task(task_name)
     splits = {s: load_split(task_name, s, tune) for s in ("train", "valid", EVAL_SPLIT)}

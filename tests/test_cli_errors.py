@@ -59,6 +59,11 @@ CASES = [
     ("tune-unknown-task", ["tune", "models:/cpm-ant-tiny/1", "--task", "nope"], "nope", None),
     ("tune-unknown-method", ["tune", "models:/cpm-ant-tiny/1", "--task", "demo-ccpm", "--method", "nope"], "nope",
      None),
+    ("tune-negative-lr", ["tune", "models:/cpm-ant-tiny/1", "--task", "demo-ccpm", "--set", "tune.lr.lora=-1"],
+     "tune.lr.lora", None),
+    ("tune-precision-fp16", ["tune", "models:/cpm-ant-tiny/1", "--task", "demo-ccpm", "--set", "tune.precision=fp16"],
+     "tune.precision", None),
+    ("tune-missing-model", ["tune", "models:/nope/1", "--task", "demo-ccpm"], "not in the registry", None),
     ("validate-not-a-uri", ["validate", "foo"], "foo", None),
     ("promote-no-reason", ["promote", "models:/cpm-ant-tiny/1", "--reason", ""], "reason", None),
 ]

@@ -148,8 +148,12 @@ def test_sections_appear_as_their_stages_land(mlflow_store):
                                                                       "cpmant.decision": "champion"}):
             mlflow.log_metrics({"perplexity": 123.5, "energy_kwh": 1e-5})
         _, data, page = build_report(out=mlflow_store / "later.html")
+        folder = mlflow_store / "reports-here"
+        folder.mkdir()
+        into_folder, _, _ = build_report(out=folder)  # --out DIR: the page goes in it under its default name
     finally:
         mlflow.set_tracking_uri(None)
+    assert into_folder == folder / "report.html" and into_folder.is_file()
     assert list(data["deltas"]["tables"]) == ["demo_cls"]
     assert "<h3>demo_cls</h3>" in page and "<td class=\"l\">lora</td>" in page and "0.625" in page
     assert "delta tuning: not run yet" not in page and "validation: not run yet" not in page

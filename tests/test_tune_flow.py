@@ -109,7 +109,9 @@ def test_tune_registers_deltas_with_lineage_metrics_and_table(prefect_harness, b
     assert first == (f"corpus data:{chain[-1]['data_sha256'][:16]} -> base {base['uri']} -> delta "
                      f"{out['deltas'][0]} (task {TASK}, method lora)")
 
-    # a rerun with the same inputs returns the same versions, without new runs
+    # a rerun with the same inputs returns the same versions, without new runs; MLflow pointed nowhere first, as in
+    # a fresh `cpmant tune` process (the tune tasks find the store themselves)
+    mlflow.set_tracking_uri(None)
     again = _tune(base, capsys)
     assert again["deltas"] == out["deltas"] and all(r["reused"] for r in again["summary"])
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, field_validator
 
 from ..configio import FrozenModel
 
@@ -15,7 +17,7 @@ class TuneConfig(FrozenModel):
     epochs: int = Field(3, ge=1, description="passes over the training examples (at most; early stop may end sooner)")
     batch_size: int = Field(8, ge=1, description="training examples per optimizer step")
     eval_batch_size: int = Field(16, ge=1, description="examples per batch when evaluating")
-    lr: dict[str, float] = Field(default_factory=dict,
+    lr: dict[str, PositiveFloat] = Field(default_factory=dict,
                                  description="learning rate per method, e.g. {lora: 1e-3, full: 1e-4}; a method not "
                                              "named uses its registered default (lora 1e-3, full 1e-4, ...)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -29,7 +31,7 @@ class TuneConfig(FrozenModel):
     malformed_threshold: float = Field(0.01, ge=0.0, le=1.0,
                                        description="fraction of malformed rows in a task file above which loading "
                                                    "fails (naming the file and line); below it they are counted")
-    precision: str = Field("auto", description="auto | fp32 | bf16 (auto: bf16 where native, else fp32)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where native, else fp32")
 
     @field_validator("lr", "method_params")
     @classmethod
@@ -46,9 +48,3 @@ class TuneConfig(FrozenModel):
         from .methods import get_method
 
         return float(self.lr.get(method, get_method(method).default_lr))
-
-    def method_list(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
-
-    def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
