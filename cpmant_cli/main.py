@@ -23,17 +23,9 @@ from .env import check_prefect_api, configure_environment, isolate_prefect_serve
 
 def _verb_modules() -> list:
     """Modules with `add_verbs(sub)`: generate, tune, validate/promote, report/rerun."""
-    import importlib
+    from . import generate_cmd, report_cmd, tune_cmd, validate_cmd
 
-    names = ["generate_cmd", "tune_cmd", "validate_cmd", "report_cmd"]
-    out = []
-    for n in names:
-        try:
-            out.append(importlib.import_module(f"{__package__}.{n}"))
-        except ModuleNotFoundError as e:  # TODO(lead): remove once every module has landed
-            if e.name != f"{__package__}.{n}":
-                raise
-    return out
+    return [generate_cmd, tune_cmd, validate_cmd, report_cmd]
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -146,11 +138,9 @@ def _report(out: dict, args, started: float) -> int:
         return 0
     print(format_summary(out["summary"]))
     stages = out.get("reused_stages")
-    if stages is not None:  # the lifecycle: which stages were reused, which have not landed
+    if stages is not None:  # the lifecycle: which stages were reused
         tail = (f"; reused: {', '.join(stages)} (--force STAGE reruns one, --force all)" if stages
                 else "; no stage was reused")
-        if out.get("skipped_stages"):
-            tail += f"; not run (not available yet): {', '.join(out['skipped_stages'])}"
     else:
         reused = all(r["reused"] for r in out["summary"])
         tail = "; every result was reused (--force reruns)" if reused else ""

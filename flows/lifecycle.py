@@ -16,17 +16,11 @@ from .compress import compress_flow
 from .config import STAGES, LifecycleConfig, check_force, forced
 from .pretrain import pretrain_flow
 from .runners import with_runner
-from .summary import summary_row
 
 
 def _stage_flow(module: str, name: str):
-    """A stage flow of another module (tune, validate, report); None while that module has not landed."""
-    try:
-        return getattr(importlib.import_module(f"flows.{module}"), name)
-    except ModuleNotFoundError as e:
-        if e.name != f"flows.{module}":
-            raise
-        return None
+    """A stage flow of another module (tune, validate, report), looked up when the stage runs."""
+    return getattr(importlib.import_module(f"flows.{module}"), name)
 
 
 def _stage_config(cfg: LifecycleConfig, stage_run_id: str) -> dict:
@@ -53,7 +47,7 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
     force = check_force(force)
     t_all = time.perf_counter()
     parent = open_run(cfg.tracking, "lifecycle", tags={LIFECYCLE_TAG: "parent"})
-    out: dict = {"summary": [], "reused_stages": [], "skipped_stages": [], "lifecycle_run_id": parent}
+    out: dict = {"summary": [], "reused_stages": [], "lifecycle_run_id": parent}
     status = "FAILED"
 
     def run_stage(stage: str, fn):
@@ -82,34 +76,17 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
         candidates = [base, *comp["variants"]]
 
         tune_flow = _stage_flow("tune", "tune_flow")
-        if tune_flow is None:
-            out["skipped_stages"].append("tune")
-        else:
-            tune = run_stage("tune", lambda c: with_runner(tune_flow, c)(base, None, None, c,
-                                                                         force=forced(force, "tune")))
-            candidates += list(tune.get("deltas") or [])
+        tune = run_stage("tune", lambda c: with_runner(tune_flow, c)(base, None, None, c,
+                                                                     force=forced(force, "tune")))
+        candidates += list(tune.get("deltas") or [])
 
         pin_candidates(cfg.tracking, candidates)  # the versions this lifecycle made or reused are `candidate`
         validate_flow = _stage_flow("validate", "validate_flow")
-        if validate_flow is None:
-            out["skipped_stages"].append("validate")
-        else:
-            run_stage("validate", lambda c: with_runner(validate_flow, c)(candidates, c,
-                                                                          force=forced(force, "validate"),
-                                                                          promote=True))
+        run_stage("validate", lambda c: with_runner(validate_flow, c)(candidates, c, force=forced(force, "validate"),
+                                                                      promote=True))
 
         report_flow = _stage_flow("report", "report_flow")
-        if report_flow is None:
-            out["skipped_stages"].append("report")
-        else:
-            def report(c):
-                t0 = time.perf_counter()
-                res = dict(with_runner(report_flow, c)(c, None))
-                res.setdefault("summary", [summary_row("report", res.get("path", ""), "page", None,
-                                                       time.perf_counter() - t0, False)])
-                return res
-
-            run_stage("report", report)
+        run_stage("report", lambda c: with_runner(report_flow, c)(c, None))  # its result has a summary row
         out["candidates"] = candidates
         status = "FINISHED"
     finally:

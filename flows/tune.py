@@ -6,13 +6,7 @@ from prefect import flow
 
 from tasks.tune import comparison_table, resolve_methods, resolve_tasks, tune_delta, zero_shot
 
-from .config import LifecycleConfig
-
-try:
-    from .config import forced
-except ImportError:  # before per-stage --force landed
-    def forced(force, stage):
-        return bool(force)
+from .config import LifecycleConfig, forced
 from .summary import summary_row
 
 __all__ = ["tune_flow", "resolve_tasks", "resolve_methods"]

@@ -7,16 +7,8 @@ from prefect import flow
 
 from tasks.validate import validate_version
 
-from .config import LifecycleConfig
+from .config import LifecycleConfig, forced
 from .summary import summary_row
-
-
-def _forced(force) -> bool:
-    try:
-        from .config import forced
-    except ImportError:  # an older flows/config.py
-        return bool(force)
-    return forced(force, "validate")
 
 
 def _note(res: dict) -> str:
@@ -49,7 +41,7 @@ def validate_flow(uris: list[str], config: dict | None = None, force: bool | lis
     if isinstance(uris, str):
         uris = [uris]
     cfg = LifecycleConfig.model_validate(config or {})
-    force = _forced(force)
+    force = forced(force, "validate")
     results, summary = [], []
     for uri in uris:  # one after another: a later candidate of the same name compares with the champion just moved
         res = validate_version(cfg.validation, cfg.tracking, uri, force=force, promote=promote)

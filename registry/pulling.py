@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from cpmant.checkpoint import WEIGHTS_FILE, is_complete, sha256_file
+from cpmant.checkpoint import DELTA_WEIGHTS_FILE, WEIGHTS_FILE, is_complete, sha256_file
 from cpmant.errors import CpmantError
 from cpmant.fsutil import write_json_atomic
 from cpmant.paths import subdir
@@ -310,7 +310,7 @@ def pull(uri: str, device: str = "cpu", merge: bool = False) -> PulledModel:
         label = f"models:/{'/'.join(map(str, resolve_version(uri)))}" if uri.startswith("models:/") else str(path)
         from cpmant.checkpoint import recorded_sha256
 
-        merged = subdir("cache", "merged") / recorded_sha256(path, "delta.safetensors")[:32]  # what the delta is
+        merged = subdir("cache", "merged") / recorded_sha256(path, DELTA_WEIGHTS_FILE)[:32]  # what the delta is
         if not is_complete(merged):
             _save_merged(label, path, merged)
         from cpmant.checkpoint import load_pretrained

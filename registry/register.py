@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from cpmant.checkpoint import WEIGHTS_FILE, read_meta, sha256_file
+from cpmant.checkpoint import DELTA_WEIGHTS_FILE, WEIGHTS_FILE, read_meta, sha256_file
 from cpmant.errors import CpmantError
 
 from .params import DEFAULT_PARAMS
@@ -85,7 +85,7 @@ def version_tags(model_dir: Path, stage: str, parent: str = "") -> dict[str, str
     tags = {
         STAGE: stage,
         PARENT: parent,
-        CHECKPOINT_SHA256: files.get(WEIGHTS_FILE) or files.get("delta.safetensors", ""),
+        CHECKPOINT_SHA256: files.get(WEIGHTS_FILE) or files.get(DELTA_WEIGHTS_FILE, ""),
         CONFIG_SHA256: str(meta.get("config_sha256", "")),
         DATA_SHA256: str(meta.get("data_sha256", "")),
         GIT_SHA: str(meta.get("git_sha", "")),

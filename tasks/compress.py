@@ -129,7 +129,7 @@ def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_
     out = (Path(compress.output_dir) / name) if compress.output_dir else subdir("runs", f"compress-{name}")
     if force:
         shutil.rmtree(out / recipe.name, ignore_errors=True)  # made again from scratch (distillation too)
-    tags = {**tracking.parent_tags(), T.STAGE: "compress", T.PARENT: parent}
+    tags = {T.STAGE: "compress", T.PARENT: parent}
     with tracked_stage(tracking, f"compress-{recipe.name}", tags=tags) as run:
         mlflow.log_params({k: v[:500] for k, v in {**recipe_params(recipe, compress),
                                                    **_data_params(parent_dir)}.items()})
@@ -175,7 +175,7 @@ def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) ->
     if rows and all(r.get("reused") for r in rows):  # nothing new: the ladder of these versions is logged already
         return table
     labelled = [{COLUMN_LABELS.get(c, c): r[c] for c in LADDER_COLUMNS} for r in table]
-    with tracked_stage(tracking, "compress-ladder", tags={**tracking.parent_tags(), T.STAGE: "compress"}):
+    with tracked_stage(tracking, "compress-ladder", tags={T.STAGE: "compress"}):
         mlflow.log_table({COLUMN_LABELS.get(c, c): [r[c] for r in table] for c in LADDER_COLUMNS}, "ladder.json")
         png = plot_ladder(table, subdir("runs") / "ladder.png")
         if png:

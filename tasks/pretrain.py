@@ -165,7 +165,7 @@ def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: Prepar
     p = pretrain
     if force and p.resume == "auto":
         p = p.model_copy(update={"resume": "never"})
-    with tracked_stage(tracking, f"pretrain-{p.preset}", tags={**tracking.parent_tags(), STAGE: "pretrain"}) as run:
+    with tracked_stage(tracking, f"pretrain-{p.preset}", tags={STAGE: "pretrain"}) as run:
         mlflow.log_params(resolved_params(p, data))
         # the whole resolved config and the code version, for `cpmant rerun` (where runs nest is not an input)
         mlflow.log_dict({"pretrain": p.model_dump(mode="json"), "tracking": _recorded_tracking(tracking)},

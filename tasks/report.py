@@ -577,7 +577,7 @@ def _log_report(tracking: TrackingConfig, path: Path, data: dict) -> str:
     from registry.tracking import setup_tracking
 
     setup_tracking(tracking.experiment)
-    tags = {**getattr(tracking, "parent_tags", dict)(), T.STAGE: REPORT_STAGE}  # nested under the lifecycle's run
+    tags = {**tracking.parent_tags(), T.STAGE: REPORT_STAGE}  # nested under the lifecycle's run
     with mlflow.start_run(run_name="report", tags=tags) as run:
         mlflow.log_artifact(str(path), artifact_path="report")
         rows = data["projection"]

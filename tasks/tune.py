@@ -32,6 +32,7 @@ from cpmant.errors import CpmantError
 from cpmant.paths import subdir
 from registry import tags as T
 
+from .aliases import new_version_alias
 from .config import TrackingConfig, TuneConfig
 from .tracking import AsyncMetricLogger, finite, tracked_stage
 
@@ -49,14 +50,10 @@ DEMO_NOTE = "demo task built from the installed corpus: not a CUGE score"
 
 # ---- the core, in one place (cpmant.cuge and cpmant.delta) ---------------------------------------------------------
 def _cuge():
-    """The task registry: `get_task(name)`, `task_names()`."""
+    """The task registry: `get_task(name)`, `task_names()` (imported when first needed: it loads torch)."""
     import cpmant.cuge as cuge
 
-    if hasattr(cuge, "get_task"):
-        return cuge
-    from cpmant.cuge import base
-
-    return base
+    return cuge
 
 
 def task_names() -> list[str]:
@@ -66,8 +63,7 @@ def task_names() -> list[str]:
 def method_names() -> list[str]:
     from cpmant.delta import methods
 
-    names = list(methods.method_names())
-    return names if FULL in names else [*names, FULL]
+    return list(methods.method_names())
 
 
 def _split_names(spec: str | list | tuple | None) -> list[str]:
@@ -154,22 +150,6 @@ def _git_sha() -> str:
     return git_sha()
 
 
-def _parent_tags(tracking: TrackingConfig) -> dict[str, str]:
-    """The tag that files a run under the lifecycle's stage run (none outside the lifecycle)."""
-    f = getattr(tracking, "parent_tags", None)
-    return dict(f()) if callable(f) else {}
-
-
-def _alias(tracking: TrackingConfig, name: str) -> str:
-    """The alias a new delta version gets (tasks/aliases.py: `candidate` first, `challenger` outside the lifecycle
-    once the model has a candidate)."""
-    try:
-        from .aliases import new_version_alias
-    except ImportError:
-        return T.ALIAS_CANDIDATE
-    return new_version_alias(tracking, name)
-
-
 def _flat(prefix: str, d: dict) -> dict[str, str]:
     out = {}
     for k, v in (d or {}).items():
@@ -185,7 +165,7 @@ def _primary(task_name: str) -> str:
 
 
 def _is_demo(task_name: str) -> bool:
-    return bool(getattr(_cuge().get_task(task_name), "is_demo", task_name.startswith("demo-")))
+    return _cuge().get_task(task_name).is_demo
 
 
 # ---- zero-shot ------------------------------------------------------------------------------------------------
@@ -235,7 +215,7 @@ def zero_shot(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_na
                 "score": metrics.get(primary), "metrics": metrics, "trainable_params": 0, "trainable_ratio": 0.0,
                 "delta_bytes": 0, "delta_bytes_ratio": 0.0, "seconds": time.perf_counter() - t0, "reused": True,
                 "run_id": found.info.run_id}
-    tags = {**_parent_tags(tracking), T.STAGE: "delta", T.PARENT: base, TASK_TAG: task_name, METHOD_TAG: ZERO_SHOT,
+    tags = {T.STAGE: "delta", T.PARENT: base, TASK_TAG: task_name, METHOD_TAG: ZERO_SHOT,
             KIND_TAG: ZERO_SHOT, T.INPUTS_SHA256: key}
     with tracked_stage(tracking, f"zeroshot-{task_name}", tags=tags) as run:
         mlflow.log_params({"task": task_name, "method": ZERO_SHOT, "base": base, "eval_split": EVAL_SPLIT,
@@ -332,7 +312,7 @@ def tune_delta(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_n
     out = subdir("runs", f"tune-{base_name}") / f"{task_name}-{method}"
     shutil.rmtree(out, ignore_errors=True)
     primary = str(task_obj.primary_metric)
-    tags = {**_parent_tags(tracking), T.STAGE: "delta", T.PARENT: base, TASK_TAG: task_name, METHOD_TAG: method,
+    tags = {T.STAGE: "delta", T.PARENT: base, TASK_TAG: task_name, METHOD_TAG: method,
             KIND_TAG: "delta"}
     with tracked_stage(tracking, f"tune-{task_name}-{method}", tags=tags) as run:
         mlflow.log_params({**_flat("tune.", settings), "task": task_name, "method": method, "base": base,
@@ -378,7 +358,7 @@ def tune_delta(tune: TuneConfig, tracking: TrackingConfig, base_uri: str, task_n
         reg = register_checkpoint(out, name, stage="delta", parent=base, step=run.final_step,
                                   extra_tags={T.INPUTS_SHA256: key, TASK_TAG: task_name, METHOD_TAG: method,
                                               TASK_DATA_TAG: data_sha},
-                                  description=description, alias=_alias(tracking, name))
+                                  description=description, alias=new_version_alias(tracking, name))
     return {**row, "model": reg.uri, "run_id": run.info.run_id, "reused": False,
             "seconds": time.perf_counter() - t0, "description": description}
 
@@ -427,7 +407,7 @@ def comparison_table(tracking: TrackingConfig, base_uri: str, task_name: str, ze
         return table
     demo = _is_demo(task_name)
     key = f"tune-{task_name}".lower()
-    tags = {**_parent_tags(tracking), T.STAGE: "delta", T.PARENT: zero["model"] if zero else base_uri,
+    tags = {T.STAGE: "delta", T.PARENT: zero["model"] if zero else base_uri,
             TASK_TAG: task_name, KIND_TAG: "comparison"}
     with tracked_stage(tracking, f"compare-{task_name}", tags=tags):
         mlflow.log_table({c: [r[c] for r in table] for c in TABLE_COLUMNS}, f"comparison-{task_name}.json")

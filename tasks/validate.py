@@ -307,8 +307,7 @@ def validate_version(validation: ValidateConfig, tracking: TrackingConfig, uri: 
     rows = comparison_rows(cand, parent_m, champ_m)
 
     run_tags = {T.STAGE: "validate", MODEL: vuri, T.PARENT: parent, VALIDATION_KEY: key,
-                VALIDATION_SETTINGS: settings_sha256(cfg), "cpmant.validation_champion": champion,
-                **(tracking.parent_tags() if hasattr(tracking, "parent_tags") else {})}
+                VALIDATION_SETTINGS: settings_sha256(cfg), "cpmant.validation_champion": champion}
     with tracked_stage(tracking, f"validate-{name}-v{version}", tags=run_tags) as run:
         run_id = run.info.run_id
         params = {"model": vuri, "kind": report["kind"], "stage": stage, "parent": parent or "none",

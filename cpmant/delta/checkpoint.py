@@ -38,7 +38,7 @@ from ..errors import CpmantError
 from ..fsutil import fsync_dir, write_json_atomic
 from .methods import DeltaHandle, apply_delta, get_method, method_params, total_parameters
 
-DELTA_WEIGHTS_FILE = "delta.safetensors"
+DELTA_WEIGHTS_FILE = ck.DELTA_WEIGHTS_FILE
 DELTA_CONFIG_FILE = "delta_config.json"
 DELTA_FORMAT = "cpmant-delta"
 

@@ -116,8 +116,9 @@ def tune(model: torch.nn.Module, tokenizer, task, train_examples: list, valid_ex
                 seed_everything(cfg.seed, epoch, i)  # dropout masks depend on (seed, epoch, position) only
                 with autocast(precision, device):
                     loss = task.training_loss(model, tokenizer, batch)
-                if not torch.isfinite(loss):
-                    raise CpmantError(f"the {method} loss became {loss.item()} at epoch {epoch}",
+                value = float(loss.detach())  # one wait for the device per step
+                if not math.isfinite(value):
+                    raise CpmantError(f"the {method} loss became {value} at epoch {epoch}",
                                       f"lower its learning rate (tune.lr.{method}, now {lr:g})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -126,7 +127,7 @@ def tune(model: torch.nn.Module, tokenizer, task, train_examples: list, valid_ex
                 opt.step()
                 step += 1
                 seen += len(batch)
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 _call(cbs, "on_step", step, losses[-1])
                 if bar is not None:
                     bar.update(1)

@@ -33,22 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DEFAULT_KERNEL_MIN_WEIGHTS, Linear, register_int8
+from ..precision import _cpu_flags
 
 QMAX = 127
 
 
-def _has_vnni() -> bool:
-    """Whether the CPU multiplies u8 x s8 without int16 saturation (AVX512-VNNI / AVX-VNNI): fbgemm may then use the
-    activations' full 8-bit range (reduce_range False)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-_REDUCE_RANGE = not _has_vnni()
+# A CPU that multiplies u8 x s8 without int16 saturation (AVX512-VNNI / AVX-VNNI) lets fbgemm use the activations'
+# full 8-bit range (reduce_range False); the flags are read once, by cpmant.precision.
+_REDUCE_RANGE = not ({"avx512_vnni", "avx_vnni"} & _cpu_flags())
 # Below this many weights a matrix is multiplied in fp32 from a float copy made once (a cache, like the packs): the
 # kernel's fixed cost per call (quantizing the activations) loses to fp32 on small matrices (measured 1 row: 128x384
 # 16 vs 5.5 us, 512x512 16 vs 23 us; 8 rows: 128x384 19 vs 17 us, 512x512 25 vs 74 us), and such a copy costs little.

@@ -104,15 +104,11 @@ class LayerStreamer:
         self.source.done(i, keep=len(self.order) <= 2)
 
     def _unbind(self, i: int) -> None:
-        seen = set()
         for (mod, attr), n in zip(self._owners[i], self.names[i]):
             _assign(mod, attr, torch.empty(0, dtype=self.source.dtype_of(n), device=self.device))
-            if id(mod) not in seen:  # the int8 kernel's packed weights are copies: they go with the layer
-                drop_packs(mod)
-                seen.add(id(mod))
-        layers = getattr(getattr(self.model, "encoder", None), "layers", None)
-        if layers is not None and i < len(layers):  # packs fused across a layer's Linears (q/k/v, w_0/w_1)
-            drop_packs(layers[i])
+        # the int8 kernel's packed weights (per Linear, and fused across q/k/v and w_0/w_1) are copies: they go with
+        # the layer (every owner sits inside it)
+        drop_packs(self.model.encoder.layers[i])
 
     def close(self) -> None:
         for h in self._handles:
