@@ -190,6 +190,7 @@ def cmd_compress(args) -> int:
     from cpmant.configio import build_config, parse_overrides
     from flows.compress import compress_flow
     from flows.config import LifecycleConfig
+    from flows.runners import with_runner
 
     t0 = time.perf_counter()
     from cpmant.configio import deep_merge
