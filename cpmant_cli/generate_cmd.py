@@ -20,10 +20,33 @@ def _generation_config(args):
                                          if getattr(args, k, None) is not None})
 
 
+def _check_device(device: str) -> None:
+    """`--device` names a device this machine has: cpu, cuda or cuda:N where CUDA is present (one error, no
+    traceback from torch's lazy CUDA initialisation)."""
+    import torch
+
+    from cpmant.errors import CpmantError
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CpmantError(f"--device {device!r} is not a device name", "use --device cpu or --device cuda") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise CpmantError(f"--device {device!r}: cpmant generates on cpu or cuda only", "use --device cpu")
+    if not torch.cuda.is_available():
+        raise CpmantError(f"--device {device!r}, but this machine has no CUDA device", "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CpmantError(f"--device {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                          "use --device cuda:0")
+
+
 def _load(args):
     """(model, tokenizer) as the flags say: the whole model, a memory budget (cpmant.offload), or BMInf."""
     from cpmant.errors import CpmantError
 
+    _check_device(args.device)  # before the model is fetched
     budget = None
     if args.memory_budget is not None:
         from cpmant.offload import parse_size

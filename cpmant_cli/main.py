@@ -273,7 +273,7 @@ def _add_run_args(p: argparse.ArgumentParser, force_stages: bool = False) -> Non
     p.add_argument("--corpus", type=_nonempty, help="folder of .txt/.jsonl files (default: Debian fortunes-zh)")
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; see configs/)")
     p.add_argument("--max-steps", type=_int_at_least(1), help="optimizer steps (1 or more)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. pretrain.lr=0.05 tracking.country_iso_code=FRA")
     _add_outcome_args(p, force_stages)
 
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{_recipe_names()} (all = the ladder rungs), a comma list, or recipe YAML files; "
                         "default: the config's compress.recipes")
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its compress section applies)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. compress.eval_rows=32")
     p.add_argument("--backend", choices=_backend_names("compress"), help="compression backend")
     _add_outcome_args(p)

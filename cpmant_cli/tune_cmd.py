@@ -50,7 +50,8 @@ def add_verbs(sub) -> None:
     p.add_argument("--data", type=_nonempty, default=None,
                    help="folder of a CUGE task's raw files (default: $CUGE_DATA/<task>; demo tasks need none)")
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its tune section applies)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. tune.epochs=2")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. tune.epochs=2")
     _add_outcome_args(p)
     add_runner_args(p)
     p.set_defaults(fn=cmd_tune)

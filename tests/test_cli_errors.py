@@ -38,6 +38,9 @@ CASES = [
     ("unknown-preset", ["pretrain", "--preset", "huge", "--max-steps", "1"], "unknown preset 'huge'", None),
     ("unknown-backend", ["pretrain", "--backend", "nope"], "nope", None),
     ("unknown-recipe", ["compress", "models:/cpm-ant-tiny/1", "--recipe", "nope"], "unknown recipe 'nope'", None),
+    # issue 17: a repeated --set kept only the last one (the bad lr was silently dropped)
+    ("set-repeated", ["pretrain", "--set", "pretrain.lr=abc", "--set", "tracking.country_iso_code=CHN"], "pretrain.lr",
+     None),
     ("model-overrides-typo", ["pretrain", "--set", "pretrain.model_overrides.dim_modle=8"], "dim_modle", None),
     # config files
     ("config-is-a-folder", ["pretrain", "--config", "{folder}"], "folder", "does not exist"),
@@ -55,6 +58,8 @@ CASES = [
     ("pull-to-a-file", ["pull", "models:/cpm-ant-tiny/1", "--to", "{file}"], "", None),
     # inference, delta tuning and validation verbs
     ("memory-budget-bad", ["generate", "models:/cpm-ant-tiny/1", "hi", "--memory-budget", "12QB"], "memory size", None),
+    ("device-cuda-without-cuda", ["generate", "models:/cpm-ant-tiny/1", "hi", "--device", "cuda"], "no cuda", None),
+    ("device-tpu", ["generate", "models:/cpm-ant-tiny/1", "hi", "--device", "tpu"], "--device 'tpu'", None),
     ("bminf-without-cuda", ["generate", "models:/cpm-ant-tiny/1", "hi", "--backend", "bminf"], "CUDA", None),
     ("tune-unknown-task", ["tune", "models:/cpm-ant-tiny/1", "--task", "nope"], "nope", None),
     ("tune-unknown-method", ["tune", "models:/cpm-ant-tiny/1", "--task", "demo-ccpm", "--method", "nope"], "nope",

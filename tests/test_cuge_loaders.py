@@ -135,3 +135,22 @@ def test_data_sha256_changes_with_content(tmp_path):
     with open(tmp_path / "lcsts" / "valid.jsonl", "a", encoding="utf-8") as f:
         f.write('{"text": "新的一行", "summary": "新"}\n')
     assert task.data_sha256(tmp_path / "lcsts") != before
+
+
+def test_deep_nesting_is_a_malformed_row(tmp_path):
+    """A Math23K equation with 300 nested parentheses and a JSONL row nested 100k deep were RecursionErrors (8,951
+    lines of log): each is now one malformed row, counted like the others."""
+    from cpmant.cuge.mathexpr import try_evaluate
+
+    assert try_evaluate("x=" + "(" * 100 + "1" + ")" * 100) == 1.0
+    assert try_evaluate("x=" + "(" * 300 + "1" + ")" * 300) is None  # too deep: not an answer, not a crash
+    deep = "x=" + "(" * 5000 + "1" + ")" * 5000
+    assert try_evaluate(deep) is None
+    good = [{"text": f"{i}加{i}等于多少？", "equation": f"x={i}+{i}"} for i in range(1, 5)]
+    rows = [__import__("json").dumps(g, ensure_ascii=False) for g in good]
+    rows.insert(2, "[" * 100_000 + "]" * 100_000)  # nested 100k deep
+    rows.append(__import__("json").dumps({"text": "?", "equation": deep}))  # parses, but its answer cannot
+    (tmp_path / "train.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"train.jsonl:3: JSON nested too deeply"):
+        got = get_task("math23k").load_files([tmp_path / "train.jsonl"], malformed_threshold=0.5)
+    assert [ex.answer for ex in got] == [2, 4, 6, 8] and got.malformed == 2

@@ -162,7 +162,10 @@ def evaluate_expression(text: str) -> float:
     if not tokens:
         raise EquationError("empty expression")
     p = _Parser(tokens)
-    v = p.expr()
+    try:
+        v = p.expr()
+    except RecursionError:  # the parser recurses once per parenthesis level
+        raise EquationError("expression nested too deeply") from None
     if p.i != len(tokens):
         raise EquationError(f"unexpected {tokens[p.i][1]!r} after the expression")
     return v

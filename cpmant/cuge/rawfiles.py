@@ -52,9 +52,12 @@ def read_jsonl(path: Path) -> Iterator[Row]:
         if not line.strip():
             continue
         try:
-            yield Row(path, lineno, json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            yield Row(path, lineno, Malformed(f"not JSON ({e.msg} at column {e.colno})"))
+            value = Malformed(f"not JSON ({e.msg} at column {e.colno})")
+        except RecursionError:  # json's decoder recurses once per nesting level
+            value = Malformed("JSON nested too deeply")
+        yield Row(path, lineno, value)
 
 
 def read_json_values(path: Path) -> Iterator[Row]:
@@ -77,6 +80,9 @@ def read_json_values(path: Path) -> Iterator[Row]:
             except json.JSONDecodeError as e:
                 raise CpmantError(f"{path}:{_line_of(nl, e.pos)}: broken JSON list ({e.msg}); no row after it "
                                   "can be read", "fix the JSON syntax there (or write the file as JSONL)") from None
+            except RecursionError:  # json's decoder recurses once per nesting level
+                raise CpmantError(f"{path}:{_line_of(nl, i)}: a JSON value nested too deeply to read",
+                                  "remove that row (or write the file as JSONL: a bad line is then skipped)") from None
             yield Row(path, _line_of(nl, i), value)
             j = _skip_ws(text, end)
             if j < len(text) and text[j] == ",":
@@ -94,8 +100,10 @@ def read_json_values(path: Path) -> Iterator[Row]:
             value, end = dec.raw_decode(text, i)
             yield Row(path, _line_of(nl, i), value)
             i = _skip_ws(text, end)
-        except json.JSONDecodeError as e:
-            yield Row(path, _line_of(nl, i), Malformed(f"not JSON ({e.msg} at line {_line_of(nl, e.pos)})"))
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = (f"not JSON ({e.msg} at line {_line_of(nl, e.pos)})" if isinstance(e, json.JSONDecodeError)
+                   else "JSON nested too deeply")
+            yield Row(path, _line_of(nl, i), Malformed(why))
             nxt = [p for p in (text.find("\n{", i + 1), text.find("\n[", i + 1)) if p >= 0]
             if not nxt:
                 return
