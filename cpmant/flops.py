@@ -1,10 +1,9 @@
-"""FLOPs per token and the machine's measured matmul peak, for model FLOPs utilisation (MFU)."""
+"""FLOPs per token and the machine's measured matmul peak, for model FLOPs utilisation (MFU) and the 10B projection
+(cpmant/projection.py counts every model's FLOPs per token with `flops_per_token`, as training's MFU does)."""
 
 from __future__ import annotations
 
 import time
-
-import torch
 
 from .config import ModelConfig
 
@@ -23,14 +22,17 @@ def flops_per_token(config: ModelConfig, seq_len: int, vocab_share: float = 1.0)
     return 6.0 * matmul_params + attention
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 0.5,
-                        device: str = "cpu") -> float:
+def measure_matmul_peak(dtype=None, n: int = 2048, seconds: float = 0.5, device: str = "cpu") -> float:
     """Peak FLOP/s of square matmuls on this machine with the current torch thread count.
 
     The best single matmul over `seconds` is taken (not the mean), so that other load on the machine lowers the
     estimate as little as possible: MFU against a lowered peak would read too high. The operands come from a
-    private generator: the global random state (dropout, a resumed run's draws) is left as it was.
+    private generator: the global random state (dropout, a resumed run's draws) is left as it was. `dtype`: a
+    torch dtype, float32 by default (torch is imported here: the FLOP count above needs no torch).
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
     b = torch.randn(n, n, generator=g, device=device).to(dtype)

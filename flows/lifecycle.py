@@ -60,8 +60,7 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
             st = "FINISHED"
         finally:
             rows = res.get("summary") or []
-            close_run(cfg.tracking, run_id, rows, status=st, extra={"stage_seconds": time.perf_counter() - t0},
-                      name=stage)
+            close_run(cfg.tracking, run_id, rows, status=st, name=stage, seconds=time.perf_counter() - t0)
         out[stage] = res
         out["summary"] += rows
         if rows and all(r.get("reused") for r in rows):
@@ -90,7 +89,7 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
         out["candidates"] = candidates
         status = "FINISHED"
     finally:
-        close_run(cfg.tracking, parent, out["summary"], status=status,
-                  extra={"lifecycle_seconds": time.perf_counter() - t_all}, name="lifecycle")
+        close_run(cfg.tracking, parent, out["summary"], status=status, name="lifecycle",
+                  seconds=time.perf_counter() - t_all)  # duration_s: the lifecycle's wall time
     out["stages"] = [s for s in STAGES if s in out]
     return out

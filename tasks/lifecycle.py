@@ -1,7 +1,7 @@
 """Prefect tasks of the lifecycle's MLflow record: a parent run `lifecycle` and one nested run per stage.
 
     open_run(tracking, name, parent_run_id=None, tags=None) -> run_id
-    close_run(tracking, run_id, summary, status="FINISHED", extra=None, name="stage") -> None
+    close_run(tracking, run_id, summary, status="FINISHED", extra=None, name="stage", seconds=None) -> None
 
 Runs are made with MlflowClient (no active-run stack): a stage's own runs, made in task threads or Dask worker
 processes, are filed under the stage run by the `mlflow.parentRunId` tag (TrackingConfig.parent_run_id)."""
@@ -27,7 +27,10 @@ def open_run(tracking: TrackingConfig, name: str, parent_run_id: str | None = No
 
     exp_id = setup_tracking(tracking.experiment)
     client = MlflowClient()
-    all_tags = {"mlflow.runName": name, **(tags or {})}
+    from mlflow.tracking.context.system_environment_context import SystemEnvironmentContext
+
+    context = SystemEnvironmentContext()  # MLFLOW_RUN_CONTEXT: the command's pid, as start_run adds (stale runs)
+    all_tags = {"mlflow.runName": name, **(context.tags() if context.in_context() else {}), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     return client.create_run(exp_id, tags=all_tags, run_name=name).info.run_id
@@ -36,8 +39,9 @@ def open_run(tracking: TrackingConfig, name: str, parent_run_id: str | None = No
 @task(name="close-run", task_run_name="close-run-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def close_run(tracking: TrackingConfig, run_id: str, summary: list[dict], status: str = "FINISHED",
-              extra: dict | None = None, name: str = "stage") -> None:
-    """Log the stage's summary (a table, the models it made or reused, wall time, reused 0/1) and end the run."""
+              extra: dict | None = None, name: str = "stage", seconds: float | None = None) -> None:
+    """Log the stage's summary (a table, the models it made or reused, reused 0/1) and end the run. `duration_s` is
+    `seconds`, the run's wall time as its caller measured it (None: the longest row's `seconds`, a lower bound)."""
     import time
 
     from mlflow.entities import Metric, RunTag
@@ -48,7 +52,8 @@ def close_run(tracking: TrackingConfig, run_id: str, summary: list[dict], status
     setup_tracking(tracking.experiment)
     client = MlflowClient()
     ts = int(time.time() * 1000)
-    seconds = max([r.get("seconds") or 0.0 for r in summary] or [0.0])
+    if seconds is None:
+        seconds = max([r.get("seconds") or 0.0 for r in summary] or [0.0])
     reused = bool(summary) and all(r.get("reused") for r in summary)
     metrics = [Metric("duration_s", float(seconds), ts, 0), Metric("reused", float(reused), ts, 0),
                Metric("models", float(len(summary)), ts, 0)]

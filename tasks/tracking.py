@@ -1,17 +1,35 @@
 """Recording a stage: an MLflow run with energy (codecarbon, offline), emissions, cost and duration; batched
-asynchronous metric logging so tracking stays under 1% of training time."""
+asynchronous metric logging so tracking stays under 1% of training time.
+
+Energy and time are counted once. codecarbon measures the whole machine, and a stage's runs may overlap (the
+compression rungs run side by side), so the runs of one process that overlap in time share one measurement
+(SharedMeter: ref-counted, started by the first run, stopped by the last). The rule for a run's share: the measured
+interval is cut into segments at every run's start and end, and each segment's wall time, energy and emissions are
+split equally among the runs active in it. A run's share is final when it ends; the shares of overlapping runs add up
+to the measurement, so `duration_s` summed over a stage's runs is the stage's tracked wall time, and `energy_kwh`,
+`emissions_kg_co2e` and `cost_rmb` summed are the stage's. `elapsed_s` is a run's own wall time.
+
+Processes cannot share a tracker: each process has its own meter. Inside a Dask worker the meter counts its process's
+share of CPU and RAM (codecarbon's `process` mode) rather than the whole machine, so that N workers do not count the
+machine N times (the machine's idle draw is then in no run)."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import logging
 import math
 import queue
 import signal
-import tempfile
+import sys
 import threading
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from mlflow.entities import Metric
 
@@ -157,44 +175,217 @@ def recorded_tracking(tracking: TrackingConfig) -> dict:
     return tracking.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS["tracking"]) - {"metric_flush_steps"})
 
 
+# ---- energy, measured once per stage ------------------------------------------------------------------------
+class EnergySource(Protocol):
+    """What a SharedMeter reads: energy and emissions since the previous read (or since `start`)."""
+
+    def start(self) -> None: ...
+
+    def read(self) -> tuple[float, float]:  # (kWh, kg CO2e) since the previous read
+        ...
+
+    def stop(self) -> tuple[float, float]:  # the last segment; the source is released
+        ...
+
+
+class CodecarbonSource:
+    """codecarbon's offline tracker in task mode: each read closes one codecarbon task (the segment since the last
+    read, measured by codecarbon's own `stop_task`) and opens the next. `tracking_mode` "machine" measures the
+    whole machine; "process" this process's share of its CPU and RAM (used inside Dask workers, see SharedMeter)."""
+
+    def __init__(self, tracking: TrackingConfig, tracking_mode: str = "machine"):
+        self.tracking, self.mode, self.tracker = tracking, tracking_mode, None
+
+    def start(self) -> None:
+        from codecarbon import OfflineEmissionsTracker
+
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its start-up chatter is not the user's business
+        try:
+            self.tracker = OfflineEmissionsTracker(
+                country_iso_code=self.tracking.country_iso_code,
+                measure_power_secs=self.tracking.measure_power_secs, log_level="error", output_methods=[],
+                allow_multiple_runs=True, tracking_mode=self.mode, project_name="cpmant")
+            self.tracker.start_task()
+        except Exception as e:  # no measurement must not fail the stage: its runs then record 0 kWh
+            warnings.warn(f"codecarbon could not start ({e}): energy is recorded as 0 kWh", RuntimeWarning,
+                          stacklevel=2)
+            self.tracker = None
+
+    def _segment(self) -> tuple[float, float]:
+        if self.tracker is None:
+            return 0.0, 0.0
+        try:
+            data = self.tracker.stop_task()
+        except Exception as e:  # a failed reading must not fail the stage: the segment counts as unmeasured
+            warnings.warn(f"codecarbon could not measure a segment ({e}); it counts as 0 kWh", RuntimeWarning,
+                          stacklevel=3)
+            return 0.0, 0.0
+        if data is None:
+            return 0.0, 0.0
+        return float(data.energy_consumed or 0.0), float(data.emissions or 0.0)
+
+    def read(self) -> tuple[float, float]:
+        out = self._segment()
+        if self.tracker is not None:
+            self.tracker.start_task()
+        return out
+
+    def stop(self) -> tuple[float, float]:
+        out = self._segment()
+        if self.tracker is not None:
+            self.tracker.stop()
+        return out
+
+
+SEGMENT_COLUMNS = ("start_s", "end_s", "runs_active", "segment_energy_kwh", "segment_emissions_kg_co2e",
+                   "share_wall_s", "share_energy_kwh", "share_emissions_kg_co2e")
+
+
+@dataclass
+class EnergyShare:
+    """One run's share of a meter's measurement: its apportioned wall time, energy and emissions, and the segments
+    they came from (start and end relative to the group's start, runs active, the segment's measured values)."""
+
+    wall_s: float = 0.0
+    energy_kwh: float = 0.0
+    emissions_kg_co2e: float = 0.0
+    segments: list[dict] = field(default_factory=list)
+
+    def add(self, segment: dict) -> None:
+        self.wall_s += segment["share_wall_s"]
+        self.energy_kwh += segment["share_energy_kwh"]
+        self.emissions_kg_co2e += segment["share_emissions_kg_co2e"]
+        self.segments.append(segment)
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=SEGMENT_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.segments)
+        return out.getvalue()
+
+
+@dataclass
+class MeterGroup:
+    """A meter's measurement from the first run's start to the last run's end (the runs that overlapped)."""
+
+    runs: int = 0
+    wall_s: float = 0.0
+    energy_kwh: float = 0.0
+    emissions_kg_co2e: float = 0.0
+
+
+class SharedMeter:
+    """One energy measurement shared by the tracked runs that overlap in time in this process (ref-counted: the
+    source starts with the first run and stops with the last).
+
+    The rule: the measured interval is cut into segments at every run's start and end; each segment's wall time,
+    energy and emissions are split equally among the runs active in it. A run's share is final when it ends (later
+    segments are not its), and the shares of a group add up to the group's measurement (`last_group`)."""
+
+    def __init__(self, source_factory: Callable[[], EnergySource], clock: Callable[[], float] = time.perf_counter):
+        self.source_factory, self.clock = source_factory, clock
+        self.lock = threading.Lock()
+        self.active: list[EnergyShare] = []
+        self.source: EnergySource | None = None
+        self.group = self.last_group = None
+        self.t_start = self.t_last = 0.0
+
+    def enter(self) -> EnergyShare:
+        share = EnergyShare()
+        with self.lock:
+            if not self.active:
+                self.source = self.source_factory()
+                self.source.start()
+                self.group, self.t_start = MeterGroup(), self.clock()
+                self.t_last = self.t_start
+            else:
+                self._segment(self.source.read())
+            self.active.append(share)
+            self.group.runs += 1
+        return share
+
+    def exit(self, share: EnergyShare) -> EnergyShare:
+        with self.lock:
+            last = len(self.active) == 1
+            self._segment(self.source.stop() if last else self.source.read())
+            self.active = [s for s in self.active if s is not share]
+            if last:
+                self.source, self.last_group = None, self.group
+        return share
+
+    def _segment(self, measured: tuple[float, float]) -> None:
+        """The segment since the last event, split equally among the active runs."""
+        now = self.clock()
+        dt, (kwh, kg), n = now - self.t_last, measured, len(self.active)
+        g = self.group
+        g.wall_s, g.energy_kwh, g.emissions_kg_co2e = g.wall_s + dt, g.energy_kwh + kwh, g.emissions_kg_co2e + kg
+        for s in self.active:
+            s.add({"start_s": self.t_last - self.t_start, "end_s": now - self.t_start, "runs_active": n,
+                   "segment_energy_kwh": kwh, "segment_emissions_kg_co2e": kg, "share_wall_s": dt / n,
+                   "share_energy_kwh": kwh / n, "share_emissions_kg_co2e": kg / n})
+        self.t_last = now
+
+
+_METERS: dict[tuple, SharedMeter] = {}
+_METERS_LOCK = threading.Lock()
+
+
+def _in_dask_worker() -> bool:
+    if "distributed" not in sys.modules:  # never import Dask for a thread run
+        return False
+    try:
+        sys.modules["distributed"].get_worker()
+        return True
+    except Exception:
+        return False
+
+
+def process_meter(tracking: TrackingConfig) -> SharedMeter:
+    """This process's meter for the tracking settings: the runs of a stage overlapping in threads share it. Inside
+    a Dask worker process the tracker counts this process's share of CPU and RAM (codecarbon's `process` mode):
+    meters of other processes cannot be shared, and each counting the whole machine would count it once per
+    worker."""
+    mode = "process" if _in_dask_worker() else "machine"
+    key = (tracking.country_iso_code, tracking.measure_power_secs, mode)
+    with _METERS_LOCK:
+        if key not in _METERS:
+            _METERS[key] = SharedMeter(lambda: CodecarbonSource(tracking, mode))
+        return _METERS[key]
+
+
 @contextlib.contextmanager
-def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] | None = None):
-    """An MLflow run wrapped in codecarbon's offline tracker; logs energy_kwh, emissions_kg_co2e, cost_rmb,
-    duration_s (at the run's final step) and the emissions CSV on exit (also when the stage fails). Yields a
-    StageRun."""
+def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] | None = None,
+                  meter: SharedMeter | None = None):
+    """An MLflow run with its share of the stage's energy measurement (`meter`, default: this process's codecarbon
+    meter, shared by the runs that overlap it). On exit (also when the stage fails) it logs at the run's final step
+    its shares: `duration_s` (wall time), `energy_kwh`, `emissions_kg_co2e`, `cost_rmb` (device-hours on the
+    apportioned duration plus electricity on the apportioned energy), and `elapsed_s` (its own wall time); the
+    segments its share came from as `emissions/emissions.csv`. Yields a StageRun."""
     import mlflow
-    from codecarbon import OfflineEmissionsTracker
 
     from registry.tracking import setup_tracking
 
     tags = {**tracking.parent_tags(), **(tags or {})}  # nested under the lifecycle's stage run, when there is one
     cost_rmb(tracking, 0.0, 0.0)  # an unpriced device is an error now, not after the stage has run
     setup_tracking(tracking.experiment)
-    logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its start-up chatter is not the user's business
-    with mlflow.start_run(run_name=run_name, tags=tags) as mlrun, tempfile.TemporaryDirectory() as tmp:
+    meter = meter or process_meter(tracking)
+    with mlflow.start_run(run_name=run_name, tags=tags) as mlrun:
         run = StageRun(mlrun)
-        tracker = OfflineEmissionsTracker(
-            country_iso_code=tracking.country_iso_code, output_dir=tmp, output_file="emissions.csv",
-            measure_power_secs=tracking.measure_power_secs, log_level="error", save_to_file=True,
-            allow_multiple_runs=True, project_name=run_name,
-        )
-        tracker.start()
+        share = meter.enter()
         t0 = time.perf_counter()
         try:
             yield run
         finally:
-            duration = time.perf_counter() - t0
-            emissions = tracker.stop() or 0.0
-            data = tracker.final_emissions_data
-            energy = float(getattr(data, "energy_consumed", 0.0) or 0.0)
+            elapsed = time.perf_counter() - t0
+            meter.exit(share)
             run.log_final({
-                "energy_kwh": energy,
-                "emissions_kg_co2e": float(emissions),
-                "cost_rmb": cost_rmb(tracking, duration, energy),
-                "duration_s": duration,
+                "energy_kwh": share.energy_kwh,
+                "emissions_kg_co2e": share.emissions_kg_co2e,
+                "cost_rmb": cost_rmb(tracking, share.wall_s, share.energy_kwh),
+                "duration_s": share.wall_s,
+                "elapsed_s": elapsed,
             })
             mlflow.log_params({"tracking.country_iso_code": tracking.country_iso_code,
                                "tracking.device": tracking.device, "tracking.devices": tracking.devices})
-            csv = Path(tmp) / "emissions.csv"
-            if csv.exists():
-                mlflow.log_artifact(str(csv), artifact_path="emissions")
+            mlflow.log_text(share.csv(), "emissions/emissions.csv")
