@@ -11,10 +11,12 @@ from .config import LifecycleConfig
 
 @flow(name="report", log_prints=True)
 def report_flow(config: dict | None = None, out: str | None = None) -> dict:
-    """Write the lifecycle report: loss curves, the size ladder beside CPM-Ant's published one, delta tuning
-    against full fine-tuning, validation gates, energy / emissions / cost per stage, lineage, and the projection
-    of a full 10B pretraining run. The page goes to `out` (default $CPMANT_HOME/reports/report.html), into the
-    MLflow run `report` as an artifact, and into a Prefect markdown artifact `lifecycle-report`.
+    """Write the lifecycle report: loss curves, the size ladder beside CPM-Ant's published one (with the base's
+    held-out loss checked to be one measurement), delta tuning against full fine-tuning (each score with its 95%
+    interval, demo tasks labelled, odd results read as noise or significant), validation gates, energy /
+    emissions / cost per stage, lineage, and the projection of a full 10B pretraining run. The page goes to `out`
+    (default $CPMANT_HOME/reports/report.html), into the MLflow run `report` as an artifact, and into a Prefect
+    markdown artifact `lifecycle-report`.
 
     Returns {"path", "run_id", "sections": {section: present}, "projection": [rows], "measured": {...} | None,
     "summary": [one row]}."""

@@ -1,4 +1,5 @@
-"""Plots people would rather look at than read: the loss curve."""
+"""Plots people would rather look at than read: the loss curve, the compression ladder, a task's comparison (each
+score with its 95% interval as an error bar where the row carries `score_ci_low` / `score_ci_high`)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,21 @@ def _finish(fig, ax, out: Path) -> Path:
     return out
 
 
+def _errors(rows: list[dict]):
+    """matplotlib's asymmetric yerr ([below], [above]) from each row's interval; 0 where a row has none."""
+    below, above = [], []
+    for r in rows:
+        low, high = r.get("score_ci_low"), r.get("score_ci_high")
+        has = low is not None and high is not None
+        below.append(max(r["score"] - low, 0.0) if has else 0.0)
+        above.append(max(high - r["score"], 0.0) if has else 0.0)
+    return [below, above]
+
+
 def plot_comparison(table: list[dict], out: Path, title: str = "") -> Path | None:
-    """One bar per row of a task's comparison table (zero-shot, each method, full): the task's score, with the
-    share of parameters each method trained written on its bar."""
+    """One bar per row of a task's comparison table (zero-shot, each method, full): the task's score with its 95%
+    interval as an error bar (rows without `score_ci_low` / `score_ci_high` get none), and the share of parameters
+    each method trained written on its bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,11 +93,13 @@ def plot_comparison(table: list[dict], out: Path, title: str = "") -> Path | Non
     names = [r["method"] for r in rows]
     scores = [r["score"] for r in rows]
     colors = ["#999999" if n == "zero-shot" else "#1f77b4" if n != "full" else "#d62728" for n in names]
-    bars = ax.bar(names, scores, color=colors, label=rows[0]["metric"])
+    bars = ax.bar(names, scores, color=colors, label=rows[0]["metric"], yerr=_errors(rows), capsize=4,
+                  error_kw={"elinewidth": 1, "label": "95% interval"})
     for b, r in zip(bars, rows):
         ratio = r.get("trainable_ratio")
         label = f"{r['score']:.3g}" + (f"\n{ratio:.2%} trained" if ratio else "")
-        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        top = r.get("score_ci_high") if r.get("score_ci_high") is not None else b.get_height()
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, top), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(rows[0]["metric"])
     ax.set_title(f"Delta tuning: {title or rows[0].get('task', '')}")
     ax.margins(y=0.2)

@@ -8,8 +8,10 @@ Prefect markdown artifact.
     write_report(tracking, out=None) -> dict      the task: collect, render, write, log; {"path", "run_id", ...}
 
 Sections: loss curves (pretraining runs' `loss` history), the size ladder beside CPM-Ant's published ladder, delta
-tuning against full fine-tuning per task, the validation gates and their decisions, energy / emissions / cost per
-stage, the lineage from corpus to deltas, and the projection of a full 10B pretraining run (cpmant.projection).
+tuning against full fine-tuning per task (scores with their intervals, demo tasks labelled, odd results read as
+noise or significant: tasks/report_scores.py decides what is said), the validation gates and their decisions,
+energy / emissions / cost per stage, the lineage from corpus to deltas, and the projection of a full 10B pretraining
+run (cpmant.projection).
 A section whose stage has not run yet says so. Published figures are labelled columns and run params, never
 metrics.
 """
@@ -29,6 +31,7 @@ from prefect.cache_policies import NONE
 from cpmant import projection as P
 from registry import tags as T
 
+from . import report_scores as RS
 from .config import TrackingConfig
 
 REPORT_STAGE = "report"  # the `report` run's cpmant.stage tag
@@ -118,7 +121,9 @@ def _ten_b():
     return get_preset("10b")
 
 
-def _ladder(exp_ids) -> dict | None:
+def _ladder(exp_ids, versions: list[dict]) -> dict | None:
+    """The newest ladder table; each rung's run metrics read through its registered version, the parent's
+    held-out loss as the rungs logged it (`parent_lm_loss`), and a reading beside a rung below its parent."""
     from cpmant.compress.recipe import PUBLISHED_LABEL
 
     for r in _runs(exp_ids, "compress"):
@@ -128,8 +133,39 @@ def _ladder(exp_ids) -> dict | None:
         if t:
             rows = [{("published_loss_increase" if k == PUBLISHED_LABEL else k): v for k, v in row.items()}
                     for row in _rows(t)]
-            return {"run_id": r.info.run_id, "rows": rows}
+            by_uri = {v["uri"]: v for v in versions}
+            rungs = {row.get("model"): _run_metrics(by_uri.get(row.get("model"), {}).get("run_id"))
+                     for row in rows[1:]}
+            parent = next((by_uri[u]["parent"] for u in rungs if u in by_uri and by_uri[u]["parent"]),
+                          rows[0].get("model") if rows else "")
+            parent_loss = next((m["parent_lm_loss"] for m in rungs.values() if "parent_lm_loss" in m),
+                               rows[0].get("lm_loss") if rows else None)
+            for row in rows[1:]:
+                row["reading"] = RS.rung_reading(parent_loss, row, rungs.get(row.get("model"), {}))
+            return {"run_id": r.info.run_id, "rows": rows, "parent": parent, "parent_lm_loss": parent_loss}
     return None
+
+
+def _run_metrics(run_id: str | None) -> dict:
+    if not run_id:
+        return {}
+    try:
+        return dict(_client().get_run(run_id).data.metrics)
+    except Exception:  # a version whose run was deleted: its row still renders, without a reading
+        return {}
+
+
+def _heldout(ladder: dict | None, versions: list[dict], validation: list[dict]) -> dict | None:
+    """The ladder parent's three held-out losses (ladder `parent_lm_loss`, pretraining `valid_loss_end`, the newest
+    finished validation's `lm_loss`), checked to be one measurement."""
+    if not ladder or not ladder.get("parent"):
+        return None
+    uri = ladder["parent"]
+    version = next((v for v in versions if v["uri"] == uri), None)
+    pre = _run_metrics(version["run_id"] if version else None).get("valid_loss_end")
+    val = next((v["metrics"].get("lm_loss") for v in validation
+                if v["model"] == uri and v["status"] == "FINISHED" and "lm_loss" in v["metrics"]), None)
+    return RS.heldout(uri, ladder.get("parent_lm_loss"), pre, val)
 
 
 def _deltas(exp_ids) -> dict:
@@ -141,20 +177,36 @@ def _deltas(exp_ids) -> dict:
         for path, t in _tables(r).items():
             if path.startswith("comparison-"):
                 task_name = r.data.tags.get("cpmant.task") or path[len("comparison-"):-len(".json")]
-                tables.setdefault(task_name, {"run_id": r.info.run_id, "rows": _rows(t)})
+                tables.setdefault(task_name, {"run_id": r.info.run_id, "rows": _rows(t),
+                                              "base": r.data.tags.get(T.PARENT, "")})
+    tuned = RS.newest_tuning_runs(runs)
+    tasks = {}
+    for name in sorted(set(tuned) | set(tables)):
+        runs_ = tuned.get(name, {}).get("runs", {})
+        table = tables.get(name, {})
+        same_base = not runs_ or table.get("base", "") in ("", tuned[name]["base"])  # a table of another base: left out
+        tasks[name] = RS.task_rows(name, {m: dict(r.data.metrics) for m, r in runs_.items()},
+                                   table.get("rows", []) if same_base else [])
     versions = [v for v in _all_versions() if v["stage"] == "delta"]
-    return {"tables": tables, "versions": versions, "runs": len(runs)}
+    return {"tables": tables, "tasks": tasks, "versions": versions, "runs": len(runs)}
 
 
-def _validation(exp_ids) -> list[dict]:
+def _validation(exp_ids, versions: list[dict]) -> list[dict]:
+    """Each validation run: the version it validated (run tag cpmant.model), that version's task (a delta's),
+    its gates and decisions, its metrics (scores with their intervals, as rows) and tables."""
+    task_of = {v["uri"]: v["task"] for v in versions}
     out = []
     for r in _runs(exp_ids, "validate"):
         tags = {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.") and k != T.STAGE}
         decisions = {k: v for k, v in {**r.data.params, **tags}.items()
-                     if any(w in k.lower() for w in ("gate", "decision", "pass", "verdict", "promot"))}
-        out.append({"run": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status,
-                    "model": tags.get(T.PARENT) or r.data.params.get("model") or r.data.params.get("model_uri", ""),
-                    "metrics": {k: v for k, v in sorted(r.data.metrics.items()) if k not in COST_METRICS},
+                     if any(w in k.lower() for w in ("gate", "decision", "pass", "verdict", "promot"))
+                     or k in (T.VALIDATION, T.VALIDATION_FAILURES, T.VALIDATION_EVIDENCE)}
+        model = (tags.get(T.MODEL) or r.data.params.get("model") or r.data.params.get("model_uri")
+                 or tags.get(T.PARENT, ""))
+        metrics = {k: v for k, v in sorted(r.data.metrics.items()) if k not in COST_METRICS}
+        out.append({"run": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status, "model": model,
+                    "task": task_of.get(model) or tags.get(T.TASK, ""), "metrics": metrics,
+                    "metric_rows": RS.metric_rows(metrics, task_of.get(model) or tags.get(T.TASK, "")),
                     "decisions": decisions, "tables": {p: _rows(t) for p, t in _tables(r).items()}})
     return out
 
@@ -166,6 +218,7 @@ def _all_versions() -> list[dict]:
         t = mv.tags or {}
         out.append({"uri": f"models:/{mv.name}/{mv.version}", "name": mv.name, "version": str(mv.version),
                     "stage": t.get(T.STAGE, ""), "parent": t.get(T.PARENT, ""), "run_id": mv.run_id,
+                    "task": t.get(T.TASK, ""),
                     "aliases": list(getattr(mv, "aliases", []) or [])})
     return out
 
@@ -187,6 +240,14 @@ def _lineages(versions: list[dict], limit: int = 12) -> list[list[dict]]:
     return out
 
 
+def _measured_flops_per_token(metrics: dict, params: dict) -> float | None:
+    """The FLOPs per token training counted (cpmant.flops.flops_per_token with the run's share of projected
+    positions), read back from its MFU: mfu = FLOPs per token x tokens/s / processes / peak. None without an MFU."""
+    processes = int(params.get("nproc", "1") or 1) * int(params.get("nnodes", "1") or 1)
+    return P.flops_per_token_from_mfu(metrics.get("mfu"), metrics.get("peak_flops"),
+                                      metrics.get("tokens_per_second"), processes)
+
+
 def _measured(pretrain_runs) -> dict | None:
     """The newest finished pretraining run's throughput and energy (the projection's measured input)."""
     from .config import TrackingConfig as _TC
@@ -206,6 +267,7 @@ def _measured(pretrain_runs) -> dict | None:
         device = r.data.params.get("tracking.device", "cpu")
         out["price_rmb_per_hour"] = _TC().device_hour_rmb.get(device)
         out["device"] = device
+        out["flops_per_token"] = _measured_flops_per_token(m, r.data.params)
         return out
     return None
 
@@ -231,14 +293,16 @@ def collect(experiment: str = "cpmant") -> dict:
             agg[k] += float(r.data.metrics.get(k) or 0.0)
     versions = _all_versions()
     measured = _measured(pretrain_runs)
+    ladder, validation = _ladder(exp_ids, versions), _validation(exp_ids, versions)
     return {
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "tracking_uri": mlflow.get_tracking_uri(),
         "loss_curves": _loss_curves(pretrain_runs),
-        "ladder": _ladder(exp_ids),
+        "ladder": ladder,
+        "heldout": _heldout(ladder, versions, validation),
         "published_ladder": published_ladder(),
         "deltas": _deltas(exp_ids),
-        "validation": _validation(exp_ids),
+        "validation": validation,
         "stages": list(per_stage.values()),
         "runs": [_run_row(r) for r in staged if r.data.tags[T.STAGE] not in NOT_STAGES][:200],
         "versions": versions,
@@ -310,6 +374,18 @@ def plot_ladder_vs_published(rows: list[dict]) -> str | None:
     return _png(fig)
 
 
+def plot_task_scores(t: dict) -> str | None:
+    """A task's scores with their 95% intervals as error bars (tasks/plots.py's comparison plot, inline)."""
+    from .plots import plot_comparison
+
+    if not t.get("plot"):
+        return None
+    _plt()
+    buf = io.BytesIO()
+    title = f"{t['task']} (demo task: not a CUGE score)" if t["demo"] else t["task"]
+    return base64.b64encode(buf.getvalue()).decode("ascii") if plot_comparison(t["plot"], buf, title) else None
+
+
 def plot_stage_costs(stages: list[dict]) -> str | None:
     if not stages:
         return None
@@ -324,8 +400,8 @@ def plot_stage_costs(stages: list[dict]) -> str | None:
 
 
 def plot_projection(rows: list[dict]) -> str | None:
-    # CPM-Ant's own figures and each profile at the published utilisation (our CPU's MFU on a GPU is in the table,
-    # not on this scale)
+    # CPM-Ant's own figures and each profile at the published utilisation (an MFU measured on another kind of
+    # device, "if a GPU reached the MFU measured here", is in the table, not on this scale)
     rows = [r for r in rows if r.get("cost_rmb") and r["device"] != "this machine" and "measured" not in r["label"]]
     if not rows:
         return None
@@ -349,6 +425,8 @@ color:#2b4a80}table{border-collapse:collapse;margin:.6em 0;font-size:.85em}th,td
 padding:.25em .5em;text-align:right}th{background:#eef2f8}td.l,th.l{text-align:left}
 .note{color:#555;font-size:.9em}.missing{color:#a33;font-style:italic}img{max-width:100%}
 .pub{background:#fff4e6}code{background:#f3f3f3;padding:0 .2em}
+.warn{color:#a33;background:#fdecea;border-left:4px solid #a33;padding:.3em .6em}
+.demo{background:#fff4e6;color:#8a4b00;font-size:.8em;padding:0 .4em;border:1px solid #e0b070;border-radius:3px}
 """
 
 
@@ -356,23 +434,7 @@ def _esc(v) -> str:
     return html.escape(str(v))
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if v != v:
-            return "nan"
-        a = abs(v)
-        if a >= 1e5:
-            return f"{v:,.0f}"
-        if a >= 100:
-            return f"{v:,.1f}"
-        return f"{v:.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+_fmt = RS.fmt  # one number format for the page and its interval texts
 
 
 def _table(rows: list[dict], cols: list[str] | None = None, labels: dict | None = None,
@@ -421,7 +483,10 @@ def render_html(data: dict) -> str:
         body += "<p>Ours (run <code>" + _esc(lad["run_id"]) + "</code>):</p>"
         body += _table(lad["rows"], ["model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params",
                                      "bytes_on_disk", "lm_loss", "loss_increase", "published_loss_increase",
-                                     "generation_tokens_per_second"], pub_labels, pub_cols)
+                                     "generation_tokens_per_second", "reading"], pub_labels, pub_cols)
+        body += ('<p class="note">Held-out losses are single measurements on the held-out rows: a difference '
+                 "between two of them has no interval.</p>")
+        body += _heldout_html(data.get("heldout"))
     else:
         body += f'<p class="missing">compression ladder: {NOT_RUN}</p>'
     body += "<p>CPM-Ant's published ladder (reference figures, not measurements):</p>"
@@ -429,9 +494,7 @@ def render_html(data: dict) -> str:
     s.append(_section("Size ladder beside CPM-Ant's published ladder", "ladder", body))
 
     d = data["deltas"]
-    body = ""
-    for task_name, t in sorted(d["tables"].items()):
-        body += f"<h3>{_esc(task_name)}</h3>" + _table(t["rows"])
+    body = _deltas_html(d)
     if d["versions"]:
         body += "<p>Registered deltas:</p>" + _table(d["versions"], ["uri", "parent", "aliases", "run_id"])
     if not body:
@@ -440,9 +503,12 @@ def render_html(data: dict) -> str:
 
     body = ""
     for v in data["validation"]:
-        body += f"<h3>{_esc(v['run'])} <small>{_esc(v['model'])}</small></h3>"
-        body += _table([{"gate / decision": k, "value": x} for k, x in sorted(v["decisions"].items())])
-        body += _table([{"metric": k, "value": x} for k, x in v["metrics"].items()])
+        badge = f' <span class="demo">{_esc(RS.DEMO_NOTE)}</span>' if v["task"] and RS.is_demo(v["task"]) else ""
+        body += f"<h3>{_esc(v['run'])} <small>{_esc(v['model'])}</small>{badge}</h3>"
+        if v["decisions"]:
+            body += _table([{"gate / decision": k, "value": x} for k, x in sorted(v["decisions"].items())])
+        body += _table(v["metric_rows"], ["metric", "value", "reading"],
+                       {"value": "value [95% interval]"})
         for p, rows in v["tables"].items():
             body += f"<p>{_esc(p)}</p>" + _table(rows)
     s.append(_section("Validation gates and decisions", "validation",
@@ -476,6 +542,45 @@ def render_html(data: dict) -> str:
             f"<p>{toc}</p>{''.join(s)}</body></html>")
 
 
+DELTA_COLUMNS = ["method", "score", "vs zero-shot", "vs full", "ratio to full", "trainable share", "reading"]
+DELTA_LEGEND = ("Scores are on each task's test split with a 95% bootstrap interval over examples, written "
+                "value [low, high]. <i>vs zero-shot</i> and <i>vs full</i> are paired differences in points (the "
+                "method minus the reference, both scored on the same examples, one paired bootstrap); <i>ratio to "
+                "full</i> is the method's score over full fine-tuning's. A result logged without an interval (an "
+                f"older run) reads &ldquo;{RS.NO_INTERVAL}&rdquo;. Where a tuned model is below zero-shot or a delta "
+                "above full fine-tuning, the reading says whether the paired interval contains 0 (noise) or not.")
+
+
+def _deltas_html(d: dict) -> str:
+    """Per task: a demo label where it is one, the notes, and the rows with intervals and readings; the
+    comparison table as the tune stage logged it below."""
+    body = ""
+    for name, t in sorted(d.get("tasks", {}).items()):
+        badge = f' <span class="demo">{_esc(RS.DEMO_NOTE)}</span>' if t["demo"] else ""
+        body += f"<h3>{_esc(name)}{badge}</h3>"
+        body += "".join(f'<p class="note">{_esc(n)}</p>' for n in t["notes"] if n != RS.DEMO_NOTE)
+        body += _img(plot_task_scores(t), f"{name}: each score with its 95% interval")
+        body += _table(t["rows"], DELTA_COLUMNS,
+                       {"score": f"test {t['metric']} [95% interval]", "trainable share": "trained share"})
+        logged = d["tables"].get(name)
+        if logged:
+            body += ("<details><summary>the comparison table as logged (run <code>" + _esc(logged["run_id"])
+                     + "</code>)</summary>" + _table(logged["rows"]) + "</details>")
+    return (f'<p class="note">{DELTA_LEGEND}</p>' + body) if body else ""
+
+
+def _heldout_html(h: dict | None) -> str:
+    """The base's held-out loss as the ladder, pretraining and validation logged it; a visible warning when they
+    differ by more than the tolerance."""
+    if not h:
+        return ""
+    cls = "note" if h["agree"] else "warn"
+    lead = "" if h["agree"] else "<b>Held-out losses disagree.</b> "
+    return (f'<p class="{cls}">{lead}{_esc(h["message"][0].upper() + h["message"][1:])}.</p>'
+            + _table([{**r, "held-out loss": f"{r['held-out loss']:.6f}"} for r in h["rows"]],
+                     ["measurement", "held-out loss"]))
+
+
 def _projection_html(data: dict) -> str:
     e = data["emissions_readings"]
     m = data["measured"]
@@ -485,15 +590,25 @@ def _projection_html(data: dict) -> str:
     labels = {"tokens_per_second_per_device": "tokens/s per device", "device_hours": "device-hours",
               "wall_days": "days", "energy_kwh": "kWh", "emissions_kg_co2e": "kg CO2e", "cost_rmb": "RMB"}
     check = rows[0]
-    body = (f"<p>200 B tokens (CPM-Ant's run) on {P.CPM_ANT_PARAMS / 1e9:.2f} B parameters, 32 devices, 6N FLOPs per "
-            "token. On a GPU profile the rate is peak &times; utilisation / 6N, at CPM-Ant's own utilisation of the "
-            f"A100 ({P.published_utilisation():.1%}: 1,181 tokens/s &times; 6 &times; 9.39e9 / 312 TFLOP/s) and, "
-            "as a second reading, at the MFU our pretraining measured; on this machine our measured tokens/s is "
-            "scaled by 6N. Energy = device-hours &times; board power &times; PUE; cost = device-hours &times; the "
-            "profile's price per device-hour (electricity included).</p>")
+    fpt = P.cpm_ant_flops_per_token()
+    body = (f"<p>200 B tokens (CPM-Ant's run) on {P.CPM_ANT_PARAMS / 1e9:.2f} B parameters, 32 devices, "
+            f"{fpt / 1e9:.1f} GFLOP per token (counted as training counts its MFU: 6 &times; the matmul parameters "
+            f"+ attention scores at length {P.CPM_ANT_SEQ_LEN}, every position projected onto the vocabulary). On a "
+            "GPU profile the rate is peak &times; utilisation / FLOPs per token, at CPM-Ant's own utilisation of the "
+            f"A100 ({P.published_utilisation():.1%}: 1,181 tokens/s &times; {fpt / 1e9:.1f} GFLOP / 312 TFLOP/s); "
+            "a row at the MFU our pretraining measured is \"our measured MFU\" only where it was measured on that "
+            "kind of device, else \"if a GPU reached the MFU measured here\" (hypothetical: a CPU's MFU says "
+            "nothing of a GPU's). On this machine the FLOP/s our pretraining reached (its tokens/s &times; its own "
+            "FLOPs per token) is divided by the 10B's FLOPs per token. Energy = device-hours &times; board power "
+            "&times; PUE; cost = device-hours &times; the profile's price per device-hour (electricity "
+            "included).</p>")
     if m:
         body += (f"<p>Measured: run <code>{_esc(m['run_id'])}</code>, {_fmt(m['tokens_per_second'])} tokens/s at "
-                 f"{_fmt(m['num_parameters'])} parameters, MFU {_fmt(m.get('mfu'))}.</p>")
+                 f"{_fmt(m['num_parameters'])} parameters, {_fmt(m.get('flops_per_token'))} FLOPs per token, "
+                 f"MFU {_fmt(m.get('mfu'))} on {_esc(m.get('device'))}.</p>")
+        if not m.get("flops_per_token"):
+            body += ('<p class="missing">the run recorded no MFU: its FLOPs per token are unknown, so the row '
+                     '"this machine, measured" is left out</p>')
     else:
         body += f'<p class="missing">no finished pretraining run: the measured rows are {NOT_RUN}</p>'
     body += _img(plot_projection(rows), "projected cost of a 10B pretraining run")
@@ -504,7 +619,7 @@ def _projection_html(data: dict) -> str:
     dev = check["cost_rmb"] / P.CPM_ANT_COST_RMB - 1
     body += (f"<p><b>Check:</b> fed CPM-Ant's own figures (1,181 tokens/s per A100, 200 B tokens, 32 GPUs) the "
              f"projection gives {_fmt(check['device_hours'])} A100-hours and {_fmt(check['cost_rmb'])} RMB, "
-             f"{dev:+.1%} from the published 430,000 RMB.</p>")
+             f"{dev:+.1%} from the published 430,000 RMB. {P.CIRCULARITY}</p>")
     body += ("<p><b>Two readings of the published emissions.</b> "
              f"(1) As published: {_fmt(e['published_emissions_kg'])} kg CO2e at China's grid "
              f"({_fmt(e['grid_g_per_kwh'])} g/kWh) is {_fmt(e['implied_energy_kwh'])} kWh over "
@@ -512,11 +627,12 @@ def _projection_html(data: dict) -> str:
              f"an average draw of {e['implied_kwh_per_gpu_hour'] * 1000:.0f} W, "
              f"{e['implied_share_of_board_power']:.0%} of an A100's {_fmt(e['board_power_w'])} W board power, "
              "under half of it, with no data-centre overhead. "
-             f"(2) At the board power and PUE {e['pue']}: the same hours use {_fmt(e['board_power_energy_kwh'])} kWh "
-             f"and emit <b>{_fmt(e['board_power_emissions_kg'])} kg CO2e</b>; the published total would need a grid "
-             f"of {_fmt(e['grid_needed_at_board_power_g_per_kwh'])} g/kWh at the board power alone. T5-11B's "
-             f"published 46.7 t stays about {P.T5_11B_EMISSIONS_KG / e['board_power_emissions_kg']:.1f}&times; "
-             "the second reading.</p>")
+             # (2) quotes the table's first row, so that the text and the table show one value
+             f"(2) At the board power and PUE {e['pue']}: the table's first row, {_fmt(check['device_hours'])} "
+             f"A100-hours, uses {_fmt(check['energy_kwh'])} kWh and emits <b>{_fmt(check['emissions_kg_co2e'])} kg "
+             f"CO2e</b>; the published total would need a grid of {_fmt(e['grid_needed_at_board_power_g_per_kwh'])} "
+             "g/kWh at the board power alone. T5-11B's published 46.7 t stays about "
+             f"{P.T5_11B_EMISSIONS_KG / check['emissions_kg_co2e']:.1f}&times; the second reading.</p>")
     src = []
     for k, p in data["profiles"].items():
         items = "".join(f"<li>{_esc(n)}: {_esc(v)}</li>" for n, v in p["sources"].items())
@@ -535,6 +651,7 @@ def render_markdown(data: dict, path: str) -> str:
     for st in data["stages"]:
         lines.append(f"| {st['stage']} | {st['runs']} | {_fmt(st['energy_kwh'])} | {_fmt(st['emissions_kg_co2e'])} "
                      f"| {_fmt(st['cost_rmb'])} | {_fmt(st['duration_s'])} |")
+    lines += _deltas_markdown(data)
     lines += ["", "## 10B projection (200 B tokens)", "", "| row | device-hours | RMB | kg CO2e |", "|---|---|---|---|"]
     for r in data["projection"]:
         lines.append(f"| {r['label']} | {_fmt(r['device_hours'])} | {_fmt(r['cost_rmb'])} | "
@@ -542,12 +659,31 @@ def render_markdown(data: dict, path: str) -> str:
     lines += [f"| CPM-Ant published | {_fmt(P.CPM_ANT_GPU_HOURS)} | {_fmt(P.CPM_ANT_COST_RMB)} | "
               f"{_fmt(P.CPM_ANT_EMISSIONS_KG)} |", f"| T5-11B published | | | {_fmt(P.T5_11B_EMISSIONS_KG)} |", "",
               f"CPM-Ant's own figures give {check['cost_rmb'] / P.CPM_ANT_COST_RMB - 1:+.1%} against the published "
-              "cost.", "",
+              "cost (circular: 1,181 tokens/s is derived from the published 47,040 A100-hours).", "",
               "Sections not run yet: " + (", ".join(k for k, v in (
                   ("pretraining", data["loss_curves"]), ("ladder", data["ladder"]),
-                  ("delta tuning", data["deltas"]["tables"] or data["deltas"]["versions"]),
+                  ("delta tuning", data["deltas"]["tables"] or data["deltas"].get("tasks")
+                   or data["deltas"]["versions"]),
                   ("validation", data["validation"])) if not v) or "none")]
     return "\n".join(lines)
+
+
+def _deltas_markdown(data: dict) -> list[str]:
+    """Delta tuning in the Prefect artifact (each score with its interval, demo tasks labelled, the readings) and
+    a held-out disagreement, if any."""
+    tasks = data["deltas"].get("tasks") or {}
+    head = ["", "## Delta tuning (test split, 95% intervals)", "",
+            "| task | method | score | vs zero-shot | vs full | reading |", "|---|---|---|---|---|---|"]
+    lines = head if tasks else []
+    for name, t in sorted(tasks.items()):
+        label = f"{name} ({RS.DEMO_NOTE})" if t["demo"] else name
+        for r in t["rows"]:
+            lines.append(f"| {label} | {r['method']} | {r['score']} | {r['vs zero-shot']} | {r['vs full']} | "
+                         f"{r['reading']} |")
+    h = data.get("heldout")
+    if h and not h["agree"]:
+        lines += ["", f"**Held-out losses disagree**: {h['message']}."]
+    return lines
 
 
 def default_path() -> Path:
@@ -602,7 +738,7 @@ def write_report(tracking: TrackingConfig, out: str | None = None) -> dict:
     create_markdown_artifact(render_markdown(data, str(path)), key="lifecycle-report",
                              description="CPM-Ant lifecycle report")
     sections = {"loss_curves": bool(data["loss_curves"]), "ladder": bool(data["ladder"]),
-                "deltas": bool(data["deltas"]["tables"] or data["deltas"]["versions"]),
+                "deltas": bool(data["deltas"]["tables"] or data["deltas"].get("tasks") or data["deltas"]["versions"]),
                 "validation": bool(data["validation"]), "lineage": bool(data["lineages"]),
                 "projection": True}
     return {"path": str(path), "run_id": run_id, "sections": sections,

@@ -21,7 +21,7 @@ def _config(corpus, out):
                          "eval_interval": 6, "eval_rows": 4, "save_interval": 6, "output_dir": str(out),
                          "encode_workers": 1, "min_piece_tokens": 4, "num_threads": 1,
                          "valid_fraction": 0.25},
-            "compress": {"recipes": "3b,int8", "eval_rows": 4, "batch_size": 4, "gen_tokens": 2, "gen_repeats": 1,
+            "compress": {"recipes": "3b,int8", "batch_size": 4, "gen_tokens": 2, "gen_repeats": 1,
                          "distill_steps": 2, "distill_batch_size": 4, "importance_rows": 4},
             "tracking": {"measure_power_secs": 1, "metric_flush_steps": 5},
             "orchestration": {"task_runner": "thread", "max_workers": 1}}  # serial: the reference for Dask
@@ -86,6 +86,8 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
     assert sorted(r.info.run_name for r in stages) == ["compress", "pretrain", "report", "tune", "validate"]
     by_name = {r.info.run_name: r for r in stages}
     assert by_name["validate"].info.run_id == stage_run
+    # duration_s is wall time: the parent ran its stages one after another, so it lasted at least their sum
+    assert parent.data.metrics["duration_s"] >= sum(r.data.metrics["duration_s"] for r in stages) > 0
     # the stages' own runs are children of their stage's run
     kids = lambda name: {r.info.run_name for r in mlflow.search_runs(  # noqa: E731
         search_all_experiments=True, output_format="list",
@@ -154,7 +156,7 @@ def test_cache_key_misses_when_any_input_changes(tmp_path, monkeypatch):
     # not results: the parent run, the alias rule, metric batching, force
     assert key(tracking=TrackingConfig(parent_run_id="abc", register_alias="candidate", metric_flush_steps=7),
                force=True) == k
-    assert key(compress=CompressConfig(eval_rows=63)) != k  # a config value
+    assert key(compress=CompressConfig(importance_rows=63)) != k  # a config value
     assert key(tracking=TrackingConfig(country_iso_code="FRA")) != k  # the grid shapes the emissions reported
     (tmp_path / "cpmant" / "model.py").write_text("# cpmant/model.py, edited\n")  # the core code the task runs
     k2 = key()

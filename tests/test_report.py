@@ -99,10 +99,42 @@ def test_the_projection_and_both_emission_readings_are_on_the_page(report):
     assert check["label"] == "CPM-Ant's own figures" and abs(check["cost_rmb"] / 430e3 - 1) < 0.25
     assert "0.178 kWh per A100-hour" in page and "under half of it" in page
     assert "4,872" in page and "46,700" in page and "430,000" in page
-    for name in ("A100", "H100", "H200"):
-        assert f"{name}, published utilisation" in page and f"{name}, our measured MFU" in page
-    assert "this machine, measured" in page
+    labels = [r["label"] for r in report["projection"]]
+    for name in ("A100", "H100", "H200"):  # the MFU was measured on this machine's CPU: GPU rows are hypothetical
+        assert f"{name}, published utilisation" in page and f"{name}, our measured MFU" not in labels
+        assert f"{name}, if a GPU reached the MFU measured here" in page
+    assert "this machine, measured" in page and report["measured"]["flops_per_token"] > 0
+    assert "circular" in page  # the published-throughput check says it reproduces the hours by construction
+    # the text's second emissions reading is the table's first row, formatted once
+    from tasks.report_scores import fmt
+
+    assert f"emits <b>{fmt(check['emissions_kg_co2e'])} kg" in page
     assert "NVIDIA H200 datasheet" in page and "Uptime Institute" in page  # each figure names its source
+
+
+def test_the_bases_heldout_losses_are_read_from_their_runs(report):
+    """Under the ladder: the base's held-out loss as the rung logged it (`parent_lm_loss`) and as its pretraining run
+    logged it (`valid_loss_end`), to 6 decimals, and whether they agree to 1e-4 said in the matching box."""
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+
+    lc = report["lifecycle"]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CPMANT_HOME", str(lc["home"]))
+    try:
+        setup_tracking()
+        client = MlflowClient()
+        pre = client.get_run(lc["pretrain"]["run_id"]).data.metrics["valid_loss_end"]
+        rung = client.get_model_version("cpm-ant-tiny-3b", "1").run_id
+        parent = client.get_run(rung).data.metrics["parent_lm_loss"]
+    finally:
+        mp.undo()
+    page = report["html"]
+    assert (f'<td class="l">ladder parent row (parent_lm_loss)</td><td class="l">{parent:.6f}</td>' in page
+            and f'<td class="l">pretraining (valid_loss_end)</td><td class="l">{pre:.6f}</td>' in page)
+    box = "<b>Held-out losses disagree.</b>"
+    assert (box in page) == (abs(parent - pre) > 1e-4)
 
 
 def test_prefect_markdown_artifact(report):
@@ -155,10 +187,203 @@ def test_sections_appear_as_their_stages_land(mlflow_store):
         mlflow.set_tracking_uri(None)
     assert into_folder == folder / "report.html" and into_folder.is_file()
     assert list(data["deltas"]["tables"]) == ["demo_cls"]
-    assert "<h3>demo_cls</h3>" in page and "<td class=\"l\">lora</td>" in page and "0.625" in page
+    assert "<h3>demo_cls</h3>" in page and "<td class=\"l\">lora</td>" in page
+    # a table from before the intervals: the scores say they have none; its `vs_full` was the ratio to full
+    lora = re.search(r'<tr><td class="l">lora</td>.*?</tr>', page).group(0)
+    assert "0.625 (no interval)" in lora and "-0.125 (no interval)" in lora and "0.8333 (no interval)" in lora
     assert "delta tuning: not run yet" not in page and "validation: not run yet" not in page
     v = data["validation"][0]
     assert v["decisions"] == {"cpmant.gate.perplexity": "pass", "cpmant.decision": "champion"}
     assert v["metrics"] == {"perplexity": 123.5}
     assert "cpmant.gate.perplexity" in page and "123.5" in page
     assert {s["stage"] for s in data["stages"]} == {"delta", "validate"}
+
+
+# ---- the report explains itself (issue 16, item 8): intervals, demo labels, readings of odd results ----------------
+BASE = "models:/cpm-ant-tiny/1"
+
+
+def _tuning_run(task, method, metrics, kind=None):
+    import mlflow
+
+    tags = {"cpmant.stage": "delta", "cpmant.task": task, "cpmant.method": method, "cpmant.parent": BASE,
+            "cpmant.tune.kind": kind or ("zero-shot" if method == "zero-shot" else "delta")}
+    with mlflow.start_run(run_name=f"tune-{task}-{method}", tags=tags) as run:
+        mlflow.log_metrics(metrics)
+    return run.info.run_id
+
+
+def _ci(name, value, low, high):
+    return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def _version(name, run_id, **tags):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    c.create_registered_model(name)
+    return c.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    """A store holding what the page must explain: demo-ccpm tuned with intervals (LoRA below zero-shot within
+    noise and above full within noise, full below zero-shot significantly), c3 from an older run without
+    intervals, a validated demo delta, and a ladder whose rung is below its parent while the base's three
+    held-out losses differ."""
+    import mlflow
+
+    from registry.tracking import setup_tracking
+    from tasks.report import build_report, render_markdown
+
+    home = tmp_path_factory.mktemp("explained")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CPMANT_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        setup_tracking()  # this store (CPMANT_HOME), its `cpmant` experiment
+        _tuning_run("demo-ccpm", "zero-shot", {**_ci("test_f1", 30.5, 18.5, 43.25), "test_accuracy": 31.0})
+        _tuning_run("demo-ccpm", "lora", {**_ci("test_f1", 21.0, 12.5, 30.25), "trainable_ratio": 0.009,
+                                          **_ci("vs_zero_shot_f1", -9.5, -21.5, 2.25),
+                                          **_ci("vs_full_f1", 1.0, -4.5, 6.5),
+                                          **_ci("ratio_to_full_f1", 1.05, 0.75, 1.5)})
+        _tuning_run("demo-ccpm", "full", {**_ci("test_f1", 20.0, 11.5, 29.0), "trainable_ratio": 1.0,
+                                          **_ci("vs_zero_shot_f1", -10.5, -18.25, -2.75)})
+        # a task known only from its comparison table (tasks/tune.py's columns): read with its intervals
+        with mlflow.start_run(run_name="compare-demo-lcsts", tags={"cpmant.stage": "delta", "cpmant.task": "demo-lcsts",
+                                                                   "cpmant.tune.kind": "comparison"}):
+            mlflow.log_table({"task": ["demo-lcsts"] * 2, "method": ["zero-shot", "lora"], "metric": ["rouge_l"] * 2,
+                              "score": [12.5, 14.0], "score_ci_low": [10.0, 11.5], "score_ci_high": [15.0, 16.5],
+                              "vs_zero_shot": [None, 1.5], "vs_zero_shot_ci_low": [None, 0.25],
+                              "vs_zero_shot_ci_high": [None, 2.75], "vs_full": [None, None],
+                              "ratio_to_full": [None, None]}, "comparison-demo-lcsts.json")
+        _tuning_run("c3", "zero-shot", {"test_accuracy": 40.0})
+        _tuning_run("c3", "lora", {"test_accuracy": 35.0})
+        with mlflow.start_run(run_name="validate-demo-delta", tags={
+                "cpmant.stage": "validate", "cpmant.model": "models:/cpm-ant-tiny-demo-ccpm-lora/1",
+                "cpmant.task": "demo-ccpm", "cpmant.validation": "failed"}):
+            mlflow.log_metrics({**_ci("task_score", 21.0, 12.5, 30.25), **_ci("task_vs_zero_shot", -9.5, -21.5, 2.25),
+                                **_ci("task_vs_champion", -3.0, -5.5, -0.5), "lm_loss": 3.2})
+        # the ladder: base (pretraining run, valid_loss_end 3.02), one rung logging parent_lm_loss 3.68 and a loss
+        # below it, the ladder table, and a validation of the base at 3.155
+        with mlflow.start_run(run_name="pretrain", tags={"cpmant.stage": "pretrain"}) as pre:
+            mlflow.log_metrics({"valid_loss_end": 3.02})
+        _version("cpm-ant-tiny", pre.info.run_id, **{"cpmant.stage": "pretrain", "cpmant.parent": ""})
+        with mlflow.start_run(run_name="compress-3b", tags={"cpmant.stage": "compress", "cpmant.parent": BASE}) as rung:
+            mlflow.log_metrics({"lm_loss": 3.5, "parent_lm_loss": 3.68, "eval_tokens": 4096})
+        _version("cpm-ant-tiny-3b", rung.info.run_id, **{"cpmant.stage": "compress", "cpmant.parent": BASE})
+        with mlflow.start_run(run_name="compress-ladder", tags={"cpmant.stage": "compress"}):
+            mlflow.log_table({"model": [BASE, "models:/cpm-ant-tiny-3b/1"], "params": [2000, 1000],
+                              "lm_loss": [3.68, 3.5], "loss_increase": [0.0, 3.5 / 3.68 - 1]}, "ladder.json")
+        with mlflow.start_run(run_name="validate-cpm-ant-tiny-v1", tags={"cpmant.stage": "validate",
+                                                                         "cpmant.model": BASE}):
+            mlflow.log_metrics({"lm_loss": 3.155, "perplexity": 23.45})
+        path, data, page = build_report(out=home / "report.html")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
+    return {"data": data, "page": page, "markdown": render_markdown(data, str(path))}
+
+
+def _part(page: str, heading: str) -> str:
+    """The page from the <h3> starting with `heading` to the next <h3>."""
+    start = page.index(f"<h3>{heading}")
+    end = page.find("<h3>", start + 1)
+    return page[start:end if end > 0 else None]
+
+
+def _row(page: str, first_cell: str) -> str:
+    """The table row (<tr>...</tr>) whose first cell is `first_cell`."""
+    m = re.search(rf'<tr><td class="l">{re.escape(first_cell)}</td>.*?</tr>', page)
+    assert m, first_cell
+    return m.group(0)
+
+
+def test_every_score_shows_its_interval_or_says_it_has_none(explained):
+    page = explained["page"]
+    ccpm = _part(page, "demo-ccpm")
+    assert "30.5 [18.5, 43.25]" in _row(ccpm, "zero-shot")
+    lora = _row(ccpm, "lora")
+    assert "21 [12.5, 30.25]" in lora and "-9.5 [-21.5, 2.25]" in lora and "1 [-4.5, 6.5]" in lora
+    assert "1.05 [0.75, 1.5]" in lora and "0.90%" in lora  # ratio to full, the share of parameters trained
+    assert "20 [11.5, 29]" in _row(ccpm, "full")
+    lcsts = _part(page, "demo-lcsts")  # from the comparison table's columns
+    assert "12.5 [10, 15]" in _row(lcsts, "zero-shot") and "14 [11.5, 16.5]" in _row(lcsts, "lora")
+    assert "1.5 [0.25, 2.75]" in _row(lcsts, "lora") and "test rouge_l [95% interval]" in lcsts
+    # an older run: the value with "(no interval)", never an interval made up by the report
+    c3 = _part(page, "c3</h3>")
+    assert "40 (no interval)" in _row(c3, "zero-shot") and "35 (no interval)" in _row(c3, "lora")
+    assert "-5 (no interval)" in _row(c3, "lora")  # the plain difference, labelled
+    # validation: the task score and paired differences with their intervals
+    val = _part(page, "validate-demo-delta")
+    assert "21 [12.5, 30.25]" in _row(val, "task_score") and "-3 [-5.5, -0.5]" in _row(val, "task_vs_champion")
+    assert "<td class=\"l\">3.2</td>" in _row(val, "lm_loss")  # a loss is not a score: no interval, no label
+    md = explained["markdown"]
+    assert "| demo-ccpm (demo task built from the installed corpus: not a CUGE score) | lora | 21 [12.5, 30.25] |" in md
+
+
+def test_demo_tasks_are_labelled_never_cuge_scores(explained):
+    page = explained["page"]
+    label = "demo task built from the installed corpus: not a CUGE score"
+    assert f'<h3>demo-ccpm <span class="demo">{label}</span></h3>' in page
+    assert "<h3>c3</h3>" in page  # a CUGE task carries no label
+    val = _part(page, "validate-demo-delta")
+    assert f'<small>models:/cpm-ant-tiny-demo-ccpm-lora/1</small> <span class="demo">{label}</span>' in val
+    assert f"demo-ccpm: {label}" in _row(val, "task_score")  # the validated delta's task score
+    assert explained["data"]["deltas"]["tasks"]["demo-ccpm"]["demo"] is True
+    assert explained["data"]["deltas"]["tasks"]["c3"]["demo"] is False
+
+
+def test_odd_results_say_whether_they_are_noise(explained):
+    page = explained["page"]
+    ccpm = _part(page, "demo-ccpm")
+    lora, full = _row(ccpm, "lora"), _row(ccpm, "full")
+    # LoRA below zero-shot, paired interval [-21.5, 2.25] contains 0; above full, [-4.5, 6.5] contains 0
+    assert "below zero-shot by 9.5 points: within noise (interval contains 0)" in lora
+    assert "above full fine-tuning by 1 point: within noise (interval contains 0)" in lora
+    # full below zero-shot, paired interval [-18.25, -2.75] excludes 0
+    assert "below zero-shot by 10.5 points: significant (interval [-18.25, -2.75] excludes 0)" in full
+    assert "within noise" not in full and "significant" not in _row(ccpm, "zero-shot")
+    # an older run below zero-shot: no interval to decide with, and it says so
+    c3 = _part(page, "c3</h3>")
+    assert "below zero-shot by 5 points: no paired interval was logged" in _row(c3, "lora")
+    # validation: below the champion significantly, below zero-shot within noise
+    val = _part(page, "validate-demo-delta")
+    assert "below the champion by 3 points: significant (interval [-5.5, -0.5] excludes 0)" in _row(
+        val, "task_vs_champion")
+    assert "below the base&#x27;s zero-shot by 9.5 points: within noise" in _row(val, "task_vs_zero_shot")
+
+
+def test_a_rung_below_its_parent_and_disagreeing_heldout_losses_are_said(explained):
+    page, data = explained["page"], explained["data"]
+    rung = _row(page, "models:/cpm-ant-tiny-3b/1")
+    assert ("held-out loss 0.18 below its parent&#x27;s: the held-out loss difference has no interval; measured on "
+            "4,096 held-out tokens") in rung
+    h = data["heldout"]
+    assert h["model"] == BASE and not h["agree"] and abs(h["spread"] - (3.68 - 3.02)) < 1e-12
+    assert [r["held-out loss"] for r in h["rows"]] == [3.68, 3.02, 3.155]  # parent_lm_loss, valid_loss_end, lm_loss
+    assert '<p class="warn"><b>Held-out losses disagree.</b>' in page and "differ by 0.66 (more than 0.0001)" in page
+    assert "3.680000" in page and "3.020000" in page and "3.155000" in page
+    assert "**Held-out losses disagree**" in explained["markdown"]
+
+
+def test_heldout_losses_within_the_tolerance_agree():
+    from tasks.report_scores import heldout, rung_reading
+
+    ok = heldout(BASE, 3.02, 3.02005, 3.02)
+    assert ok["agree"] and "agree" in ok["message"] and ok["spread"] == pytest.approx(5e-5)
+    assert not heldout(BASE, 3.02, 3.0202, None)["agree"]  # 2e-4 apart: two measurements
+    assert heldout(BASE, None, 3.02, None)["agree"]  # nothing to compare yet
+    assert rung_reading(3.0, {"lm_loss": 2.9}, {}).endswith("a single measurement (the number of held-out tokens "
+                                                            "was not logged)")
+    assert rung_reading(3.0, {"lm_loss": 3.1}, {"eval_tokens": 10}) == ""  # above its parent: nothing odd
+
+
+def test_comparison_plot_draws_each_interval(tmp_path):
+    from tasks.plots import _errors, plot_comparison
+
+    rows = [{"method": "zero-shot", "metric": "f1", "score": 30.5, "score_ci_low": 18.5, "score_ci_high": 43.25},
+            {"method": "lora", "metric": "f1", "score": 21.0, "trainable_ratio": 0.009}]  # an older row: no bar
+    assert _errors(rows) == [[12.0, 0.0], [12.75, 0.0]]
+    out = plot_comparison(rows, tmp_path / "c.png", "demo-ccpm")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
