@@ -175,12 +175,12 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
 
     # the very streams compress_checkpoint trained and evaluated on (it builds them from the parent's config)
     train_s, _, eval_s = compression_streams(parent_cfg, data, dist.seq_len, ccfg)
-    ev_d = evaluate(student, eval_s, ccfg.eval_rows, ccfg.batch_size)
+    ev_d = evaluate(student, eval_s, EVAL_ROWS, ccfg.batch_size)
     t1 = time.perf_counter()
     scratch = {}
     for tag, lr in scratch_lrs.items():
         model, losses = train_scratch(student.config, train_s, steps, batch, dist, lr)
-        ev = evaluate(model, eval_s, ccfg.eval_rows, ccfg.batch_size)
+        ev = evaluate(model, eval_s, EVAL_ROWS, ccfg.batch_size)
         scratch[tag] = {"peak_lr": lr, "lm_loss": ev["valid_loss"], "perplexity": ev["valid_perplexity"],
                         "train_loss_first": losses[0] if losses else None,
                         "train_loss_last": losses[-1] if losses else None,
@@ -202,19 +202,19 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
         "parent_params": rep["parent_params"],
         "steps": steps, "batch": batch, "warmup_steps": dist.warmup_steps, "distill_peak_lr": dist.lr,
         "distilled_loss": d_loss,
-        "distilled_loss_from_report": rep["lm_loss"],  # compress_checkpoint's own number (same rows)
+        "distilled_loss_from_report": rep["lm_loss"],  # compress_checkpoint's: the held-out measure (its first rows, fp32)
         "scratch_loss": s_loss, "scratch_best_lr": best_tag,
         "scratch": scratch,
         "difference": s_loss - d_loss,  # > 0: distillation is better
         "distillation_wins": d_loss < s_loss,
         "parent_loss": parent_loss,
-        "loss_increase": d_loss / parent_loss - 1.0,
+        "loss_increase": rep["loss_increase"],  # the held-out measure's (parent and rung on the same rows)
         "published_loss_increase": getattr(recipe, "published_loss_increase", None),  # CPM-ANT.md's 10B ladder
         "pruned_loss_before_distill": rep.get("prune", {}).get("loss_after"),  # on the importance rows
         "parent_loss_importance_rows": rep.get("prune", {}).get("loss_before"),
         "distill_train_loss_first_last": [rep.get("distill", {}).get("first_loss"),
                                           rep.get("distill", {}).get("final_loss")],
-        "eval_rows": min(ccfg.eval_rows, len(eval_s)), "eval_tokens": ev_d["valid_tokens"],
+        "eval_rows": min(EVAL_ROWS, len(eval_s)), "eval_tokens": ev_d["valid_tokens"],
         "seconds": {"compress_checkpoint": round(t_distill, 1), "scratch": round(t_scratch, 1),
                     "distill_loop": round(rep.get("distill", {}).get("seconds", float("nan")), 1)},
         "compress_report": rep,
@@ -265,7 +265,7 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
             lrs[item] = noam_peak(PretrainConfig())
         else:
             lrs[f"lr={item}"] = float(item)
-    ccfg = CompressConfig(eval_rows=EVAL_ROWS, gen_tokens=GEN_TOKENS)
+    ccfg = CompressConfig(gen_tokens=GEN_TOKENS)
     data = compression_data(parent_dir, ccfg)
     report["meta"]["scratch_peak_lrs"] = lrs
     print(f"2. ladder on the parent ({parent_dir}): {mode['steps']} steps x {mode['batch']} rows per arm, "

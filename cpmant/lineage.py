@@ -1,9 +1,11 @@
 """Data lineage: which corpus, split and piece settings a checkpoint was trained with, and loading exactly that data.
 
 A pretrained model folder's metadata holds `data` = {corpus (absolute path, or None for fortunes-zh), corpus_name,
-valid_fraction, seed, data_sha256, vocab_size, min_piece_tokens, max_piece_tokens}; every later stage (compression
-now; delta tuning and validation next) copies it into its own metadata, so a variant of a variant still knows it.
-Older checkpoints without it fall back to the folder's `training_config.yaml` and the metadata's `data_sha256`.
+valid_fraction, seed, data_sha256, vocab_size, min_piece_tokens, max_piece_tokens, heldout}; every later stage
+(compression now; delta tuning and validation next) copies it into its own metadata, so a variant of a variant still
+knows it. `heldout` is the held-out measure's spec (cpmant.heldout.HeldOutSpec: seq_len, rows, batch_size), fixed
+for the lineage; folders written before it was recorded get HeldOutSpec's defaults.
+Older checkpoints without `data` fall back to the folder's `training_config.yaml` and the metadata's `data_sha256`.
 
 `load_lineage_data` re-reads the corpus, recomputes its hash and refuses data that differs from what the parent
 saw (the corpus changed or moved), then encodes both splits with the parent folder's own vocab.
@@ -18,6 +20,7 @@ import numpy as np
 
 from .checkpoint import META_FILE, VOCAB_FILE, read_meta
 from .errors import CpmantError
+from .heldout import HeldOutSpec
 
 TRAINING_CONFIG_FILE = "training_config.yaml"
 DEFAULT_CORPUS_NAME = "fortunes-zh"
@@ -33,6 +36,7 @@ class DataLineage:
     vocab_size: int | None
     min_piece_tokens: int
     max_piece_tokens: int
+    heldout: HeldOutSpec = HeldOutSpec()  # the held-out measure's rows (cpmant/heldout.py)
 
     def to_meta(self) -> dict:
         """The `data` entry of a checkpoint's metadata."""
@@ -55,7 +59,8 @@ def read_lineage(model_dir: str | Path) -> DataLineage:
             corpus_name=str(d.get("corpus_name") or (Path(corpus).name if corpus else DEFAULT_CORPUS_NAME)),
             valid_fraction=float(d["valid_fraction"]), seed=int(d["seed"]), data_sha256=str(d["data_sha256"]),
             vocab_size=None if d.get("vocab_size") is None else int(d["vocab_size"]),
-            min_piece_tokens=int(d.get("min_piece_tokens", 8)), max_piece_tokens=int(d.get("max_piece_tokens", 990)))
+            min_piece_tokens=int(d.get("min_piece_tokens", 8)), max_piece_tokens=int(d.get("max_piece_tokens", 990)),
+            heldout=HeldOutSpec.from_meta(d.get("heldout")))
     tc = model_dir / TRAINING_CONFIG_FILE
     if tc.is_file() and meta.get("data_sha256"):
         import yaml
@@ -68,7 +73,7 @@ def read_lineage(model_dir: str | Path) -> DataLineage:
             valid_fraction=float(cfg.get("valid_fraction", 0.05)), seed=int(cfg.get("seed", 0)),
             data_sha256=str(meta["data_sha256"]), vocab_size=cfg.get("vocab_size"),
             min_piece_tokens=int(cfg.get("min_piece_tokens", 8)),
-            max_piece_tokens=int(cfg.get("max_piece_tokens", 990)))
+            max_piece_tokens=int(cfg.get("max_piece_tokens", 990)))  # heldout: the defaults, as its old variants
     raise CpmantError(
         f"{model_dir} does not say which data it was trained with (no `data` in {META_FILE}, "
         f"no {TRAINING_CONFIG_FILE})",
@@ -91,17 +96,18 @@ def load_lineage_data(model_dir: str | Path, progress: bool = True) -> LineageDa
     corpus's hash is not the recorded one."""
     from .corpus import load_corpus
     from .encode import encode_documents
-    from .paths import subdir
+    from .paths import rehome, subdir
 
     model_dir = Path(model_dir)
     lin = read_lineage(model_dir)
     vocab = model_dir / VOCAB_FILE
     if not vocab.is_file():
         raise CpmantError(f"{model_dir} has no {VOCAB_FILE}", "copy the vocab the model was trained with into it")
-    if lin.corpus is not None and not Path(lin.corpus).exists():
+    corpus = rehome(lin.corpus) if lin.corpus else None  # a corpus inside a home that moved is found there
+    if corpus is not None and not corpus.exists():
         raise CpmantError(f"the corpus {lin.corpus} that {model_dir} was trained with no longer exists",
                           f"put the corpus back at {lin.corpus} (it moved?), or pretrain a new model on its new place")
-    c = load_corpus(Path(lin.corpus) if lin.corpus else None, valid_fraction=lin.valid_fraction, seed=lin.seed)
+    c = load_corpus(corpus, valid_fraction=lin.valid_fraction, seed=lin.seed)
     if c.sha256 != lin.data_sha256:
         raise CpmantError(
             f"the corpus at {lin.where} is not the data {model_dir} was trained with: data_sha256 {c.sha256[:16]}... "

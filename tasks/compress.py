@@ -24,12 +24,16 @@ from registry import tags as T
 from .aliases import new_version_alias
 from .caching import ContentHash
 from .config import TrackingConfig
+from .outcomes import log_lines
 from .tracking import AsyncMetricLogger, MlflowCallbacks, retry_transient, tracked_stage
 from .tracking import recorded_tracking as _recorded_tracking
 
 # the ladder's columns: report keys, with the published reference figure a labelled column (never a metric)
-LADDER_COLUMNS = ["model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params", "bytes_on_disk",
-                  "lm_loss", "perplexity", "loss_increase", "published_loss_increase", "generation_tokens_per_second"]
+# `name` first: the short version name (cpm-ant-tiny-3b/1), which MLflow's table view shows whole
+LADDER_COLUMNS = ["name", "recipe", "model", "attention_layers", "ffn_layers", "num_heads", "dim_ff", "params",
+                  "bytes_on_disk", "lm_loss", "perplexity", "loss_increase", "published_loss_increase",
+                  "generation_tokens_per_second"]
+SHAPE_COLUMNS = ("attention_layers", "ffn_layers", "num_heads", "dim_ff")
 COLUMN_LABELS = {"published_loss_increase": PUBLISHED_LABEL}
 
 
@@ -81,6 +85,7 @@ def _reused(uri: str, recipe: Recipe) -> dict:
     name, version = uri[len("models:/"):].rsplit("/", 1)
     mv = MlflowClient().get_model_version(name, version)
     report = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/compress_report.json")
+    log_lines(f"reusing {uri} (same parent, recipe, data and code): {mv.description or ''}")
     return {**report, "model": uri, "run_id": mv.run_id, "reused": True, "description": mv.description or "",
             "published_loss_increase": recipe.published_loss_increase}
 
@@ -150,6 +155,7 @@ def compress_variant(compress: CompressConfig, tracking: TrackingConfig, parent_
         reg = register_checkpoint(out / recipe.name / "model", variant, stage="compress", parent=parent,
                                   extra_tags={T.INPUTS_SHA256: key.config_sha256}, description=description,
                                   alias=new_version_alias(tracking, variant))
+    log_lines(f"{reg.uri}: {description}", f"MLflow run {run.info.run_id}")  # the task run's log in Prefect
     return {**report, "model": reg.uri, "run_id": run.info.run_id, "reused": False, "description": description,
             "published_loss_increase": recipe.published_loss_increase}
 
@@ -166,12 +172,16 @@ def ladder_table(tracking: TrackingConfig, parent_uri: str, rows: list[dict]) ->
     table = [{c: r.get(c) for c in LADDER_COLUMNS} for r in rows]
     if rows:
         first = rows[0]
-        parent_row = {"model": parent_uri, "attention_layers": None, "ffn_layers": None, "num_heads": None,
-                      "dim_ff": None, "params": first["parent_params"], "bytes_on_disk": first["parent_bytes_on_disk"],
-                      "lm_loss": first["parent_lm_loss"], "perplexity": None, "loss_increase": 0.0,
+        # the parent's shape as the variant's report gives it (a variant made before it did: None)
+        parent_row = {"recipe": "base", "model": parent_uri, **{c: first.get(f"parent_{c}") for c in SHAPE_COLUMNS},
+                      "params": first["parent_params"], "bytes_on_disk": first["parent_bytes_on_disk"],
+                      "lm_loss": first["parent_lm_loss"], "perplexity": first.get("parent_perplexity"),
+                      "loss_increase": 0.0,
                       "published_loss_increase": 0.0,
                       "generation_tokens_per_second": first["parent_generation_tokens_per_second"]}
         table = [parent_row] + table
+    for r in table:
+        r["name"] = str(r["model"]).removeprefix("models:/")
     if rows and all(r.get("reused") for r in rows):  # nothing new: the ladder of these versions is logged already
         return table
     labelled = [{COLUMN_LABELS.get(c, c): r[c] for c in LADDER_COLUMNS} for r in table]

@@ -22,6 +22,7 @@ from cpmant.training.prepare import PreparedData, prepare_data
 
 from .caching import ContentHash
 from .config import PretrainConfig, TrackingConfig
+from .outcomes import log_lines, pretrain_lines
 from .plots import plot_loss
 from .tracking import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
                        tracked_stage)
@@ -186,7 +187,9 @@ def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: Prepar
             "final_loss": res.final_loss, "num_parameters": res.num_parameters, "tokens_seen": res.tokens_seen,
             "train_seconds": res.train_seconds,
         })
-        mlflow.set_tags({DATA_SHA256: data.data_sha256, CONFIG_SHA256: res.config_sha256, PRESET: p.preset})
+        mlflow.set_tags({DATA_SHA256: data.data_sha256, CONFIG_SHA256: res.config_sha256, PRESET: p.preset,
+                         # the rows valid_loss_* were measured on (cpmant/heldout.py): validation's are the same
+                         "cpmant.heldout_sha256": res.heldout_sha256})
         mlflow.log_artifact(str(res.run_dir / "config.yaml"), artifact_path="config")
         mlflow.log_artifact(str(res.run_dir / "model_config.json"), artifact_path="config")
         log = res.run_dir / "train_log.jsonl"
@@ -194,6 +197,7 @@ def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: Prepar
         png = plot_loss(log, res.run_dir / "loss.png")
         if png:
             mlflow.log_artifact(str(png), artifact_path="plots")
+    log_lines(*pretrain_lines(res, run.info.run_id))  # the task run's log in Prefect
     return {"result": res.to_json(), "run_id": run.info.run_id}
 
 

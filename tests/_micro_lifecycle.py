@@ -20,7 +20,7 @@ def micro_config(home: Path) -> dict:
                          eval_rows=8, save_interval=8, encode_workers=1, num_threads=1, min_piece_tokens=4,
                          valid_fraction=0.25),
         "compress": {"recipes": "3b", "distill_steps": 3, "distill_batch_size": 4, "importance_rows": 8,
-                     "eval_rows": 8, "batch_size": 4, "gen_tokens": 4, "gen_repeats": 1},
+                     "batch_size": 4, "gen_tokens": 4, "gen_repeats": 1},
         "tracking": {"measure_power_secs": 1},
     }
 

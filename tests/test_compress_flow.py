@@ -46,7 +46,7 @@ def test_compress_all_and_int8(prefect_harness, base):
     from flows.compress import compress_flow
     from registry.pulling import checkpoint_dir
 
-    cfg = {"compress": {"distill_steps": 8, "distill_batch_size": 4, "importance_rows": 8, "eval_rows": 8,
+    cfg = {"compress": {"distill_steps": 8, "distill_batch_size": 4, "importance_rows": 8,
                         "batch_size": 4, "gen_tokens": 4, "gen_repeats": 1},
            "tracking": {"measure_power_secs": 1}}
     out = compress_flow("models:/cpm-ant-tiny@candidate", "all,int8", cfg)
@@ -119,8 +119,8 @@ def test_compress_all_and_int8(prefect_harness, base):
     again = compress_flow("models:/cpm-ant-tiny@candidate", "3b", cfg)
     assert again["variants"] == ["models:/cpm-ant-tiny-3b/1"] and runs("compress-3b") == before
     assert again["ladder"][1]["lm_loss"] == pytest.approx(ladder["models:/cpm-ant-tiny-3b/1"]["lm_loss"])
-    # an input that changes only the reported numbers (evaluation rows) makes a new version, as does force
-    cfg2 = {**cfg, "compress": {**cfg["compress"], "eval_rows": 4}}
+    # an input that changes only the reported numbers (generation speed's length) makes a new version, as does force
+    cfg2 = {**cfg, "compress": {**cfg["compress"], "gen_tokens": cfg["compress"].get("gen_tokens", 32) + 1}}
     assert compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2)["variants"] == ["models:/cpm-ant-tiny-int8/2"]
     forced = compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2, force=True)
     assert forced["variants"] == ["models:/cpm-ant-tiny-int8/3"]

@@ -102,7 +102,7 @@ def test_user_recipe_with_qat_gives_an_int8_variant(parent, fixture_corpus, tmp_
     recipe = get_recipes("configs/recipes/half-width.yaml")[0]
     assert recipe.method("distill").qat and recipe.method_names == ["prune", "distill", "quantize"]
     assert recipe.method("prune").heads_keep == 0.5 and recipe.method("distill").steps == 100
-    cfg = CompressConfig(distill_steps=4, distill_batch_size=4, importance_rows=8, eval_rows=8, batch_size=4,
+    cfg = CompressConfig(distill_steps=4, distill_batch_size=4, importance_rows=8, batch_size=4,
                          gen_tokens=2, gen_repeats=1)
     rep = compress_checkpoint(parent, recipe, cfg, tmp_path / "v", progress=False)
     c, sd, _, meta = load_model_dir(tmp_path / "v" / "model")
@@ -166,7 +166,7 @@ def test_methods_and_recipes_come_from_registries(parent, tmp_path, monkeypatch)
     assert r.method("scale").factor == 2.0 and r.model_dump()["methods"] == [{"name": "scale", "factor": 2.0}]
     from cpmant.compress.pipeline import compress_checkpoint
 
-    rep = compress_checkpoint(parent, r, CompressConfig(eval_rows=4, batch_size=4, gen_tokens=2, gen_repeats=1),
+    rep = compress_checkpoint(parent, r, CompressConfig(batch_size=4, gen_tokens=2, gen_repeats=1),
                               tmp_path / "s", progress=False)
     assert calls == [2.0] and rep["methods"] == ["scale"] and rep["loss_increase"] == pytest.approx(0, abs=1e-6)
 
@@ -259,17 +259,22 @@ def test_a_changed_or_moved_corpus_is_refused(parent, fixture_corpus, tmp_path):
     # an older checkpoint without meta["data"] falls back to its training_config.yaml
     del meta["data"]
     (model / META_FILE).write_text(json.dumps(meta))
-    assert read_lineage(model) == read_lineage(parent)
+    # (its held-out measure: the default spec, as its old variants, which record none)
+    from dataclasses import replace
+
+    from cpmant.heldout import HeldOutSpec
+
+    assert read_lineage(model) == replace(read_lineage(parent), heldout=HeldOutSpec())
 
 
 # ---- reuse key, params and metrics ------------------------------------------------------------------------
 def test_reuse_key_covers_every_input(parent, tmp_path):
     from cpmant.compress.pipeline import compress_checkpoint, fields_used, variant_key
 
-    cfg = CompressConfig(eval_rows=8, batch_size=4, gen_tokens=2, gen_repeats=1, importance_rows=8)
+    cfg = CompressConfig(batch_size=4, gen_tokens=2, gen_repeats=1, importance_rows=8)
     k = variant_key(parent, RECIPES["int8"], cfg).config_sha256
     assert "importance_rows" not in fields_used(RECIPES["int8"]) and "importance_rows" in fields_used(RECIPES["3b"])
-    for change in ({"eval_rows": 4}, {"gen_tokens": 3}, {"gen_repeats": 2}, {"batch_size": 2}):
+    for change in ({"gen_tokens": 3}, {"gen_repeats": 2}, {"batch_size": 2}):
         assert variant_key(parent, RECIPES["int8"], cfg.model_copy(update=change)).config_sha256 != k, change
     for same in ({"importance_rows": 4}, {"output_dir": "x"}, {"recipes": "3b"}, {"distill_steps": 3}):
         assert variant_key(parent, RECIPES["int8"], cfg.model_copy(update=same)).config_sha256 == k, same
@@ -277,7 +282,7 @@ def test_reuse_key_covers_every_input(parent, tmp_path):
     assert variant_key(parent, RECIPES["3b"].with_method("distill", lr=1e-3), cfg).config_sha256 != k3.config_sha256
     assert variant_key(parent, RECIPES["3b"], cfg.model_copy(update={"distill_steps": 3})).config_sha256 != \
         k3.config_sha256
-    ev = variant_key(parent, RECIPES["3b"], cfg.model_copy(update={"eval_rows": 4}))
+    ev = variant_key(parent, RECIPES["3b"], cfg.model_copy(update={"gen_tokens": 3}))
     assert ev.config_sha256 != k3.config_sha256 and ev.weights_sha256 == k3.weights_sha256  # metrics only
 
     # a finished variant is reused only when its key matches: new evaluation settings measure again
@@ -286,7 +291,7 @@ def test_reuse_key_covers_every_input(parent, tmp_path):
     first = compress_checkpoint(parent, RECIPES["int8"], cfg, tmp_path / "q", progress=False)
     again = compress_checkpoint(parent, RECIPES["int8"], cfg, tmp_path / "q", progress=False)
     assert again == first  # reused (the same timing numbers too)
-    cfg2 = cfg.model_copy(update={"eval_rows": 1})
+    cfg2 = cfg.model_copy(update={"gen_tokens": 3})
     other = compress_checkpoint(parent, RECIPES["int8"], cfg2, tmp_path / "q", progress=False)
     assert other["compress_seconds"] != first["compress_seconds"]  # made and measured again, not the old numbers
     key2 = variant_key(parent, RECIPES["int8"], cfg2).config_sha256
@@ -296,10 +301,10 @@ def test_reuse_key_covers_every_input(parent, tmp_path):
 def test_published_figure_is_a_param_not_a_metric(parent, tmp_path):
     from cpmant.compress.pipeline import compress_checkpoint, describe_variant, final_metrics, recipe_params
 
-    cfg = CompressConfig(eval_rows=4, batch_size=4, gen_tokens=2, gen_repeats=1)
+    cfg = CompressConfig(batch_size=4, gen_tokens=2, gen_repeats=1)
     p3 = recipe_params(RECIPES["3b"], cfg)
     assert float(p3["recipe.published_loss_increase"]) == pytest.approx(2.603 / 2.420 - 1)
-    assert {"prune.heads_keep", "distill.steps", "compress.importance_rows", "compress.eval_rows"} <= set(p3)
+    assert {"prune.heads_keep", "distill.steps", "compress.importance_rows", "compress.gen_tokens"} <= set(p3)
     p8 = recipe_params(RECIPES["int8"], cfg)  # only the fields its methods use
     assert not [k for k in p8 if k.startswith(("prune.", "distill.", "moefy."))]
     assert "quantize.bits" in p8 and "compress.importance_rows" not in p8 and "compress.distill_steps" not in p8

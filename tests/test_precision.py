@@ -125,7 +125,7 @@ def test_compress_precision_is_in_the_variant_key_and_params(trained, monkeypatc
     from cpmant.compress.recipe import RECIPES
 
     parent = trained["fp32"].model_dir
-    cfg = CompressConfig(eval_rows=8, batch_size=4, gen_tokens=2, gen_repeats=1)
+    cfg = CompressConfig(batch_size=4, gen_tokens=2, gen_repeats=1)
     assert cfg.precision == "auto"
     k = {p: variant_key(parent, RECIPES["3b"], cfg.model_copy(update={"precision": p})) for p in ("fp32", "bf16")}
     assert k["fp32"].config_sha256 != k["bf16"].config_sha256

@@ -120,7 +120,9 @@ def test_pretrain_lowers_validation_loss_and_writes_checkpoints(micro_pretrain_c
     data = ckpt.read_meta(res.model_dir)["data"]
     assert data == {"corpus": str(Path(cfg.corpus).resolve()), "corpus_name": "corpus", "valid_fraction": 0.05,
                     "seed": 0, "data_sha256": res.data["data_sha256"], "vocab_size": 600, "min_piece_tokens": 4,
-                    "max_piece_tokens": 990}
+                    "max_piece_tokens": 990,
+                    # the held-out measure's rows (cpmant/heldout.py): the run's seq_len, eval_rows, micro batch
+                    "heldout": {"seq_len": 64, "rows": 8, "batch_size": 4}}
     # a second call resumes at the end: nothing is retrained, the numbers are the same
     again = pretrain(cfg, progress=False)
     assert again.resumed_from == 30 and again.valid_loss_end == pytest.approx(res.valid_loss_end, abs=1e-6)

@@ -5,14 +5,17 @@ generation speed) and saved as a self-describing checkpoint folder whose metadat
 Data lineage: importance, distillation and evaluation read the corpus, split and vocab the parent was trained with
 (cpmant/lineage.py). Distillation trains on the parent's train split only; the parent's held-out split is halved:
 one half scores importance (pruning, MoEfication), the other measures loss, so no choice is tuned on the numbers it
-is judged by.
+is judged by. The loss of the parent and of the variant is cpmant.heldout's measure (`heldout_loss`: the measured
+half, the lineage's spec, fp32), the same number pretraining's `valid_loss_end` and validation's `lm_loss` are.
 
 Reuse: a finished variant is reused only when its key matches: the recipe with every method's config, the
-CompressConfig fields the recipe uses, the parent's checkpoint sha256, the data hash and the code version.
+CompressConfig fields the recipe uses, the parent's checkpoint sha256, the data hash, the held-out rows' identity
+(`heldout_sha256`: a changed measure is measured again) and the code version.
 
 Precision: `CompressConfig.precision` is resolved once per variant (on the CPU, where compression runs) and autocasts
-distillation (student and teacher), importance scoring and evaluation; it is part of both keys as the resolved value
-(`auto` on a bf16 machine is the same variant as `bf16`). Generation speed is measured as generate_ids runs it.
+distillation (student and teacher) and importance scoring (the held-out measure is always fp32); it is part of both
+keys as the resolved value (`auto` on a bf16 machine is the same variant as `bf16`). Generation speed is measured
+as generate_ids runs it.
 """
 
 from __future__ import annotations
@@ -33,22 +36,23 @@ from .. import checkpoint as ckpt
 from ..config import ModelConfig
 from ..errors import CpmantError
 from ..generate import GenerationConfig, generate_ids
+from ..heldout import HeldOutRows, calibration_docs, folder_heldout_sha256, heldout_loss, measured_docs
 from ..lineage import DataLineage, load_lineage_data, read_lineage
 from ..model import CPMAnt
 from ..precision import resolve_precision
 from ..tokenizer import BOS_ID, EOS_ID
 from ..training.data import PretrainStream
-from ..training.evaluate import evaluate
 from .config import CompressConfig
 from .methods import METHODS, DistillConfig, MethodContext
 from .recipe import Recipe
 
 GEN_PROMPTS = ["床前明月光", "春眠不觉晓", "白日依山尽", "学而时习之"]
 # CompressConfig fields every recipe uses (evaluation and generation speed, the backend); methods add theirs
-BASE_FIELDS = ("eval_rows", "batch_size", "gen_tokens", "gen_repeats", "backend", "precision")
+BASE_FIELDS = ("batch_size", "gen_tokens", "gen_repeats", "backend", "precision")
 DEVICE = "cpu"  # where compression runs (the parent is loaded on the CPU)
 # of those, the ones that change only the reported metrics, not the weights
-METRIC_FIELDS = ("eval_rows", "gen_tokens", "gen_repeats")
+# (the held-out measure's rows are the lineage's, cpmant/heldout.py: its identity is in the key, not a field here)
+METRIC_FIELDS = ("gen_tokens", "gen_repeats")
 # report entries that are settings, not measurements (params, not metrics)
 NOT_METRICS = ("distill_steps", "final_step")
 
@@ -59,7 +63,14 @@ class CompressData:
     lineage: DataLineage
     train: list[np.ndarray] = field(repr=False)  # the parent's train split
     importance: list[np.ndarray] = field(repr=False)  # held-out documents 0, 2, 4, ...
-    evaluation: list[np.ndarray] = field(repr=False)  # held-out documents 1, 3, 5, ...
+    evaluation: list[np.ndarray] = field(repr=False)  # held-out documents 1, 3, 5, ... (cpmant.heldout's rows)
+    vocab_path: Path | None = None  # the parent's vocab (None: the parent folder's)
+
+    def heldout(self, parent_dir: Path) -> HeldOutRows:
+        """The held-out measure's rows (cpmant/heldout.py) of this data."""
+        lin = self.lineage
+        return HeldOutRows(self.evaluation, lin.heldout, lin.seed, lin.min_piece_tokens, lin.max_piece_tokens,
+                           lin.data_sha256, ckpt.sha256_file(self.vocab_path or Path(parent_dir) / ckpt.VOCAB_FILE))
 
 
 def load_data(parent_dir: Path, progress: bool = True) -> CompressData:
@@ -70,7 +81,8 @@ def load_data(parent_dir: Path, progress: bool = True) -> CompressData:
             f"the held-out split {Path(parent_dir).name} was trained with has {len(d.valid)} document(s); compression "
             "needs 2 (one half scores importance, the other measures loss)",
             "pretrain the parent with a larger pretrain.valid_fraction or a larger corpus")
-    return CompressData(d.lineage.data_sha256, d.lineage, d.train, d.valid[0::2], d.valid[1::2])
+    return CompressData(d.lineage.data_sha256, d.lineage, d.train, calibration_docs(d.valid), measured_docs(d.valid),
+                        d.vocab_path)
 
 
 def build_streams(config: ModelConfig, data: CompressData, seq_len: int):
@@ -165,7 +177,8 @@ def variant_key(parent_dir: Path, recipe: Recipe, cfg: CompressConfig) -> Varian
     common = {"recipe": recipe.model_dump(mode="json"), "parent_checkpoint_sha256": parent_sha,
               "data_sha256": data_sha, "git_sha": code}
     weights = _sha({**common, "compress": used_settings(recipe, cfg, metrics=False)})
-    full = _sha({**common, "compress": used_settings(recipe, cfg)})
+    full = _sha({**common, "compress": used_settings(recipe, cfg),
+                 "heldout_sha256": folder_heldout_sha256(parent_dir)})
     return VariantKey(full, weights, parent_sha, data_sha, code)
 
 
@@ -227,9 +240,10 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
         raise CpmantError(f"the data given ({data.data_sha256[:16]}...) is not the data {parent_dir} was trained "
                           f"with ({key.data_sha256[:16]}...)", "pass data=None: the parent's data is loaded")
     distill_cfg = recipe.method("distill") or DistillConfig()
-    train_s, imp_s, eval_s = build_streams(teacher.config, data, distill_cfg.seq_len)
+    train_s, imp_s, _ = build_streams(teacher.config, data, distill_cfg.seq_len)
     precision = compress_precision(cfg)  # once per variant
-    parent_eval = evaluate(teacher, eval_s, cfg.eval_rows, cfg.batch_size, precision)
+    heldout = data.heldout(parent_dir)
+    parent_eval = heldout_loss(teacher, heldout)
     imp_cache: list = []
 
     def importance_batches():
@@ -252,16 +266,20 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
     report["compress_seconds"] = time.perf_counter() - t0
     report["distill_steps"] = report["final_step"] = ctx.step
     student = ctx.student.eval()
-    ev = evaluate(student, eval_s, cfg.eval_rows, cfg.batch_size, precision)
+    ev = heldout_loss(student, heldout)
     att, ffn = student.config.kept()
+    parent_att, parent_ffn = teacher.config.kept()
     report.update({
         "attention_layers": att, "ffn_layers": ffn, "num_heads": student.config.num_heads,
         "dim_ff": student.config.dim_ff, "quantization": student.config.quantization or "",
+        # the parent's shape: the ladder's base row (tasks/compress.py)
+        "parent_attention_layers": parent_att, "parent_ffn_layers": parent_ffn,
+        "parent_num_heads": teacher.config.num_heads, "parent_dim_ff": teacher.config.dim_ff,
         # state-dict elements: int8 weights and MoE routers are buffers, which num_parameters() leaves out
         "params": _numel(student), "parent_params": _numel(teacher),
-        "lm_loss": ev["valid_loss"], "perplexity": ev["valid_perplexity"],
-        "parent_lm_loss": parent_eval["valid_loss"],
-        "loss_increase": ev["valid_loss"] / parent_eval["valid_loss"] - 1.0,
+        "lm_loss": ev["lm_loss"], "perplexity": ev["perplexity"], "eval_tokens": ev["tokens"],
+        "parent_lm_loss": parent_eval["lm_loss"], "parent_perplexity": parent_eval["perplexity"],
+        "loss_increase": ev["lm_loss"] / parent_eval["lm_loss"] - 1.0, "heldout_sha256": heldout.sha256,
         "generation_tokens_per_second": generation_speed(student, tok, cfg.gen_tokens, cfg.gen_repeats),
         "parent_generation_tokens_per_second": generation_speed(teacher, tok, cfg.gen_tokens, cfg.gen_repeats),
     })

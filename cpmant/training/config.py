@@ -36,7 +36,8 @@ class PretrainConfig(FrozenModel):
                             "(AVX-512 BF16/AMX, CUDA 8.0+), else fp32; weights, optimizer, checkpoints stay fp32")
     seed: int = Field(0, description="seeds model init, data order and objectives")
     eval_interval: int = Field(100, ge=1, description="steps between validation passes")
-    eval_rows: int = Field(64, ge=1, description="validation rows per pass")
+    eval_rows: int = Field(64, ge=1, description="held-out rows per evaluation; recorded as the lineage's held-out "
+                                                 "measure (cpmant/heldout.py), which later stages reuse")
     save_interval: int = Field(100, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="newest checkpoints kept")
     keep_every: int = Field(0, ge=0, description="also keep every step that is a multiple of this (0 = off)")

@@ -29,6 +29,7 @@ from ..config import ModelConfig, get_preset
 from ..configio import dump_config
 from ..errors import CpmantError
 from ..flops import flops_per_token, measure_matmul_peak
+from ..heldout import HeldOutRows, HeldOutSpec, heldout_loss, measured_docs
 from ..fsutil import atomic_write_text
 from ..model import CPMAnt
 from ..precision import resolve_precision
@@ -78,6 +79,7 @@ class TrainResult:
     precision: str = "fp32"  # the precision the run used (resolved: fp32 or bf16)
     precision_setting: str = "fp32"  # the configured setting (auto, fp32, bf16)
     skipped_checkpoints: list = field(default_factory=list)  # "step folder: reason" of damaged ones passed over
+    heldout_sha256: str = ""  # the identity of the rows valid_loss_* are measured on (cpmant/heldout.py)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -93,19 +95,25 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         raise CpmantError(f"model_overrides: {e}", f"use ModelConfig fields: {sorted(base.to_dict())}") from e
 
 
-def build_streams(cfg: PretrainConfig, mcfg: ModelConfig, data: PreparedData) -> tuple[PretrainStream,
-                                                                                      PretrainStream]:
-    """The training and validation streams of a run (the validation rows use seed + 1)."""
+def heldout_rows(cfg: PretrainConfig, data: PreparedData) -> HeldOutRows:
+    """The held-out rows of a run (cpmant/heldout.py): the measured half of its held-out split, its spec."""
     if not data.valid_docs:
         raise CpmantError(f"the validation split of corpus {data.corpus_name!r} is empty "
                           f"({len(data.train_docs)} training documents)",
                           "add documents to the corpus, or raise valid_fraction")
+    return HeldOutRows(measured_docs(data.valid_docs), HeldOutSpec.of_pretraining(cfg), cfg.seed,
+                       cfg.min_piece_tokens, cfg.max_piece_tokens, data.data_sha256, data.vocab_sha256)
+
+
+def build_streams(cfg: PretrainConfig, mcfg: ModelConfig, data: PreparedData,
+                  rows: HeldOutRows | None = None) -> tuple[PretrainStream, PretrainStream]:
+    """The training stream of a run and its held-out stream (the rows of cpmant.heldout's measure)."""
+    rows = rows or heldout_rows(cfg, data)
     common = dict(bos=BOS_ID, eos=EOS_ID, min_piece_tokens=cfg.min_piece_tokens,
                   max_piece_tokens=cfg.max_piece_tokens, lm_share=cfg.lm_share,
                   mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
     return (PretrainStream(data.train_docs, mcfg, cfg.seq_len, seed=cfg.seed, split="training split", **common),
-            PretrainStream(data.valid_docs, mcfg, cfg.seq_len, seed=cfg.seed + 1, split="validation split",
-                           **common))
+            rows.stream(mcfg))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -175,7 +183,8 @@ class Pretraining:
                 f"(position_bias_max_distance={mcfg.position_bias_max_distance})",
                 "lower seq_len or use a preset with a larger position_bias_max_distance",
             )
-        self.train_stream, self.valid_stream = build_streams(cfg, mcfg, prepared)
+        self.heldout = heldout_rows(cfg, prepared)
+        self.train_stream, self.valid_stream = build_streams(cfg, mcfg, prepared, self.heldout)
         self.run_dir = resolve_run_dir(cfg)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.cfg_sha = config_sha256(cfg)
@@ -341,7 +350,10 @@ class Pretraining:
 
     # ---- evaluate, save -------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.valid_stream, self.cfg.eval_rows, self.micro, self.precision)
+        """The held-out measure (cpmant.heldout.heldout_loss: fp32, the measured half of the held-out split), the
+        same rows at every evaluation, logged as valid_loss / valid_perplexity."""
+        ev = heldout_loss(self.model, self.heldout)
+        return {"valid_loss": ev["lm_loss"], "valid_perplexity": ev["perplexity"], "valid_tokens": ev["tokens"]}
 
     def meta(self) -> dict:
         return {"data_sha256": self.data.data_sha256, "config_sha256": self.cfg_sha, "run_key": run_key(self.cfg),
@@ -420,7 +432,8 @@ class Pretraining:
         if info.is_main:
             final_meta = {**self.meta(), "step": cfg.max_steps, "valid_loss": self.last_eval["valid_loss"],
                           "stage": "pretrain",
-                          "data": self.data.spec(cfg.min_piece_tokens, cfg.max_piece_tokens)}
+                          "data": {**self.data.spec(cfg.min_piece_tokens, cfg.max_piece_tokens),
+                                   "heldout": self.heldout.spec.to_meta()}}
             if ckpt.is_complete(model_dir):
                 old = ckpt.read_meta(model_dir)
                 if (old.get("step"), old.get("config_sha256"), old.get("data_sha256")) != (
@@ -437,7 +450,7 @@ class Pretraining:
             train_seconds=self.train_seconds, mfu=mfu, peak_flops=self.peak,
             num_parameters=self.model.num_parameters(), resumed_from=self.start_step, data=self.data.summary(),
             config_sha256=self.cfg_sha, precision=self.precision, precision_setting=cfg.precision,
-            skipped_checkpoints=list(self.skipped),
+            skipped_checkpoints=list(self.skipped), heldout_sha256=self.heldout.sha256,
         )
 
 
