@@ -3,6 +3,8 @@ telemetry off, no progress bars or INFO chatter from MLflow's internals, an ephe
 that suits a 2-core machine, OpenMP threads that sleep rather than spin while they wait (cpmant/threads.py).
 Explicit settings in the environment win.
 
+A home that moved (home.json names another path) has its stored locations rewritten first (follow_moved_home).
+
 Also what keeps Prefect quiet and interruptible around the flows: a reachable API checked first, the temporary
 server started outside the terminal's process group (Ctrl+C stops the flow, not the server it must report to), and
 a clear error printed once instead of Prefect's tracebacks."""
@@ -47,6 +49,20 @@ def configure_environment() -> None:
         os.environ.setdefault(k, v)
     # MLflow's advice to type-hint `predict` is for model authors, not for the user registering a checkpoint
     warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method")
+    follow_moved_home(home)
+
+
+def follow_moved_home(home) -> None:
+    """A home copied, moved or restored elsewhere: rewrite its stores' locations before any verb (or Prefect's
+    temporary server) opens them (registry.tracking.relocate_home). The usual case reads home.json only."""
+    from cpmant.paths import home_record
+
+    rec = home_record(home).get("path")
+    if rec == str(home) or (rec is None and not (home / "mlflow.db").is_file()):
+        return
+    from registry.tracking import relocate_home
+
+    relocate_home()
 
 
 def check_prefect_api(timeout: float = 5.0) -> None:
@@ -123,3 +139,12 @@ def quiet_prefect_console() -> None:
             if type(h).__name__ == "PrefectConsoleHandler" and not any(
                     isinstance(f, _HideCpmantErrors) for f in h.filters):
                 h.addFilter(_HideCpmantErrors())
+
+
+if __name__ == "__main__":  # `python -m cpmant_cli.env`: a copied home's locations rewritten before `mlflow ui`
+    import sys
+
+    try:
+        configure_environment()
+    except CpmantError as e:
+        sys.exit(f"error: {e.problem}\nfix: {e.fix}")

@@ -91,6 +91,20 @@ VERIFIED_FILE = ".cpmant-verified.json"
 CACHE_KEY_FILE = "cpmant-cache-key.json"
 
 
+def require_full_weights(uri: str, verb: str) -> tuple[str, int]:
+    """(name, version) of `uri` when it holds a model's full weights; a CpmantError for a delta, which holds only
+    its own (LoRA's) tensors: `verb` (e.g. compress) needs them merged into its base first. Reads tags only."""
+    setup_tracking()
+    name, version = resolve_version(uri)
+    files = expected_hashes(name, version)
+    if WEIGHTS_FILE not in files and DELTA_WEIGHTS_FILE in files:
+        raise CpmantError(f"{uri} is a delta (only its {DELTA_WEIGHTS_FILE}, no {WEIGHTS_FILE}): it cannot be "
+                          f"{verb}ed on its own",
+                          f"merge it into its base first: `cpmant pull {uri} --to DIR --merge`, then "
+                          f"`cpmant register DIR --name NAME` and {verb} the merged version")
+    return name, version
+
+
 def _stat_key(f: Path) -> list[int]:
     st = f.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -171,6 +185,7 @@ def _download_model(name: str, version: int, dest: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+            _require_downloaded(tmp, name, version)
             try:
                 os.rename(tmp, dest)  # atomic; fails if another process got there first
             except OSError:
@@ -181,6 +196,19 @@ def _download_model(name: str, version: int, dest: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return model_checkpoint(dest)
+
+
+def _require_downloaded(folder: Path, name: str, version: int) -> None:
+    """A download with no MLmodel means the version's files are not where the store says (a home copied without
+    its mlartifacts, or a store whose locations name a place that is gone): say that, not "not a model folder"."""
+    if (folder / "MLmodel").is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    where = MlflowClient().get_model_version_download_uri(name, str(version))
+    raise CpmantError(f"the files of models:/{name}/{version} are missing: nothing at {where}",
+                      "restore them there (a home is copied or moved whole, mlflow.db with mlartifacts/; the "
+                      "locations follow a moved home by themselves), or register the checkpoint again")
 
 
 def model_checkpoint(model_folder: Path) -> Path:
@@ -261,6 +289,9 @@ def download(uri: str, to: str | Path, merge: bool = False) -> Path:
     parent = next((p for p in to.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise CpmantError(f"{parent} is a file, so {to} cannot be made", "pass --to a new or empty folder")
+    from cpmant.fsutil import check_writable
+
+    check_writable(to, "--to", folder=True)  # before anything is downloaded
     setup_tracking()
     name, version = resolve_version(uri)
     expected = expected_hashes(name, version)
