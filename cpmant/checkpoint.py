@@ -30,7 +30,7 @@ from . import __version__
 from .config import ModelConfig
 from .errors import CpmantError
 from .factory import build_model
-from .fsutil import atomic_write_text, fsync_dir, write_json_atomic
+from .fsutil import atomic_write_text, check_free_space, disk_full_as_error, fsync_dir, write_json_atomic
 
 META_FILE = "cpmant_meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -100,6 +100,25 @@ def staging_dir(out_dir: Path) -> Path:
     return tmp
 
 
+def checkpoint_bytes(tensors: dict[str, torch.Tensor], extra_files: dict | None = None) -> int:
+    """About the bytes a checkpoint folder takes: its weights, twice more for a training state (AdamW's two
+    moments), 1 MiB for the small files."""
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    return weights * (3 if TRAINING_STATE_FILE in (extra_files or {}) else 1) + (1 << 20)
+
+
+def _write_files(tmp: Path, tensors: dict, config: ModelConfig, vocab_path, extra_files: dict | None) -> None:
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    config.save(tmp / CONFIG_FILE)
+    if vocab_path is not None:
+        shutil.copyfile(vocab_path, tmp / VOCAB_FILE)
+    for name, src in (extra_files or {}).items():
+        if callable(src):
+            src(tmp / name)
+        else:
+            shutil.copyfile(src, tmp / name)
+
+
 def save_model_dir(
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -111,36 +130,33 @@ def save_model_dir(
     """Write a complete model folder atomically and return its path.
 
     extra_files maps a file name to either a callable(path) that writes it, or a source path to copy.
-    The metadata (each file's sha256 and size, code version, package versions, `meta`) is written last.
+    The metadata (each file's sha256 and size, code version, package versions, `meta`) is written last. A disk
+    without room for it (checked first) or one that fills while writing is one CpmantError naming the folder and
+    the space needed; the half-written staging folder is removed.
     """
     out_dir = Path(out_dir)
-    tmp = staging_dir(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    config.save(tmp / CONFIG_FILE)
-    if vocab_path is not None:
-        shutil.copyfile(vocab_path, tmp / VOCAB_FILE)
-    for name, src in (extra_files or {}).items():
-        if callable(src):
-            src(tmp / name)
-        else:
-            shutil.copyfile(src, tmp / name)
-    # durable before the metadata says "complete"; hashed once, here, so that nothing needs to hash it again
-    written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
-    files = {p.name: _durable_sha256(p) for p in written}
-    full_meta = {
-        "format": "cpmant",
-        "format_version": FORMAT_VERSION,
-        "created_unix": time.time(),
-        "git_sha": git_sha(),
-        "packages": package_versions(),
-        "num_parameters": int(sum(t.numel() for t in tensors.values())),
-        "files_sha256": files,
-        "files_bytes": {p.name: p.stat().st_size for p in written},
-        **(meta or {}),
-    }
-    write_json_atomic(tmp / META_FILE, full_meta)
-    fsync_dir(tmp)
+    need = checkpoint_bytes(tensors, extra_files)
+    check_free_space(out_dir.parent, need)  # a full disk is refused before writing, not half-way
+    tmp = staging_dir(out_dir)
+    with disk_full_as_error(out_dir.parent, need, cleanup=tmp):  # and a disk that fills meanwhile: one error
+        _write_files(tmp, tensors, config, vocab_path, extra_files)
+        # durable before the metadata says "complete"; hashed once, here, so that nothing needs to hash it again
+        written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        files = {p.name: _durable_sha256(p) for p in written}
+        full_meta = {
+            "format": "cpmant",
+            "format_version": FORMAT_VERSION,
+            "created_unix": time.time(),
+            "git_sha": git_sha(),
+            "packages": package_versions(),
+            "num_parameters": int(sum(t.numel() for t in tensors.values())),
+            "files_sha256": files,
+            "files_bytes": {p.name: p.stat().st_size for p in written},
+            **(meta or {}),
+        }
+        write_json_atomic(tmp / META_FILE, full_meta)
+        fsync_dir(tmp)
     if out_dir.exists():  # an incomplete leftover (no metadata): replace it
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -8,3 +8,8 @@ class CpmantError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+def a_or_an(word: str) -> str:
+    """`word` with its indefinite article, for messages: "an adapter delta", "a lora delta", "an int"."""
+    return f"{'an' if str(word)[:1].lower() in 'aeio' else 'a'} {word}"

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 from cpmant.errors import CpmantError
 
@@ -93,6 +94,9 @@ def runner_overrides(args) -> dict:
     if getattr(args, "task_runner", None):
         o["task_runner"] = args.task_runner
     if getattr(args, "dask_address", None):
+        from flows.runners import check_dask_address
+
+        check_dask_address(args.dask_address)  # a few seconds at most, before any flow starts
         o["dask_address"] = args.dask_address
         o.setdefault("task_runner", "dask")
     return {"orchestration": o} if o else {}
@@ -151,6 +155,9 @@ def _report(out: dict, args, started: float) -> int:
 def _run_flow(fn, *a, **kw):
     """Run a flow with Prefect reachable, interruptible and quiet about errors the CLI prints itself."""
     check_prefect_api()
+    from .prefect_db import init_prefect_database
+
+    init_prefect_database()  # a fresh home: migrated here, one command at a time, not by two servers at once
     isolate_prefect_server()
     quiet_prefect_console()
     return fn(*a, **kw)
@@ -201,6 +208,9 @@ def cmd_compress(args) -> int:
     cfg = build_config(LifecycleConfig, args.config, over)
     get_backend("compress", cfg.compress.backend)  # fail before any flow starts
     get_recipes(args.recipe or cfg.compress.recipes)  # an unknown recipe too
+    from registry.pulling import require_full_weights
+
+    require_full_weights(args.uri, "compress")  # a delta is merged first (pull --merge), refused before the flow
     dumped = cfg.model_dump(mode="json")
     out = _run_flow(with_runner(compress_flow, dumped), args.uri, args.recipe, dumped, force=args.force)
     return _report(out, args, t0)
@@ -215,10 +225,13 @@ def cmd_convert(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from registry.register import register_checkpoint
+    from registry.register import register_folder
 
-    reg = register_checkpoint(args.dir, args.name, stage=args.stage, parent=args.parent or "",
-                              alias=args.alias or None)
+    reg, new = register_folder(args.dir, args.name, stage=args.stage, parent=args.parent or "",
+                               alias=args.alias or None)
+    if not new:
+        print(f"already registered as {reg} (same checkpoint sha256): nothing registered")
+        return 0
     print(f"registered {reg.uri}" + (f" (alias {reg.alias})" if reg.alias else ""))
     return 0
 
@@ -318,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the config's compress.recipes")
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its compress section applies)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. compress.eval_rows=32")
+                   help="dotted overrides, e.g. compress.importance_rows=32")
     p.add_argument("--backend", choices=_backend_names("compress"), help="compression backend")
     _add_outcome_args(p)
     add_runner_args(p)
@@ -354,9 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="register a checkpoint folder as a new model version")
     p.add_argument("dir")
     p.add_argument("--name", required=True)
-    p.add_argument("--stage", default="pretrain", choices=["pretrain", "compress", "delta"])
-    p.add_argument("--parent", default="", help="the parent's models:/NAME/VERSION")
-    p.add_argument("--alias", default="candidate", help="alias to set ('' for none)")
+    p.add_argument("--stage", default=None, choices=["pretrain", "compress", "delta"],
+                   help="only for a folder whose metadata records none (the checkpoint's own metadata decides)")
+    p.add_argument("--parent", default="", help="the parent's models:/NAME/VERSION, only where the folder records "
+                   "none (a delta's delta_config.json and a variant's metadata name theirs)")
+    p.add_argument("--alias", default="candidate", help="alias to set ('' for none; never champion: "
+                   "`cpmant promote` moves it)")
     p.set_defaults(fn=cmd_register)
 
     for module in _verb_modules():  # the verbs kept in modules of their own, each with add_verbs(sub)
@@ -378,7 +394,32 @@ def _interrupted(args) -> int:
     return EXIT_INTERRUPTED
 
 
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one `warning: ...` line, as the CLI's errors are printed (not Python's `path:line: UserWarning:`
+    and the source line)."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
+def plain_warnings() -> None:
+    """Print every warning of this process as one plain line (the console script's only; a library user keeps
+    Python's format)."""
+    warnings.showwarning = _plain_warning
+
+
+def _housekeeping() -> None:
+    """Tag this command's runs with its process; mark runs a killed command left RUNNING as KILLED (one line)."""
+    from .stale_runs import mark_killed_runs, tag_runs_with_this_process
+
+    tag_runs_with_this_process()
+    try:
+        mark_killed_runs()
+    except Exception as e:  # bookkeeping of an earlier command must never stop this one
+        print(f"warning: could not check for runs left RUNNING by a killed command ({type(e).__name__}: {e})",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    plain_warnings()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -388,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         configure_environment()
+        _housekeeping()
         return args.fn(args)
     except CpmantError as e:
         print(f"error: {e.problem}", file=sys.stderr)

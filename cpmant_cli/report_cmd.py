@@ -10,8 +10,12 @@ import warnings
 def cmd_report(args) -> int:
     from flows.report import report_flow
 
+    from cpmant.fsutil import check_writable
+
     from .main import _run_flow
 
+    if args.out:
+        check_writable(args.out, "--out")  # before the report is built, not after
     out = _run_flow(report_flow, None, args.out)
     missing = [k for k, v in out["sections"].items() if not v]
     if args.json:

@@ -43,9 +43,53 @@ def _check_address(address: str) -> None:
                           "give the scheduler's address, e.g. tcp://127.0.0.1:8786 (`dask scheduler` prints it)")
 
 
+def check_dask_address(address: str, timeout: float = 3.0) -> None:
+    """A Dask scheduler address that is well formed, answers a TCP connect and Dask's handshake within `timeout`
+    seconds (an unreachable one made distributed retry for about 50 s and print nine tracebacks). The CLI and
+    `with_runner` ask it before a flow starts."""
+    import asyncio
+    import socket
+    from urllib.parse import urlsplit
+
+    from cpmant.errors import CpmantError
+
+    _check_address(address)
+    fix = "give the scheduler's address, e.g. tcp://127.0.0.1:8786 (`dask scheduler` prints it)"
+    if not address.startswith(("tcp://", "tls://")):
+        return  # in-process and UCX addresses are not TCP endpoints
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError as e:
+        raise CpmantError(f"--dask-address {address!r} is not a Dask scheduler address ({e})", fix) from None
+    if not host:
+        raise CpmantError(f"--dask-address {address!r} names no host", fix)
+    fix = ("start it (`dask scheduler`) or check the address; leave out --dask-address to run on a local "
+           "cluster")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise CpmantError(f"the Dask scheduler at {address} is unreachable ({e.strerror or e})", fix) from None
+    try:  # something listens: it must speak Dask's protocol (a proxy or another server accepts connects too)
+        asyncio.run(asyncio.wait_for(_handshake(address, timeout), timeout))  # connect() alone waits on a mute peer
+    except Exception as e:  # any failure of the handshake means no scheduler answers there
+        why = (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)[:160]
+        raise CpmantError(f"the Dask scheduler at {address} is unreachable: something listens there but does "
+                          f"not answer as a Dask scheduler within {timeout:g} s ({why})", fix) from None
+
+
+async def _handshake(address: str, timeout: float) -> None:
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=timeout)
+    await comm.close()
+
+
 def with_runner(flow, config: dict | None):
     """The flow with the task runner of `config`'s orchestration section."""
     from .config import LifecycleConfig
 
     cfg = LifecycleConfig.model_validate(config or {})
+    if cfg.orchestration.task_runner == "dask" and cfg.orchestration.dask_address:
+        check_dask_address(cfg.orchestration.dask_address)  # one error in seconds, not retries for a minute
     return flow.with_options(task_runner=task_runner(cfg.orchestration))

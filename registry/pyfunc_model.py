@@ -12,7 +12,9 @@ DataFrame before `predict`. A DataFrame hint also keeps that signature (a `list[
 one from the hint and the input example instead) and silences MLflow's warning about missing type hints. A plain
 list or a str, as a direct caller may pass, is accepted too.
 
-Bad params (`num_beams: 0`) raise MlflowException(INVALID_PARAMETER_VALUE) with the message alone: the scoring
+Prompts that are not strings, and requests of more than MAX_REQUEST_CHARS characters, are refused the same way
+(the scoring server has no body-size option; the check runs on the parsed body, before tokenising). Bad params
+(`num_beams: 0`) raise MlflowException(INVALID_PARAMETER_VALUE) with the message alone: the scoring
 server answers 400 with that message and no stack trace.
 """
 
@@ -27,13 +29,32 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
+MAX_REQUEST_CHARS = 1_000_000  # all prompts of one request together (about 1 MB of ASCII, 3 MB of Chinese UTF-8)
+
+
 def _texts(model_input: Any) -> list[str]:
+    """The prompts, each a string (a number, null or object is refused, not turned into "1", "None", "{}"), in all
+    at most MAX_REQUEST_CHARS characters; a CpmantError (answered as a 400) otherwise."""
+    from cpmant.errors import CpmantError
+
     if hasattr(model_input, "columns"):  # pandas DataFrame
         col = "text" if "text" in model_input.columns else model_input.columns[0]
-        return [str(x) for x in model_input[col].tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(x) for x in model_input]
+        texts = model_input[col].tolist()
+    elif isinstance(model_input, str):
+        texts = [model_input]
+    else:
+        texts = list(model_input)
+    bad = [i for i, x in enumerate(texts) if not isinstance(x, str)]
+    if bad:
+        kinds = ", ".join(f"#{i}: {type(texts[i]).__name__}" for i in bad[:5])
+        raise CpmantError(f"every prompt must be a string; {len(bad)} are not ({kinds})",
+                          'send {"inputs": ["a prompt", ...]}')
+    total = sum(map(len, texts))
+    if total > MAX_REQUEST_CHARS:
+        raise CpmantError(f"the request's prompts hold {total:,} characters, more than the {MAX_REQUEST_CHARS:,} "
+                          "one request may send", "send shorter prompts: only the last few hundred tokens of each "
+                          "are used")
+    return texts
 
 
 class CPMAntPyfunc(PythonModel):

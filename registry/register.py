@@ -14,12 +14,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cpmant.checkpoint import DELTA_WEIGHTS_FILE, WEIGHTS_FILE, read_meta, sha256_file
-from cpmant.errors import CpmantError
+from cpmant.errors import CpmantError, a_or_an
 
 from .params import DEFAULT_PARAMS
 from .pulling import check_local_checkpoint
-from .tags import (ALIAS_CANDIDATE, CHECKPOINT_SHA256, CONFIG_SHA256, DATA_SHA256, FILE_SHA256_PREFIX, GIT_SHA,
-                   LINEAGE, PARENT, STAGE, STAGES)
+from .tags import (ALIAS_CANDIDATE, ALIAS_CHAMPION, CHECKPOINT_SHA256, CONFIG_SHA256, DATA_SHA256,
+                   FILE_SHA256_PREFIX, GIT_SHA, LINEAGE, PARENT, STAGE, STAGES)
 from .tracking import setup_tracking
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -127,6 +127,7 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
         from .aliases import check_alias
 
         check_alias(alias)
+        refuse_champion_alias(alias)
     check_local_checkpoint(model_dir)
     again = f"the checkpoint is kept at {model_dir}; register it again with `cpmant register {model_dir} --name {name}`"
     try:
@@ -166,8 +167,104 @@ def register_checkpoint(model_dir: str | Path, name: str, stage: str = "pretrain
     except CpmantError as e:
         raise CpmantError(f"registering {name} failed: {e.problem}", f"{e.fix}; {again}") from e
     except Exception as e:  # MLflow/store errors: keep the checkpoint, say how to retry
+        from cpmant.fsutil import disk_full_error, is_disk_full
+
+        if is_disk_full(e):  # the artifact store's disk: one error naming it and the space the copy needs
+            need = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
+            full = disk_full_error(_artifact_folder(), need)
+            raise CpmantError(f"registering {name} failed: {full.problem}", f"{full.fix}; {again}") from e
         raise CpmantError(f"registering {name} failed: {type(e).__name__}: {e}", again) from e
     return Registered(name, int(mv.version), run.info.run_id, alias)
+
+
+def _artifact_folder() -> Path:
+    """Where this store's artifacts are written (for messages); the home's mlartifacts for a server's proxy."""
+    from urllib.parse import unquote, urlparse
+
+    from .tracking import artifact_root
+
+    return Path(unquote(urlparse(artifact_root()).path))
+
+
+def refuse_champion_alias(alias: str | None) -> None:
+    """Only validation and `cpmant promote` (which records who promoted and why) move `champion`."""
+    if alias == ALIAS_CHAMPION:
+        raise CpmantError("registering never moves the `champion` alias: only validation and `cpmant promote` do "
+                          "(with an audit trail: who promoted, why, the previous champion)",
+                          "register with the default alias (candidate), then run "
+                          "`cpmant promote URI --reason TEXT`")
+
+
+def recorded_lineage(model_dir: Path) -> tuple[str | None, str]:
+    """(stage, parent URI) as the checkpoint's own metadata records them: a delta's (or a `full` fine-tune's)
+    delta_config.json names its base; a compressed variant's metadata names its parent; a merged delta (`pull
+    --merge`) names the delta; a pretraining run's names no parent. (None, "") when the folder records neither
+    (e.g. a converted CPM-Live checkpoint)."""
+    import json
+
+    from cpmant.delta.checkpoint import DELTA_CONFIG_FILE, read_delta_config
+
+    if (model_dir / DELTA_CONFIG_FILE).is_file():
+        return "delta", str(read_delta_config(model_dir).get("base_uri") or "")
+    try:
+        meta = read_meta(model_dir)
+    except (CpmantError, json.JSONDecodeError):
+        return None, ""
+    if meta.get("merged_from"):  # `cpmant pull --merge`: a delta folded into its base descends from that delta
+        return "delta", str(meta["merged_from"])
+    stage = meta.get("stage")
+    if stage in STAGES:
+        return stage, str(meta.get("parent") or "") if stage != "pretrain" else ""
+    return None, ""
+
+
+def _pinned(uri: str) -> str:
+    from .pulling import resolve_version
+
+    name, ver = resolve_version(uri)
+    return f"models:/{name}/{ver}"
+
+
+def decide_lineage(model_dir: Path, stage: str | None, parent: str) -> tuple[str, str]:
+    """The stage and parent a folder is registered with: what its metadata records; a `stage` or `parent` given
+    by the user that contradicts it is an error (a delta names its base in delta_config.json, a variant its
+    parent in cpmant_meta.json). Without metadata, the flags (default: a pretrained base with no parent)."""
+    rec_stage, rec_parent = recorded_lineage(model_dir)
+    if rec_stage and stage and stage != rec_stage:
+        raise CpmantError(f"--stage {stage} contradicts {model_dir}: its metadata records stage {rec_stage}"
+                          + (f" with parent {rec_parent}" if rec_parent else ""),
+                          "leave out --stage (the checkpoint's own metadata decides its stage and parent)")
+    stage = rec_stage or stage or "pretrain"
+    if rec_parent:
+        if parent and _pinned(parent) != _pinned(rec_parent):
+            raise CpmantError(f"--parent {parent} contradicts {model_dir}: its metadata records its parent as "
+                              f"{rec_parent}", "leave out --parent (the checkpoint's own metadata decides it)")
+        parent = rec_parent
+    elif rec_stage == "pretrain" and parent:
+        raise CpmantError(f"--parent {parent} contradicts {model_dir}: its metadata records a pretrained base "
+                          "(no parent)", "leave out --parent")
+    if stage != "pretrain" and not parent:
+        raise CpmantError(f"{a_or_an(stage)} checkpoint needs its parent, and {model_dir} records none",
+                          "pass --parent models:/NAME/VERSION (the version it was made from)")
+    return stage, parent
+
+
+def register_folder(model_dir: str | Path, name: str, stage: str | None = None, parent: str = "",
+                    alias: str | None = ALIAS_CANDIDATE) -> tuple[Registered | str, bool]:
+    """`cpmant register`: register a folder with the stage and parent its metadata records (flags may only agree),
+    never with `champion`. A checkpoint already registered under `name` (same checkpoint sha256) is not
+    registered again: (its models:/NAME/N, False) is returned; (Registered, True) for a new version."""
+    model_dir = Path(model_dir).expanduser().resolve()
+    check_name(name)
+    refuse_champion_alias(alias)
+    check_local_checkpoint(model_dir)
+    setup_tracking()
+    stage, parent = decide_lineage(model_dir, stage, parent)
+    weights = model_dir / WEIGHTS_FILE if (model_dir / WEIGHTS_FILE).is_file() else model_dir / DELTA_WEIGHTS_FILE
+    found = find_version(name, {CHECKPOINT_SHA256: sha256_file(weights)})
+    if found:
+        return found, False
+    return register_checkpoint(model_dir, name, stage=stage, parent=parent, alias=alias), True
 
 
 def find_version(name: str, match: dict[str, str]) -> str | None:

@@ -10,6 +10,8 @@ the base it names is pulled and checked against the delta's sha256 before the se
 checked before anything starts (port in range and free, workers >= 1, a known host); `port=0` picks a free port. The server runs in its own
 process group, and that whole group is stopped when `serve` returns, raises, or its process gets SIGTERM, SIGINT or
 SIGHUP; should this process be killed outright, the server's leader gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
+The server is MLflow's scoring app behind `registry.serving_app.guard` (a request body over 1 MiB is answered 413,
+prompts that are not strings 400).
 """
 
 from __future__ import annotations
@@ -232,7 +234,8 @@ def serve(uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri(),
                "MLFLOW_REGISTRY_URI": tracking_uri()}
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local",
+        # MLflow's scoring app, guarded: bodies over 1 MiB get 413, prompts that are not strings 400 (serving_app)
+        cmd = [sys.executable, "-m", "registry.serving_app", "serve", "-m", str(folder),
                "--host", host, "--port", str(real_port), "--workers", str(workers)]
         stopped: list[int] = []
         started: list[subprocess.Popen] = []

@@ -71,6 +71,17 @@ CASES = [
     ("tune-missing-model", ["tune", "models:/nope/1", "--task", "demo-ccpm"], "not in the registry", None),
     ("validate-not-a-uri", ["validate", "foo"], "foo", None),
     ("promote-no-reason", ["promote", "models:/cpm-ant-tiny/1", "--reason", ""], "reason", None),
+    # issue 17 (bad inputs 1, 6, 7): champion moved by register; an unreachable Dask scheduler; unwritable outputs
+    ("register-alias-champion", ["register", "{folder}", "--name", "x", "--alias", "champion"],
+     "cpmant promote uri --reason text", None),
+    ("dask-unreachable", ["pretrain", "--max-steps", "1", "--dask-address", "tcp://127.0.0.1:9"], "unreachable",
+     None),
+    ("report-out-under-a-file", ["report", "--out", "{file}/report.html"], "is a file", None),
+    ("report-out-in-proc", ["report", "--out", "/proc/report.html"], "cannot be written", None),
+    ("report-out-read-only", ["report", "--out", "/sys/fs/report.html"], "cannot be written", None),
+    ("report-out-a-folder", ["report", "--out", "{folder}"], "is a folder", None),
+    ("pull-to-read-only", ["pull", "models:/cpm-ant-tiny/1", "--to", "/sys/fs/pulled"], "cannot be written", None),
+    ("pull-to-proc", ["pull", "models:/cpm-ant-tiny/1", "--to", "/proc/pulled"], "--to", None),
 ]
 
 
