@@ -10,7 +10,7 @@ import time
 from prefect import flow
 
 from tasks.aliases import pin_candidates
-from tasks.lifecycle import LIFECYCLE_TAG, close_run, open_run
+from tasks.lifecycle import LIFECYCLE_TAG, close_run, lifecycle_run_name, open_run
 
 from .compress import compress_flow
 from .config import STAGES, LifecycleConfig, check_force, forced
@@ -46,7 +46,7 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
     cfg = LifecycleConfig.model_validate(config or {})
     force = check_force(force)
     t_all = time.perf_counter()
-    parent = open_run(cfg.tracking, "lifecycle", tags={LIFECYCLE_TAG: "parent"})
+    parent = open_run(cfg.tracking, lifecycle_run_name(cfg.pretrain.preset), tags={LIFECYCLE_TAG: "parent"})
     out: dict = {"summary": [], "reused_stages": [], "lifecycle_run_id": parent}
     status = "FAILED"
 
@@ -90,6 +90,7 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
         status = "FINISHED"
     finally:
         close_run(cfg.tracking, parent, out["summary"], status=status, name="lifecycle",
-                  seconds=time.perf_counter() - t_all)  # duration_s: the lifecycle's wall time
+                  seconds=time.perf_counter() - t_all,  # duration_s: the lifecycle's wall time
+                  reused_stages=out["reused_stages"])
     out["stages"] = [s for s in STAGES if s in out]
     return out

@@ -1,4 +1,6 @@
-"""Prefect tasks of the lifecycle's MLflow record: a parent run `lifecycle` and one nested run per stage.
+"""The lifecycle's MLflow record: a parent run `lifecycle` and one nested run per stage. Plain functions the
+lifecycle flow calls, not Prefect tasks: bookkeeping has no place in the flow-run graph (a tracking server's transient
+errors are retried by MLflow's own HTTP client, MLFLOW_HTTP_REQUEST_MAX_RETRIES).
 
     open_run(tracking, name, parent_run_id=None, tags=None) -> run_id
     close_run(tracking, run_id, summary, status="FINISHED", extra=None, name="stage", seconds=None) -> None
@@ -8,17 +10,25 @@ processes, are filed under the stage run by the `mlflow.parentRunId` tag (Tracki
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NONE
+from registry import tags as T
 
 from .config import TrackingConfig
-from .tracking import retry_transient
 
 LIFECYCLE_TAG = "cpmant.lifecycle"  # run tag: "parent" on the lifecycle run, the stage's name on a stage run
 
 
-@task(name="open-run", task_run_name="open-run-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_transient)
+def registered_models(summary: list[dict]) -> list[str]:
+    """The distinct models:/ URIs of a summary's rows, in order (a report row's path is not one)."""
+    return list(dict.fromkeys(str(r["model"]) for r in summary if str(r.get("model") or "").startswith("models:/")))
+
+
+def lifecycle_run_name(preset: str, when: float | None = None) -> str:
+    """The lifecycle parent run's name: `lifecycle-<preset>-<UTC yyyymmdd-hhmmss>`, one per lifecycle."""
+    import time
+
+    return f"lifecycle-{preset}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(when))}"
+
+
 def open_run(tracking: TrackingConfig, name: str, parent_run_id: str | None = None,
              tags: dict[str, str] | None = None) -> str:
     from mlflow.tracking import MlflowClient
@@ -36,12 +46,13 @@ def open_run(tracking: TrackingConfig, name: str, parent_run_id: str | None = No
     return client.create_run(exp_id, tags=all_tags, run_name=name).info.run_id
 
 
-@task(name="close-run", task_run_name="close-run-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_transient)
 def close_run(tracking: TrackingConfig, run_id: str, summary: list[dict], status: str = "FINISHED",
-              extra: dict | None = None, name: str = "stage", seconds: float | None = None) -> None:
+              extra: dict | None = None, name: str = "stage", seconds: float | None = None,
+              reused_stages: list[str] | None = None) -> None:
     """Log the stage's summary (a table, the models it made or reused, reused 0/1) and end the run. `duration_s` is
-    `seconds`, the run's wall time as its caller measured it (None: the longest row's `seconds`, a lower bound)."""
+    `seconds`, the run's wall time as its caller measured it (None: the longest row's `seconds`, a lower bound).
+    `models` counts the distinct registered versions (models:/ URIs) of the summary, once each; `cpmant.reused`
+    is yes | no, or on the lifecycle's run (`reused_stages` given) the stages reused, comma-separated, or none."""
     import time
 
     from mlflow.entities import Metric, RunTag
@@ -56,13 +67,14 @@ def close_run(tracking: TrackingConfig, run_id: str, summary: list[dict], status
         seconds = max([r.get("seconds") or 0.0 for r in summary] or [0.0])
     reused = bool(summary) and all(r.get("reused") for r in summary)
     metrics = [Metric("duration_s", float(seconds), ts, 0), Metric("reused", float(reused), ts, 0),
-               Metric("models", float(len(summary)), ts, 0)]
+               Metric("models", float(len(registered_models(summary))), ts, 0)]
     for k, v in (extra or {}).items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             metrics.append(Metric(k, float(v), ts, 0))
-    models = ", ".join(str(r.get("model")) for r in summary)
-    client.log_batch(run_id, metrics=metrics, params=[], tags=[RunTag("cpmant.models", models[:5000]),
-                                                              RunTag("cpmant.reused", "yes" if reused else "no")])
+    models = ", ".join(registered_models(summary))
+    said = ("yes" if reused else "no") if reused_stages is None else (",".join(reused_stages) or "none")
+    client.log_batch(run_id, metrics=metrics, params=[], tags=[RunTag(T.MODELS, models[:5000]),
+                                                              RunTag(T.REUSED, said)])
     if summary:
         cols = ("stage", "model", "metric", "value", "seconds", "reused", "note")
         client.log_table(run_id, {c: [r.get(c) for r in summary] for c in cols}, "summary.json")

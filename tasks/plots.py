@@ -28,28 +28,67 @@ def plot_loss(log_path: Path, out: Path) -> Path | None:
     return _finish(fig, ax, out)
 
 
+def rung_label(row: dict, base_model: str) -> str:
+    """A ladder row's short label: "base" for the parent, else the recipe (the row's `recipe`, or the variant's
+    name after the parent's: `models:/cpm-ant-tiny-3b/1` under `models:/cpm-ant-tiny/1` -> "3b")."""
+    if row.get("model") == base_model:
+        return "base"
+    if row.get("recipe"):
+        return str(row["recipe"])
+    name = str(row.get("model", "")).removeprefix("models:/").split("/")[0].split("@")[0]
+    base = str(base_model).removeprefix("models:/").split("/")[0]
+    return name.removeprefix(base + "-") or name
+
+
+def draw_ladder(ax, table: list[dict]) -> bool:
+    """LM loss against parameters on `ax`: the parent and the structured rungs (the published ladder's recipes,
+    cpmant.compress.recipe.LADDER) joined as a line in order of size, other variants (int8, MoE, a YAML recipe)
+    as separate markers, each point labelled; the published increases drawn on our parent's loss. x ticks on a
+    log scale at 1-2-5, rotated so that they do not overlap. False when fewer than two points can be drawn."""
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    from cpmant.compress.recipe import LADDER
+
+    rows = [r for r in table if r.get("params") and r.get("lm_loss")]
+    if len(rows) < 2:
+        return False
+    base_model, base = rows[0].get("model"), rows[0]["lm_loss"]
+    labelled = [(rung_label(r, base_model), r) for r in rows]
+    line = sorted([(n, r) for n, r in labelled if n == "base" or n in LADDER], key=lambda x: x[1]["params"])
+    others = [(n, r) for n, r in labelled if not (n == "base" or n in LADDER)]
+    ax.plot([r["params"] for _, r in line], [r["lm_loss"] for _, r in line], "o-",
+            label="ours: structured rungs (held-out LM loss)")
+    for n, r in others:
+        ax.plot([r["params"]], [r["lm_loss"]], "D", ms=7, label=f"ours: {n} (not a ladder rung)")
+    pub = sorted((r["params"], base * (1 + r["published_loss_increase"])) for n, r in line
+                 if r.get("published_loss_increase") is not None)
+    if len(pub) > 1:
+        ax.plot(*zip(*pub), "s--", alpha=0.7, label="CPM-Ant's published increases on our parent")
+    for n, r in labelled:  # line points labelled above, the others below (int8 sits on its parent's size)
+        on_line = n == "base" or n in LADDER
+        ax.annotate(n, (r["params"], r["lm_loss"]), textcoords="offset points", xytext=(4, 4 if on_line else -11),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("LM loss")
+    return True
+
+
 def plot_ladder(table: list[dict], out: Path) -> Path | None:
-    """LM loss against parameters for the ladder; the published increases drawn on the same parent loss."""
+    """The ladder (draw_ladder) as a PNG at `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in table if r.get("params") and r.get("lm_loss")]
-    if len(rows) < 2:
-        return None
-    base = rows[0]["lm_loss"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["params"] for r in rows], [r["lm_loss"] for r in rows], "o-", label="ours (held-out LM loss)")
-    pub = [(r["params"], base * (1 + r["published_loss_increase"])) for r in rows
-           if r.get("published_loss_increase") is not None]
-    if len(pub) > 1:
-        ax.plot(*zip(*pub), "s--", alpha=0.7, label="published increases applied to our parent")
-    for r in rows:
-        ax.annotate(str(r["model"]).split("-")[-1].split("/")[0], (r["params"], r["lm_loss"]), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("LM loss")
+    if not draw_ladder(ax, table):
+        plt.close(fig)
+        return None
     ax.set_title("Compression ladder")
     return _finish(fig, ax, out)
 

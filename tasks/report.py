@@ -9,9 +9,10 @@ Prefect markdown artifact.
 
 Sections: loss curves (pretraining runs' `loss` history), the size ladder beside CPM-Ant's published ladder, delta
 tuning against full fine-tuning per task (scores with their intervals, demo tasks labelled, odd results read as
-noise or significant: tasks/report_scores.py decides what is said), the validation gates and their decisions,
-energy / emissions / cost per stage, the lineage from corpus to deltas, and the projection of a full 10B pretraining
-run (cpmant.projection).
+noise or significant: tasks/report_scores.py decides what is said), the validation gates and their decisions
+(a summary of what passed and failed first, a collapsible block per run, failures first), energy / emissions / cost
+per stage, the lineage from corpus to deltas (every chain, aliases as MLflow shows them), and the projection of a
+full 10B pretraining run (cpmant.projection).
 A section whose stage has not run yet says so. Published figures are labelled columns and run params, never
 metrics.
 """
@@ -124,15 +125,12 @@ def _ten_b():
 def _ladder(exp_ids, versions: list[dict]) -> dict | None:
     """The newest ladder table; each rung's run metrics read through its registered version, the parent's
     held-out loss as the rungs logged it (`parent_lm_loss`), and a reading beside a rung below its parent."""
-    from cpmant.compress.recipe import PUBLISHED_LABEL
-
     for r in _runs(exp_ids, "compress"):
         if r.info.run_name != "compress-ladder":
             continue
         t = _tables(r).get("ladder.json")
         if t:
-            rows = [{("published_loss_increase" if k == PUBLISHED_LABEL else k): v for k, v in row.items()}
-                    for row in _rows(t)]
+            rows = [_ladder_row(row) for row in _rows(t)]
             by_uri = {v["uri"]: v for v in versions}
             rungs = {row.get("model"): _run_metrics(by_uri.get(row.get("model"), {}).get("run_id"))
                      for row in rows[1:]}
@@ -144,6 +142,22 @@ def _ladder(exp_ids, versions: list[dict]) -> dict | None:
                 row["reading"] = RS.rung_reading(parent_loss, row, rungs.get(row.get("model"), {}))
             return {"run_id": r.info.run_id, "rows": rows, "parent": parent, "parent_lm_loss": parent_loss}
     return None
+
+
+# counts: logged through a table whose column held a None they come back as floats (384.0); shown as integers
+COUNT_COLUMNS = ("attention_layers", "ffn_layers", "num_heads", "dim_ff", "params", "bytes_on_disk")
+
+
+def _ladder_row(row: dict) -> dict:
+    """A ladder.json row with the published column under its key, counts as integers, and the short name."""
+    from cpmant.compress.recipe import PUBLISHED_LABEL
+
+    out = {("published_loss_increase" if k == PUBLISHED_LABEL else k): v for k, v in row.items()}
+    for c in COUNT_COLUMNS:
+        if isinstance(out.get(c), float) and out[c].is_integer():
+            out[c] = int(out[c])
+    out.setdefault("name", str(out.get("model", "")).removeprefix("models:/"))
+    return out
 
 
 def _run_metrics(run_id: str | None) -> dict:
@@ -205,26 +219,47 @@ def _validation(exp_ids, versions: list[dict]) -> list[dict]:
                  or tags.get(T.PARENT, ""))
         metrics = {k: v for k, v in sorted(r.data.metrics.items()) if k not in COST_METRICS}
         out.append({"run": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status, "model": model,
+                    "verdict": _verdict(r.info.status, tags), "failures": tags.get(T.VALIDATION_FAILURES, ""),
+                    "promoted": tags.get("cpmant.promoted", ""), "start": r.info.start_time,
                     "task": task_of.get(model) or tags.get(T.TASK, ""), "metrics": metrics,
                     "metric_rows": RS.metric_rows(metrics, task_of.get(model) or tags.get(T.TASK, "")),
                     "decisions": decisions, "tables": {p: _rows(t) for p, t in _tables(r).items()}})
     return out
 
 
+def _aliases() -> dict[tuple[str, str], list[str]]:
+    """(name, version) -> its aliases, as MLflow's registry shows them. search_model_versions leaves a version's
+    `aliases` empty (MLflow fills them in get_model_version only), so they are read from the registered models."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for rm in _client().search_registered_models(max_results=1000):
+        for alias, version in (rm.aliases or {}).items():
+            out.setdefault((rm.name, str(version)), []).append(alias)
+    return out
+
+
+def _verdict(status: str, tags: dict) -> str:
+    """passed | failed (the `cpmant.validation` tag), "did not finish" for a run that ended otherwise, "" when
+    neither is known (a run from before the tag)."""
+    if tags.get(T.VALIDATION) in ("passed", "failed"):
+        return tags[T.VALIDATION]
+    return "did not finish" if status in ("FAILED", "KILLED") else ""
+
+
 def _all_versions() -> list[dict]:
     client = _client()
+    aliases = _aliases()
     out = []
     for mv in client.search_model_versions(max_results=1000):
         t = mv.tags or {}
         out.append({"uri": f"models:/{mv.name}/{mv.version}", "name": mv.name, "version": str(mv.version),
                     "stage": t.get(T.STAGE, ""), "parent": t.get(T.PARENT, ""), "run_id": mv.run_id,
-                    "task": t.get(T.TASK, ""),
-                    "aliases": list(getattr(mv, "aliases", []) or [])})
+                    "task": t.get(T.TASK, ""), "aliases": aliases.get((mv.name, str(mv.version)), [])})
     return out
 
 
-def _lineages(versions: list[dict], limit: int = 12) -> list[list[dict]]:
-    """The chains of the versions nobody descends from (deltas first, then variants, then bases)."""
+def _lineages(versions: list[dict]) -> list[list[dict]]:
+    """The chain of every version nobody descends from (deltas first, then variants, then bases), none left out:
+    a chain that cannot be read (a broken parent tag) is a one-step chain whose `error` says why."""
     from registry.ancestry import lineage
 
     parents = {v["parent"] for v in versions if v["parent"]}
@@ -232,11 +267,11 @@ def _lineages(versions: list[dict], limit: int = 12) -> list[list[dict]]:
     order = {"delta": 0, "compress": 1, "pretrain": 2}
     leaves.sort(key=lambda v: (order.get(v["stage"], 3), v["name"], -int(v["version"])))
     out = []
-    for v in leaves[:limit]:
+    for v in leaves:
         try:
             out.append(lineage(v["uri"]))
-        except Exception:  # a broken parent tag: the chain is left out, not the report
-            continue
+        except Exception as e:  # shown as such on the page, never dropped
+            out.append([{**v, "error": str(e), "data_sha256": "", "git_sha": ""}])
     return out
 
 
@@ -355,22 +390,16 @@ def plot_loss_curves(curves: list[dict]) -> str | None:
 
 
 def plot_ladder_vs_published(rows: list[dict]) -> str | None:
-    rows = [r for r in rows if r.get("params") and r.get("lm_loss")]
-    if len(rows) < 2:
-        return None
+    """tasks/plots.py's ladder (structured rungs as a line, int8 / MoE as markers, points labelled), inline."""
+    from .plots import draw_ladder
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=90)
-    base = rows[0]["lm_loss"]
-    ax.plot([r["params"] for r in rows], [r["lm_loss"] for r in rows], "o-", label="ours (held-out LM loss)")
-    pub = [(r["params"], base * (1 + r["published_loss_increase"])) for r in rows
-           if r.get("published_loss_increase") is not None]
-    if len(pub) > 1:
-        ax.plot(*zip(*pub), "s--", alpha=0.7, label="CPM-Ant's published increases on our parent")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("LM loss")
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=90)
+    if not draw_ladder(ax, rows):
+        plt.close(fig)
+        return None
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
@@ -426,6 +455,10 @@ padding:.25em .5em;text-align:right}th{background:#eef2f8}td.l,th.l{text-align:l
 .note{color:#555;font-size:.9em}.missing{color:#a33;font-style:italic}img{max-width:100%}
 .pub{background:#fff4e6}code{background:#f3f3f3;padding:0 .2em}
 .warn{color:#a33;background:#fdecea;border-left:4px solid #a33;padding:.3em .6em}
+details.vrun,details.vfail{border:1px solid #ddd;border-radius:4px;margin:.3em 0;padding:0 .6em}
+details.vfail{border:2px solid #a33;background:#fffafa}summary h3{display:inline;font-size:1em;margin:.3em 0}
+.fail{color:#fff;background:#a33;padding:0 .4em;border-radius:3px}.ok{color:#fff;background:#2e7d32;padding:0 .4em;
+border-radius:3px}
 .demo{background:#fff4e6;color:#8a4b00;font-size:.8em;padding:0 .4em;border:1px solid #e0b070;border-radius:3px}
 """
 
@@ -449,8 +482,9 @@ def _table(rows: list[dict], cols: list[str] | None = None, labels: dict | None 
         cells = []
         for c in cols:
             v = r.get(c)
-            cls = "pub" if c in pub_cols else ("l" if isinstance(v, str) or v is None else "")
-            cells.append(f'<td class="{cls}">{_esc(_fmt(v))}</td>')
+            cls = "pub" if c in pub_cols else ("l" if isinstance(v, (str, list, tuple)) or v is None else "")
+            text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else _fmt(v)  # aliases: MLflow's way
+            cells.append(f'<td class="{cls}">{_esc(text)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -501,18 +535,7 @@ def render_html(data: dict) -> str:
         body = f'<p class="missing">delta tuning: {NOT_RUN}</p>'
     s.append(_section("Delta tuning against full fine-tuning", "deltas", body))
 
-    body = ""
-    for v in data["validation"]:
-        badge = f' <span class="demo">{_esc(RS.DEMO_NOTE)}</span>' if v["task"] and RS.is_demo(v["task"]) else ""
-        body += f"<h3>{_esc(v['run'])} <small>{_esc(v['model'])}</small>{badge}</h3>"
-        if v["decisions"]:
-            body += _table([{"gate / decision": k, "value": x} for k, x in sorted(v["decisions"].items())])
-        body += _table(v["metric_rows"], ["metric", "value", "reading"],
-                       {"value": "value [95% interval]"})
-        for p, rows in v["tables"].items():
-            body += f"<p>{_esc(p)}</p>" + _table(rows)
-    s.append(_section("Validation gates and decisions", "validation",
-                      body or f'<p class="missing">validation: {NOT_RUN}</p>'))
+    s.append(_section("Validation gates and decisions", "validation", _validation_html(data["validation"])))
 
     body = _img(plot_stage_costs(data["stages"]), "energy, emissions and cost per stage")
     body += _table(data["stages"], ["stage", "runs", *COST_METRICS])
@@ -521,16 +544,7 @@ def render_html(data: dict) -> str:
             data["runs"], ["run", "stage", "status", *COST_METRICS, "run_id"]) + "</details>"
     s.append(_section("Energy, emissions and cost per stage", "costs", body))
 
-    body = ""
-    for chain in data["lineages"]:
-        base = chain[-1]
-        steps = [f"corpus data:{_esc(base['data_sha256'][:16])}"]
-        for c in reversed(chain):
-            alias = f", @{_esc(','.join(c['aliases']))}" if c["aliases"] else ""
-            steps.append(f"<code>{_esc(c['uri'])}</code> ({_esc(c['stage'])}{alias})")
-        body += f"<p>{' &rarr; '.join(steps)} <span class='note'>code {_esc(base['git_sha'][:12])}</span></p>"
-    s.append(_section("Lineage from corpus to deltas", "lineage",
-                      body or f'<p class="missing">registered models: {NOT_RUN}</p>'))
+    s.append(_section("Lineage from corpus to deltas", "lineage", _lineage_html(data["lineages"])))
 
     s.append(_section("Projection of a full 10B pretraining run", "projection", _projection_html(data)))
     toc = " · ".join(f'<a href="#{a}">{t}</a>' for a, t in (
@@ -567,6 +581,83 @@ def _deltas_html(d: dict) -> str:
             body += ("<details><summary>the comparison table as logged (run <code>" + _esc(logged["run_id"])
                      + "</code>)</summary>" + _table(logged["rows"]) + "</details>")
     return (f'<p class="note">{DELTA_LEGEND}</p>' + body) if body else ""
+
+
+# a validation run's param `promote` is whether promotion was asked for, not whether it happened (cpmant.promoted)
+DECISION_LABELS = {"promote": "promotion asked for (if every gate passes)", "cpmant.promoted": "promoted to champion"}
+
+
+def validation_summary(validations: list[dict]) -> dict:
+    """The newest validation of each model: {"passed": [...], "failed": [...], "other": [...]} (each a validation
+    as collect() gives it), newest first."""
+    newest: dict[str, dict] = {}
+    for v in validations:  # newest first already
+        newest.setdefault(v["model"], v)
+    out: dict[str, list] = {"passed": [], "failed": [], "other": []}
+    for v in newest.values():
+        out[v["verdict"] if v["verdict"] in ("passed", "failed") else "other"].append(v)
+    return out
+
+
+def _validation_summary_html(validations: list[dict]) -> str:
+    sm = validation_summary(validations)
+    head = (f"<p class='vsummary'><b>{len(sm['passed'])} passed, {len(sm['failed'])} failed</b>"
+            + (f", {len(sm['other'])} without a verdict" if sm["other"] else "")
+            + f" (the newest validation of each of {sum(map(len, sm.values()))} models; {len(validations)} "
+            "validation runs in all).</p>")
+    if sm["failed"]:
+        items = "".join(f"<li><code>{_esc(v['model'])}</code>: {_esc(v['failures'] or 'no failed gate recorded')}"
+                        f" (run <a href='#v-{_esc(v['run_id'])}'>{_esc(v['run'])}</a>)</li>" for v in sm["failed"])
+        head += f'<div class="warn"><b>Failed:</b><ul>{items}</ul></div>'
+    return head
+
+
+def _validation_html(validations: list[dict]) -> str:
+    """A summary (how many passed and failed, which failed and why), then one collapsible block per validation
+    run, failures first and open, each headed by the model validated and its verdict."""
+    if not validations:
+        return f'<p class="missing">validation: {NOT_RUN}</p>'
+    body = _validation_summary_html(validations)
+    for v in sorted(validations, key=lambda v: v["verdict"] != "failed"):  # stable: newest first within each
+        failed = v["verdict"] == "failed"
+        badge = f' <span class="demo">{_esc(RS.DEMO_NOTE)}</span>' if v["task"] and RS.is_demo(v["task"]) else ""
+        verdict = (f'<span class="{"fail" if failed else "ok"}">{_esc(v["verdict"].upper())}</span> '
+                   if v["verdict"] else "")
+        inner = ""
+        if failed:
+            inner += f'<p class="warn">Failed gates: {_esc(v["failures"] or "none recorded")}</p>'
+        if v["decisions"]:
+            inner += _table([{"gate / decision": DECISION_LABELS.get(k, k), "value": x}
+                             for k, x in sorted(v["decisions"].items()) if x != ""])
+        inner += _table(v["metric_rows"], ["metric", "value", "reading"], {"value": "value [95% interval]"})
+        for p, rows in v["tables"].items():
+            inner += f"<p>{_esc(p)}</p>" + _table(rows)
+        body += (f'<details id="v-{_esc(v["run_id"])}" class="{"vfail" if failed else "vrun"}"'
+                 f'{" open" if failed else ""}><summary><h3>{verdict}{_esc(v["model"])} <small>run '
+                 f"{_esc(v['run'])}</small>{badge}</h3></summary>{inner}</details>")
+    return body
+
+
+def _lineage_html(chains: list[list[dict]]) -> str:
+    """One line per chain, oldest first, under a count: the chains and the registered models they cover."""
+    if not chains:
+        return f'<p class="missing">registered models: {NOT_RUN}</p>'
+    names = {c["name"] for chain in chains for c in chain}
+    body = (f'<p class="note lineage-count">{len(chains)} chain{"s" if len(chains) != 1 else ""}, one per version '
+            f"nobody descends from, covering {len(names)} registered models.</p>")
+    for chain in chains:
+        if chain[0].get("error"):
+            body += (f'<p class="warn"><code>{_esc(chain[0]["uri"])}</code>: its lineage cannot be read: '
+                     f"{_esc(chain[0]['error'])}</p>")
+            continue
+        base = chain[-1]
+        steps = [f"corpus data:{_esc(base['data_sha256'][:16])}"]
+        for c in reversed(chain):
+            alias = f", @{_esc(','.join(c['aliases']))}" if c["aliases"] else ""
+            steps.append(f"<code>{_esc(c['uri'])}</code> ({_esc(c['stage'])}{alias})")
+        body += (f"<p class='chain'>{' &rarr; '.join(steps)} <span class='note'>code {_esc(base['git_sha'][:12])}"
+                 "</span></p>")
+    return body
 
 
 def _heldout_html(h: dict | None) -> str:
@@ -651,6 +742,10 @@ def render_markdown(data: dict, path: str) -> str:
     for st in data["stages"]:
         lines.append(f"| {st['stage']} | {st['runs']} | {_fmt(st['energy_kwh'])} | {_fmt(st['emissions_kg_co2e'])} "
                      f"| {_fmt(st['cost_rmb'])} | {_fmt(st['duration_s'])} |")
+    if data["validation"]:
+        sm = validation_summary(data["validation"])
+        lines += ["", f"**Validation: {len(sm['passed'])} passed, {len(sm['failed'])} failed**"]
+        lines += [f"- failed: `{v['model']}`: {v['failures'] or 'no failed gate recorded'}" for v in sm["failed"]]
     lines += _deltas_markdown(data)
     lines += ["", "## 10B projection (200 B tokens)", "", "| row | device-hours | RMB | kg CO2e |", "|---|---|---|---|"]
     for r in data["projection"]:

@@ -80,7 +80,7 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
 
     client = MlflowClient()
     parent = client.get_run(out["lifecycle_run_id"])
-    assert parent.info.run_name == "lifecycle" and parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("lifecycle-tiny-") and parent.info.status == "FINISHED"
     stages = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in stages) == ["compress", "pretrain", "report", "tune", "validate"]
@@ -105,6 +105,8 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
     with get_client(sync_client=True) as pc:
         names = {t.name for t in pc.read_task_runs()}
     assert {"pretrain-tiny", "compress-3b", "compress-int8", "ladder-table"} <= names
+    # the MLflow bookkeeping (open_run/close_run) is no task of its own in the flow-run graph
+    assert not [n for n in names if n.startswith(("open-run", "close-run"))], names
 
     # a rerun: every stage reused, nothing registered; the compress rung came from Prefect's cache
     versions = lambda: sorted((v.name, int(v.version)) for v in client.search_model_versions())  # noqa: E731
@@ -113,6 +115,15 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
     assert again["reused_stages"] == ["pretrain", "compress", "tune", "validate", "report"]
     assert versions() == before
     assert again["compress"]["summary"][0]["reused"] is True
+    # each lifecycle's parent run has a name of its own; the rerun's says which stages it reused; `models` counts
+    # the distinct registered versions (3), not the rows of every stage (the validate stage repeats them, the
+    # report's row is a path)
+    first, rerun = client.get_run(out["lifecycle_run_id"]), client.get_run(again["lifecycle_run_id"])
+    assert first.info.run_name != rerun.info.run_name and rerun.info.run_name.startswith("lifecycle-tiny-")
+    assert first.data.tags["cpmant.reused"] == "none"
+    assert rerun.data.tags["cpmant.reused"] == "pretrain,compress,tune,validate,report"
+    assert len(out["summary"]) > 3 and first.data.metrics["models"] == rerun.data.metrics["models"] == 3
+    assert first.data.tags["cpmant.models"] == ", ".join(uris)
 
     assert all(r["reused"] for r in again["compress"]["summary"])
 

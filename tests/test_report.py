@@ -93,6 +93,37 @@ def test_the_figures_are_mlflows(report):
         mp.undo()
 
 
+def test_the_ladder_names_each_version_and_gives_the_base_its_shape(report):
+    """The ladder as the compress stage logs it: the short version name first (MLflow's table view shows it
+    whole), the base row with the parent's shape, counts as integers; the page's base row the same."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import MICRO_MODEL
+    from registry.tracking import setup_tracking
+
+    lc = report["lifecycle"]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CPMANT_HOME", str(lc["home"]))
+    try:
+        setup_tracking()
+        import mlflow
+
+        run = next(r for r in MlflowClient().search_runs([e.experiment_id for e in mlflow.search_experiments()])
+                   if r.info.run_name == "compress-ladder")
+        table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/ladder.json")
+    finally:
+        mp.undo()
+    assert table["columns"][:3] == ["name", "recipe", "model"]
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [r["name"] for r in rows] == ["cpm-ant-tiny/1", "cpm-ant-tiny-3b/1"]
+    base = rows[0]
+    assert (base["attention_layers"], base["ffn_layers"], base["num_heads"], base["dim_ff"]) == (
+        MICRO_MODEL["num_layers"], MICRO_MODEL["num_layers"], MICRO_MODEL["num_heads"], MICRO_MODEL["dim_ff"])
+    assert isinstance(base["dim_ff"], int)
+    cells = f'<td class="">{MICRO_MODEL["num_layers"]}</td>' * 2 + f'<td class="">{MICRO_MODEL["num_heads"]}</td>'
+    assert cells + f'<td class="">{MICRO_MODEL["dim_ff"]}</td>' in _row(report["html"], "models:/cpm-ant-tiny/1")
+
+
 def test_the_projection_and_both_emission_readings_are_on_the_page(report):
     page = report["html"]
     check = report["projection"][0]
@@ -292,6 +323,14 @@ def _part(page: str, heading: str) -> str:
     return page[start:end if end > 0 else None]
 
 
+def _validated(page: str, model: str) -> str:
+    """The validation block (<details>...</details>) headed by the model it validated."""
+    m = re.search(rf"<details[^>]*><summary><h3>(?:<span[^>]*>\w+</span> )?{re.escape(model)} <small>.*?</details>",
+                  page, re.S)
+    assert m, model
+    return m.group(0)
+
+
 def _row(page: str, first_cell: str) -> str:
     """The table row (<tr>...</tr>) whose first cell is `first_cell`."""
     m = re.search(rf'<tr><td class="l">{re.escape(first_cell)}</td>.*?</tr>', page)
@@ -315,7 +354,7 @@ def test_every_score_shows_its_interval_or_says_it_has_none(explained):
     assert "40 (no interval)" in _row(c3, "zero-shot") and "35 (no interval)" in _row(c3, "lora")
     assert "-5 (no interval)" in _row(c3, "lora")  # the plain difference, labelled
     # validation: the task score and paired differences with their intervals
-    val = _part(page, "validate-demo-delta")
+    val = _validated(page, "models:/cpm-ant-tiny-demo-ccpm-lora/1")
     assert "21 [12.5, 30.25]" in _row(val, "task_score") and "-3 [-5.5, -0.5]" in _row(val, "task_vs_champion")
     assert "<td class=\"l\">3.2</td>" in _row(val, "lm_loss")  # a loss is not a score: no interval, no label
     md = explained["markdown"]
@@ -327,8 +366,9 @@ def test_demo_tasks_are_labelled_never_cuge_scores(explained):
     label = "demo task built from the installed corpus: not a CUGE score"
     assert f'<h3>demo-ccpm <span class="demo">{label}</span></h3>' in page
     assert "<h3>c3</h3>" in page  # a CUGE task carries no label
-    val = _part(page, "validate-demo-delta")
-    assert f'<small>models:/cpm-ant-tiny-demo-ccpm-lora/1</small> <span class="demo">{label}</span>' in val
+    val = _validated(page, "models:/cpm-ant-tiny-demo-ccpm-lora/1")
+    assert (f'<span class="fail">FAILED</span> models:/cpm-ant-tiny-demo-ccpm-lora/1 <small>run validate-demo-delta'
+            f'</small> <span class="demo">{label}</span></h3>') in val
     assert f"demo-ccpm: {label}" in _row(val, "task_score")  # the validated delta's task score
     assert explained["data"]["deltas"]["tasks"]["demo-ccpm"]["demo"] is True
     assert explained["data"]["deltas"]["tasks"]["c3"]["demo"] is False
@@ -348,7 +388,7 @@ def test_odd_results_say_whether_they_are_noise(explained):
     c3 = _part(page, "c3</h3>")
     assert "below zero-shot by 5 points: no paired interval was logged" in _row(c3, "lora")
     # validation: below the champion significantly, below zero-shot within noise
-    val = _part(page, "validate-demo-delta")
+    val = _validated(page, "models:/cpm-ant-tiny-demo-ccpm-lora/1")
     assert "below the champion by 3 points: significant (interval [-5.5, -0.5] excludes 0)" in _row(
         val, "task_vs_champion")
     assert "below the base&#x27;s zero-shot by 9.5 points: within noise" in _row(val, "task_vs_zero_shot")
@@ -387,3 +427,175 @@ def test_comparison_plot_draws_each_interval(tmp_path):
     assert _errors(rows) == [[12.0, 0.0], [12.75, 0.0]]
     out = plot_comparison(rows, tmp_path / "c.png", "demo-ccpm")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the report says what it means (issue 17, item 4): validations summarised, aliases, every chain, the ladder ----
+DATA_SHA = "ab" * 32
+
+
+def _registered(name: str, stage: str, parent: str = "", **tags) -> str:
+    import mlflow
+
+    with mlflow.start_run(run_name=f"make-{name}", tags={"cpmant.stage": stage}) as run:
+        pass
+    _version(name, run.info.run_id, **{"cpmant.stage": stage, "cpmant.parent": parent, "cpmant.data_sha256": DATA_SHA,
+                                       "cpmant.git_sha": "c0de" * 10, **tags})
+    return f"models:/{name}/1"
+
+
+def _validation(model: str, verdict: str, failures: str = "") -> None:
+    import mlflow
+
+    with mlflow.start_run(run_name=f"validate-{model.split('/')[1]}-v1", tags={
+            "cpmant.stage": "validate", "cpmant.model": model, "cpmant.parent": BASE, "cpmant.validation": verdict,
+            "cpmant.validation_failures": failures, "cpmant.promoted": "false"}):
+        mlflow.log_params({"model": model, "promote": "True"})
+        mlflow.log_metrics({"lm_loss": 3.2})
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A store shaped like a full lifecycle's: a base, four ladder rungs and int8, eight deltas of the base (13
+    versions nobody descends from, int8 sorted last among them), a delta that is `candidate` and `champion`, a
+    validation of each of the 14 versions with one failure (the 10th), and the ladder table as an older compress
+    stage logged it (the base row without its shape, so `dim_ff` comes back as a float column)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+    from tasks.report import build_report, render_markdown
+
+    home = tmp_path_factory.mktemp("labelled")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CPMANT_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        setup_tracking()
+        client = MlflowClient()
+        uris = [_registered("cpm-ant-tiny", "pretrain")]
+        for recipe in ("7b", "3b", "1b", "300m", "int8"):
+            uris.append(_registered(f"cpm-ant-tiny-{recipe}", "compress", BASE))
+        for task in ("demo-ccpm", "demo-c3", "demo-lcsts", "demo-math23k"):
+            for method in ("lora", "full"):
+                uris.append(_registered(f"cpm-ant-tiny-{task}-{method}", "delta", BASE,
+                                        **{"cpmant.task": task, "cpmant.method": method}))
+        delta = "cpm-ant-tiny-demo-ccpm-lora"
+        for alias in ("candidate", "champion"):
+            client.set_registered_model_alias(delta, alias, "1")
+        for i, uri in enumerate(uris):
+            if i == 9:
+                _validation(uri, "failed", "task_vs_champion: -3 [-5.5, -0.5] is below -1 (interval excludes 0)")
+            else:
+                _validation(uri, "passed")
+        ladder = [BASE] + [f"models:/cpm-ant-tiny-{r}/1" for r in ("7b", "3b", "1b", "300m", "int8")]
+        with mlflow.start_run(run_name="compress-ladder", tags={"cpmant.stage": "compress"}):
+            mlflow.log_table({"model": ladder, "num_heads": [None, 32, 20, 16, 4, 32],
+                              "dim_ff": [None, 384, 140, 26, 13, 384],
+                              "params": [41000, 36000, 20000, 9000, 4000, 41000],
+                              "lm_loss": [5.5, 5.6, 5.7, 5.9, 6.1, 5.51]}, "ladder.json")
+        path, data, page = build_report(out=home / "report.html")
+        mlflow_aliases = ",".join(client.get_model_version(delta, "1").aliases)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
+    return {"data": data, "page": page, "markdown": render_markdown(data, str(path)), "uris": uris,
+            "failed": uris[9], "mlflow_aliases": mlflow_aliases, "delta": f"models:/{delta}/1"}
+
+
+def test_the_failed_validation_is_summarised_and_highlighted(labelled):
+    page, failed = labelled["page"], labelled["failed"]
+    val = page[page.index('<section id="validation">'):page.index('<section id="costs">')]
+    # the summary first: counts over the 14 models, then the failure and why
+    assert val.index("<b>13 passed, 1 failed</b>") < val.index("<details")
+    assert f"<li><code>{failed}</code>: task_vs_champion: -3 [-5.5, -0.5] is below -1" in val
+    # every validation is a collapsible block headed by the model it validated; the failed one first, open, marked
+    blocks = re.findall(r"<details[^>]*>(?:(?!</details>).)*</details>", val, re.S)
+    assert len(blocks) == 14
+    assert blocks[0].startswith('<details id="v-') and 'class="vfail" open>' in blocks[0]
+    assert f'<span class="fail">FAILED</span> {failed} <small>' in blocks[0]
+    assert all('class="vrun">' in b and '<span class="ok">PASSED</span>' in b for b in blocks[1:])
+    headed = {re.search(r"</span> (models:/\S+) <small>", b).group(1) for b in blocks}
+    assert headed == set(labelled["uris"])  # each heading names the version validated, never its parent alone
+    # the `promote` param is what was asked for, labelled as such beside what happened
+    assert "promotion asked for (if every gate passes)" in blocks[0] and "promoted to champion" in blocks[0]
+    assert f"**Validation: 13 passed, 1 failed**\n- failed: `{failed}`" in labelled["markdown"]
+
+
+def test_aliases_are_mlflows(labelled):
+    assert labelled["mlflow_aliases"] == "candidate,champion"
+    row = _row(labelled["page"], labelled["delta"])
+    assert f'<td class="l">{labelled["mlflow_aliases"]}</td>' in row and "[]" not in row
+    version = next(v for v in labelled["data"]["versions"] if v["uri"] == labelled["delta"])
+    assert version["aliases"] == ["candidate", "champion"]
+    assert f"<code>{labelled['delta']}</code> (delta, @candidate,champion)" in labelled["page"]
+
+
+def test_every_chain_is_on_the_page_int8_included(labelled):
+    data, page = labelled["data"], labelled["page"]
+    leaves = [u for u in labelled["uris"] if u != BASE]  # nobody descends from any version but the base
+    assert len(data["lineages"]) == len(leaves) == 13
+    assert {c[0]["uri"] for c in data["lineages"]} == set(leaves)
+    assert "13 chains, one per version nobody descends from, covering 14 registered models." in page
+    assert page.count("<p class='chain'>") == 13
+    assert "&rarr; <code>models:/cpm-ant-tiny-int8/1</code> (compress)" in page
+
+
+def test_the_ladder_table_prints_counts_as_integers(labelled):
+    page = labelled["page"]
+    base, int8 = _row(page, BASE), _row(page, "models:/cpm-ant-tiny-int8/1")
+    assert '<td class="">384</td>' in int8 and "384.0" not in page
+    assert '<td class="">41,000</td>' in base  # params: an integer with its separator
+
+
+def test_the_ladder_plot_draws_rungs_as_a_line_and_int8_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.plots import draw_ladder
+
+    rows = [{"model": BASE, "params": 41000, "lm_loss": 5.5, "published_loss_increase": 0.0},
+            {"model": "models:/cpm-ant-tiny-3b/1", "params": 20000, "lm_loss": 5.7, "published_loss_increase": 0.076},
+            {"model": "models:/cpm-ant-tiny-int8/1", "params": 41000, "lm_loss": 5.51},
+            {"model": "models:/cpm-ant-tiny-300m/1", "params": 4000, "lm_loss": 6.1, "published_loss_increase": 0.24}]
+    fig, ax = plt.subplots()
+    try:
+        assert draw_ladder(ax, rows)
+        line, int8 = ax.lines[0], ax.lines[1]
+        assert list(line.get_xdata()) == [4000, 20000, 41000]  # structured rungs by size, int8 not joined in
+        assert list(int8.get_xdata()) == [41000] and int8.get_linestyle() == "None"
+        assert "int8" in int8.get_label()
+        assert sorted(t.get_text() for t in ax.texts) == ["300m", "3b", "base", "int8"]  # every point labelled
+        assert ax.xaxis.get_ticklabels()[0].get_rotation() == 30  # x tick labels rotated apart
+    finally:
+        plt.close(fig)
+
+
+def test_the_validation_description_is_markdown_mlflow_shows_well():
+    """The run description (mlflow.note.content): MLflow's run page keeps no style attribute, so a `#` heading
+    there overlaps its list and a table has no cell padding; the note has bold lines and lists instead, and keeps
+    every value of the report's tables."""
+    from tasks.notes import mlflow_note
+    from tasks.validate import render_markdown
+
+    res = {"model": "models:/cpm-ant-tiny-3b/1", "passed": False, "promoted": False, "parent": BASE,
+           "champion": "", "failures": ["lm_loss 5.67 > limit 5.6"], "metrics": {}}
+    report = {"kind": "variant", "seconds": {"lm": 1.25}, "task": None,
+              "samples": [{"prompt": "北京", "text": "是 | 中国", "passed": True, "problems": []}]}
+    rows = [{"metric": "lm_loss", "candidate": 5.67, "parent": 5.53, "champion": None}]
+    decided = [{"metric": "lm_loss", "against": "parent", "rule": "<= parent x 1.1", "evidence": "", "value": 5.67,
+                "limit": 5.6, "passed": False}]
+    md = render_markdown(res, report, rows, decided, [])
+    assert md.startswith("# Validation of") and "| lm_loss | 5.67 | 5.53 | - |" in md  # the full report: tables
+    note = mlflow_note(md)
+    lines = note.splitlines()
+    assert not any(ln.lstrip().startswith(("#", "|")) for ln in lines)  # no heading, no table left
+    assert lines[:2] == ["**Validation of models:/cpm-ant-tiny-3b/1 (variant): FAILED**", ""]
+    assert "**Candidate, parent, champion**" in lines
+    assert "- **lm_loss**: candidate 5.67; parent 5.53; champion -" in lines
+    assert "- **lm_loss**: against parent; rule <= parent x 1.1; value 5.67; limit 5.6; result FAIL" in lines
+    assert "- **北京**: continuation 是 | 中国; checks ok" in lines
+    for i, ln in enumerate(lines):  # a bold heading line is followed by a blank line, then its list
+        if ln.startswith("**") and ln.endswith("**"):
+            assert lines[i + 1] == ""
