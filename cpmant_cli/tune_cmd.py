@@ -23,6 +23,8 @@ def cmd_tune(args) -> int:
     for key in ("task", "method", "data"):
         if getattr(args, key, None) is not None:
             tune[{"task": "tasks", "method": "methods"}.get(key, key)] = getattr(args, key)
+    if args.sweep_lr:
+        tune["sweep_lr"] = True
     cfg = build_config(LifecycleConfig, args.config, over)
     resolve_tasks(cfg.tune.tasks)  # an unknown task or method fails here, before any flow starts
     resolve_methods(cfg.tune.methods)
@@ -49,6 +51,10 @@ def add_verbs(sub) -> None:
                         "baseline); an unknown name lists the known ones (default: the config's tune.methods)")
     p.add_argument("--data", type=_nonempty, default=None,
                    help="folder of a CUGE task's raw files (default: $CUGE_DATA/<task>; demo tasks need none)")
+    p.add_argument("--sweep-lr", action="store_true",
+                   help="choose each method's lr on the valid split from its grid (at most 3 values, one tuning run "
+                        "each; tune.lr_grid.<method> sets one, e.g. --set 'tune.lr_grid.full=[1e-3,3e-3]'); "
+                        "without it each method uses tune.lr.<method> or its default")
     p.add_argument("--config", type=_nonempty, help="YAML file (a saved LifecycleConfig; its tune section applies)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. tune.epochs=2")

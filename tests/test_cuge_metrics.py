@@ -41,8 +41,8 @@ def test_ndcg_at_k_by_query():
     scores = [0.9, 0.8, 0.1, 0.5, 0.4, 0.3]
     rel = [0, 2, 1, 2, 1, 1]
     groups = ["a", "a", "a", "b", "b", "c"]  # c has one document: left out
-    # a: DCG = 0/log2 2 + 2/log2 3 + 1/log2 4; IDCG = 2/log2 2 + 1/log2 3; b is in ideal order (1.0)
-    a = (2 / math.log2(3) + 1 / 2) / (2 + 1 / math.log2(3))
+    # gains 2^rel - 1: a: DCG = 0/log2 2 + 3/log2 3 + 1/log2 4; IDCG = 3/log2 2 + 1/log2 3; b is in ideal order (1.0)
+    a = (3 / math.log2(3) + 1 / 2) / (3 + 1 / math.log2(3))
     assert M.ndcg_at_k(scores, rel, groups, k=3) == pytest.approx(100 * (a + 1) / 2)
     assert M.ndcg_at_k(scores, rel, groups, k=1) == pytest.approx(50.0)  # a's top document is irrelevant
 

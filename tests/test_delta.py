@@ -4,6 +4,7 @@ base, strict composing, refusal on another base, LoRA merge parity, and the tuni
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cpmant.config import ModelConfig, get_preset
 from cpmant.delta import checkpoint as dck
 from cpmant.delta.config import TuneConfig
 from cpmant.delta.methods import apply_delta, method_names, trainable_parameters
-from cpmant.delta.train import tune
+from cpmant.delta.train import make_scheduler, sweep_lr, tune
 from cpmant.errors import CpmantError
 from cpmant.factory import build_model
 from cpmant.tokenizer import SENTINELS, SPECIAL_TOKENS
@@ -231,9 +232,10 @@ def test_tune_learns_keeps_the_best_epoch_and_reports(base_dir, tmp_path):
     res = tune(model, tok, FakeTask(), ex[:16], ex[16:], "lora", cfg, callbacks=CB(), progress=False)
     r = res.report
     assert r["trainable_params"] == 2 * 2 * (8 * 16 + 16 * 8) and r["lr"] == 5e-2
-    assert [e for e, _ in seen] == list(range(1, r["epochs_run"] + 1)) and r["steps"] == 2 * r["epochs_run"]
+    # epoch 0 (the untuned start) is scored first
+    assert [e for e, _ in seen] == list(range(0, r["epochs_run"] + 1)) and r["steps"] == 2 * r["epochs_run"]
     best = max(a for _, a in seen)
-    assert r["best_metrics"]["accuracy"] == best == 1.0 and r["history"][0]["train_loss"] > r["history"][-1][
+    assert r["best_metrics"]["accuracy"] == best == 1.0 and r["history"][1]["train_loss"] > r["history"][-1][
         "train_loss"]
     assert FakeTask().evaluate(model, tok, ex[16:], 4)["accuracy"] == best  # the model holds the best epoch
     out = dck.save_delta(tmp_path / "d", res.handle, base_dir, task="fake", state_dict=res.best_state)
@@ -250,3 +252,73 @@ def test_tune_learns_keeps_the_best_epoch_and_reports(base_dir, tmp_path):
     assert not dck.is_delta_checkpoint(full_dir) and dck.read_delta_config(full_dir)["method"] == "full"
     plain, _ = ck.load_pretrained(full_dir, verify=True)
     torch.testing.assert_close(plain(**inputs()), m3(**inputs()))
+
+
+class KeepTask(FakeTask):
+    """Scored on agreeing with the untuned model's own predictions (1.0 at epoch 0 by construction) while training
+    pushes every prediction to token 42: any step that moves the predictions makes valid worse."""
+
+    def __init__(self, model, examples):
+        with torch.no_grad():
+            self.reference = model(**self._batch(examples))[:, -1].argmax(-1)
+        assert (self.reference != self.target).any()  # training can change what the valid score sees
+
+    def evaluate(self, model, tokenizer, examples, batch_size):
+        pred = model(**self._batch(examples))[:, -1].argmax(-1)
+        return {"accuracy": float((pred == self.reference).float().mean())}
+
+
+def test_epoch_zero_is_kept_when_training_makes_valid_worse(base_dir):
+    g = torch.Generator().manual_seed(1)
+    ex = [[0, 1, 2, 3, *torch.randint(20, 40, (4,), generator=g).tolist()] for _ in range(24)]
+    model, tok = ck.load_pretrained(base_dir)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    task = KeepTask(model, ex[16:])
+    cfg = TuneConfig(epochs=2, batch_size=8, lr={"full": 0.5}, patience=0, seed=7, precision="fp32")
+    r = tune(model, tok, task, ex[:16], ex[16:], "full", cfg, progress=False).report
+    scores = [h["metrics"]["accuracy"] for h in r["history"]]
+    assert scores[0] == 1.0 and len(scores) == 3 and max(scores[1:]) < 1.0  # both trained epochs are worse
+    assert r["best_epoch"] == 0 and r["best_metrics"]["accuracy"] == 1.0 and r["steps"] == 4
+    for k, v in model.state_dict().items():  # the returned weights are the initial ones
+        torch.testing.assert_close(v, start[k], rtol=0, atol=0)
+    assert task.evaluate(model, tok, ex[16:], 8)["accuracy"] == 1.0
+
+
+def test_schedule_warms_up_then_decays_and_defaults_are_cpm_lives():
+    cfg = TuneConfig(warmup_ratio=0.25)
+    assert (cfg.weight_decay, cfg.grad_clip) == (0.01, 10.0)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, warmup = make_scheduler(opt, cfg, 8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # warmup round(0.25 * 8) = 2 steps: 1/2, 2/2; then 0.5 (1 + cos(pi p)), p = (s - 2) / (9 - 2) for s = 3..8
+    # (the cosine ends one step after the last, so the last step still learns)
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 7)) for s in range(3, 9)]
+    assert warmup == 2 and lrs == pytest.approx(expected)
+
+
+def test_sweep_chooses_the_lr_with_the_best_valid_score(base_dir):
+    g = torch.Generator().manual_seed(0)
+    ex = [[0, 1, 2, 3, *torch.randint(20, 40, (4,), generator=g).tolist()] for _ in range(24)]
+    evals = []
+
+    class Counting(FakeTask):
+        def evaluate(self, model, tokenizer, examples, batch_size):
+            evals.append(1)
+            return super().evaluate(model, tokenizer, examples, batch_size)
+
+    _, tok = ck.load_pretrained(base_dir)
+    cfg = TuneConfig(epochs=3, batch_size=8, patience=0, seed=7, precision="fp32", lr_grid={"lora": [1e-5, 1e-1]})
+    sw = sweep_lr(lambda: ck.load_pretrained(base_dir)[0], tok, Counting(), ex[:16], ex[16:], "lora", cfg,
+                  progress=False)
+    assert sw.grid == (1e-5, 1e-1) and [r["lr"] for r in sw.rows] == [1e-5, 1e-1]
+    tiny, big = (r["valid_score"] for r in sw.rows)
+    assert big == 1.0 > tiny and sw.lr == 1e-1 and sw.best.report["lr"] == 1e-1
+    assert sw.best.report["lr_grid"] == [1e-5, 1e-1] and sw.best.report["lr_sweep"] == sw.rows
+    assert len(evals) == 1 + 2 * 3  # epoch 0 scored once for the whole sweep, then 3 epochs per lr
+    assert FakeTask().evaluate(sw.best.handle.model, tok, ex[16:], 8)["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="lr_grid.lora has 4 values"):
+        TuneConfig(lr_grid={"lora": [1e-4, 1e-3, 1e-2, 1e-1]})

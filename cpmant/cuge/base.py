@@ -19,8 +19,17 @@ segment 0, positions 0..P-1; then the text, segment 2, positions P.., span 0; ro
 Inputs that do not fit `max_len` (and the model's position limit) are cut from the left, keeping `<s>`, as
 CPM-Live cuts them; a target longer than half the room is cut to its first tokens. `<unk>` ids are dropped.
 
-Generation for evaluation is greedy (cpmant.generate with the task-1 prompt, as CPM-Live's `CPMAntNLGInfer` uses
-the tuning prompt), `max_new_tokens` per task (`Task.max_new_tokens`), overridable by `generation={...}`.
+Generation for evaluation uses CPM-Live's CUGE inference settings (`examples/infer_cpm_ant.py`): beam search of
+width 3, repetition penalty 1.0 (off: equations and summaries repeat tokens legitimately), the task-1 prompt (as
+CPM-Live's `CPMAntNLGInfer` uses the tuning prompt), `max_new_tokens` per task (`Task.max_new_tokens`);
+`Task.generation_settings` gives them, `generation={...}` overrides them.
+
+Zero-shot (`predict(..., zero_shot=True)`, `evaluate(..., zero_shot=True)`): the same rows with the prompt the base
+was pretrained with, the left-to-right LM task's (task 2, `cpmant.training.data.TASK_LM`; segment 2 as in tuning, which
+is also the LM task's text segment), since an untuned base has never seen the task-1 tuning prompt in this role.
+
+`max_len` per task is CPM-Live's `--tune-maxlen` (C3 1024, KdConv 1500, the short tasks 256), capped by the model's
+position limit (`position_bias_max_distance`); `Task.effective_max_len(model)` says the cap once, in a warning.
 """
 
 from __future__ import annotations
@@ -41,7 +50,10 @@ from .rawfiles import Malformed, Row
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"dev": "valid", "eval": "valid", "validation": "valid"}
 KINDS = ("choice", "generation", "ranking")
-DEFAULT_MAX_LEN = 256  # CPM-Live's --tune-maxlen in every CUGE script
+DEFAULT_MAX_LEN = 256  # CPM-Live's --tune-maxlen for the short tasks (C3 1024 and KdConv 1500: cuge/tasks.py)
+# CPM-Live's CUGE inference (examples/infer_cpm_ant.py via cpm_live/generation/ant.py): beam 3, no repetition penalty
+CUGE_GENERATION = {"temperature": 0.0, "num_beams": 3, "repetition_penalty": 1.0}
+_CAP_WARNED: set[tuple[str, int, int]] = set()  # (task, max_len, cap) already said
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,8 @@ class Task:
         if data_dir is not None:
             d = Path(data_dir).expanduser()
             if not d.is_dir():
-                raise CpmantError(f"data folder {d} for task {self.name} does not exist",
+                what = "is a file, not a folder" if d.exists() else "does not exist"
+                raise CpmantError(f"data folder {d} for task {self.name} {what}",
                                   f"pass `--data DIR` with the task's raw files ({self.expected_files()})")
             has_files = any((d / f).is_file() for alts in self.files.values() for g in alts for f in g)
             for sub in (self.name, *self.dir_names):  # a folder of several tasks, like CUGE_DATA, works too
@@ -164,8 +177,9 @@ class Task:
                     if isinstance(row.value, Malformed):
                         raise row.value
                     got = self.parse(row.value)
-                except (Malformed, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-                    why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+                except (Malformed, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
+                    why = (f"missing key {e}" if isinstance(e, KeyError) else
+                           "nested too deeply" if isinstance(e, RecursionError) else str(e))
                     problems.append(f"{row.path}:{row.line}: {why}")
                     continue
                 rel = row.path.relative_to(root).as_posix() if root is not None else row.path.name
@@ -177,7 +191,7 @@ class Task:
             raise CpmantError(
                 f"task {self.name}: {bad} of {rows} rows are malformed ({100 * bad / rows:.1f}% > "
                 f"{100 * malformed_threshold:g}%); first: {problems[0]}",
-                f"fix those rows ({self.data_format}), or raise the threshold (malformed_threshold)")
+                f"fix those rows ({self.data_format}), or raise the threshold (tune.malformed_threshold)")
         if bad:
             warnings.warn(f"task {self.name}: skipped {bad} malformed of {rows} rows (first: {problems[0]})",
                           stacklevel=3)
@@ -204,7 +218,7 @@ class Task:
         """Mean loss of the examples in CPM-Ant's fine-tuning format (module docstring); differentiable."""
         if not examples:
             raise CpmantError("training_loss needs at least one example", "pass a non-empty batch")
-        fmt = Formatter(model, tokenizer, self.max_len)
+        fmt = Formatter(model, tokenizer, self.effective_max_len(model))
         if self.kind == "generation":
             batch, target = fmt.generation_batch(examples)
             logits = model(**batch, logits_at=target != IGNORE)
@@ -239,14 +253,31 @@ class Task:
         logits = model(**batch, logits_at=last)
         return torch.log_softmax(logits.float(), dim=-1)[:, fmt.yes_id]
 
+    def effective_max_len(self, model) -> int:
+        """max_len capped by the model's position limit; a cap is said once per (task, max_len, limit)."""
+        cap = int(model.config.position_bias_max_distance)
+        if self.max_len > cap and (self.name, self.max_len, cap) not in _CAP_WARNED:
+            _CAP_WARNED.add((self.name, self.max_len, cap))
+            warnings.warn(f"task {self.name}: max_len {self.max_len} (CPM-Live's) is capped at {cap}, the model's "
+                          "position limit (position_bias_max_distance): longer inputs lose their start",
+                          stacklevel=2)
+        return min(self.max_len, cap)
+
+    def generation_settings(self, generation: dict | None = None) -> dict:
+        """The GenerationConfig fields `predict` generates with: CUGE_GENERATION, this task's max_new_tokens, then
+        `generation`'s overrides."""
+        return {"max_new_tokens": self.max_new_tokens, **CUGE_GENERATION, **(generation or {})}
+
     @torch.no_grad()
     def predict(self, model, tokenizer, examples: list[Example], batch_size: int = 8,
-                generation: dict | None = None) -> list:
-        """Per example: the chosen option index (choice), the generated text (generation), the score (ranking)."""
+                generation: dict | None = None, zero_shot: bool = False) -> list:
+        """Per example: the chosen option index (choice), the generated text (generation), the score (ranking).
+        `zero_shot`: with the base's pretraining prompt instead of the tuning prompt (module docstring)."""
         was_training = model.training
         model.eval()
         try:
-            fmt = Formatter(model, tokenizer, self.max_len)
+            fmt = Formatter(model, tokenizer, self.effective_max_len(model), zero_shot=zero_shot)
+            settings = self.generation_settings(generation)
             out: list = []
             for i in range(0, len(examples), max(1, batch_size)):
                 chunk = examples[i:i + max(1, batch_size)]
@@ -255,19 +286,19 @@ class Task:
                 elif self.kind == "ranking":
                     out.extend(self._rank_logp(fmt, model, chunk).tolist())
                 else:
-                    out.extend(generate_tuned(model, tokenizer, [ex.input for ex in chunk],
-                                              {"max_new_tokens": self.max_new_tokens, "temperature": 0.0,
-                                               "num_beams": 1, **(generation or {})}))
+                    out.extend(generate_tuned(model, tokenizer, [ex.input for ex in chunk], settings,
+                                              zero_shot=zero_shot))
             return out
         finally:
             model.train(was_training)
 
     def evaluate(self, model, tokenizer, examples: list[Example], batch_size: int = 8,
-                 generation: dict | None = None) -> dict[str, float]:
+                 generation: dict | None = None, zero_shot: bool = False) -> dict[str, float]:
         """The task's metrics (percent, higher is better) on the examples: `{metric: value}` for every metric."""
         if not examples:
             raise CpmantError(f"task {self.name}: nothing to evaluate", "pass at least one example")
-        return self.score(self.predict(model, tokenizer, examples, batch_size, generation), examples)
+        return self.score(self.predict(model, tokenizer, examples, batch_size, generation, zero_shot=zero_shot),
+                          examples)
 
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
         """The metrics of predictions (as `predict` returns them) against the examples."""
@@ -296,6 +327,38 @@ class Task:
             else:  # pragma: no cover - a task lists only the metrics above
                 raise ValueError(f"unknown metric {m}")
         return values
+
+    # -- intervals (95% bootstrap over examples; nDCG over queries: cpmant.cuge.resampling, cpmant.stats) ---------
+    def _statistics(self, predictions: list, examples: list[Example]) -> dict:
+        from .resampling import metric_statistic
+
+        if len(predictions) != len(examples):
+            raise CpmantError(f"{len(predictions)} predictions for {len(examples)} examples",
+                              "pass one prediction per example (in the examples' order)")
+        return {m: metric_statistic(self, m, predictions, examples) for m in self.metrics}
+
+    def score_intervals(self, predictions: list, examples: list[Example], seed: int = 0) -> dict:
+        """`{metric: Interval}`: each metric of the predictions with its 95% bootstrap interval."""
+        return {m: s.interval(seed) for m, s in self._statistics(predictions, examples).items()}
+
+    def paired_intervals(self, pred_a: list, pred_b: list, examples: list[Example], seed: int = 0) -> dict:
+        """`{metric: Interval}` of a minus b (points), two models' predictions of the same examples resampled
+        together."""
+        from .resampling import paired
+
+        a, b = self._statistics(pred_a, examples), self._statistics(pred_b, examples)
+        return {m: paired(a[m], b[m], seed) for m in self.metrics}
+
+    def paired_ratio(self, pred_a: list, pred_b: list, examples: list[Example], metric: str | None = None,
+                     seed: int = 0):
+        """Interval of a's score as a share of b's (default: the primary metric), on the same resamples."""
+        from .resampling import metric_statistic, ratio
+
+        m = metric or self.primary_metric
+        if len(pred_a) != len(examples) or len(pred_b) != len(examples):
+            raise CpmantError(f"{len(pred_a)} and {len(pred_b)} predictions for {len(examples)} examples",
+                              "pass one prediction per example from each model")
+        return ratio(metric_statistic(self, m, pred_a, examples), metric_statistic(self, m, pred_b, examples), seed)
 
 
 def _label(ex: Example) -> int:

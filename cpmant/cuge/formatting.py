@@ -1,5 +1,6 @@
 """CPM-Ant's fine-tuning rows (CPM-Live `examples/tune.py` / `infer.py`, branch cpm-ant) and generation after the
-tuning prompt. See `cpmant.cuge.base` for the format."""
+tuning prompt; with `zero_shot`, the same rows and generation after the prompt the base was pretrained with (the LM
+task's, `cpmant.training.data.TASK_LM`). See `cpmant.cuge.base` for the format."""
 
 from __future__ import annotations
 
@@ -8,21 +9,31 @@ import warnings
 import torch
 
 from ..errors import CpmantError
+from ..training.data import TASK_LM
 
 YES = "是"
 JUDGE = "[是否正确]"
 TUNE_PROMPT_TASK = 1  # CPM-Live tunes and infers CUGE tasks with task_id=1
-TEXT_SEGMENT = 2
+PRETRAIN_PROMPT_TASK = TASK_LM  # zero-shot: the left-to-right LM prompt of pretraining (prompt ids 2P..3P-1)
+TEXT_SEGMENT = 2  # the text's segment in tuning, and the LM task's text segment in pretraining
 IGNORE = -100
 
 
-class Formatter:
-    """Builds padded model inputs for one model and tokenizer; `yes_id` is the id of 是."""
+def prompt_task(config, zero_shot: bool = False) -> int:
+    """The prompt (task id) of CUGE rows: the tuning prompt, or with `zero_shot` the pretraining LM prompt; task 0
+    when the model has too few prompt types."""
+    task = PRETRAIN_PROMPT_TASK if zero_shot else TUNE_PROMPT_TASK
+    return task if config.prompt_types > task else 0
 
-    def __init__(self, model, tokenizer, max_len: int):
+
+class Formatter:
+    """Builds padded model inputs for one model and tokenizer; `yes_id` is the id of 是. `zero_shot`: the rows
+    carry the pretraining prompt instead of the tuning prompt."""
+
+    def __init__(self, model, tokenizer, max_len: int, zero_shot: bool = False):
         c = model.config
         self.tok, self.P = tokenizer, c.prompt_length
-        self.prompt_task = TUNE_PROMPT_TASK if c.prompt_types > TUNE_PROMPT_TASK else 0
+        self.prompt_task = prompt_task(c, zero_shot)
         self.segment = TEXT_SEGMENT if c.segment_types > TEXT_SEGMENT else c.segment_types - 1
         self.room = min(max_len, c.position_bias_max_distance) - self.P  # text tokens per row
         if self.room < 4:
@@ -124,11 +135,12 @@ class TuningPrompt(torch.nn.Module):
             return getattr(self.model, name)
 
 
-def generate_tuned(model, tokenizer, texts: list[str], settings: dict) -> list[str]:
-    """`cpmant.generate.generate` (GenerationConfig `settings`) after the tuning prompt (task 1)."""
+def generate_tuned(model, tokenizer, texts: list[str], settings: dict, zero_shot: bool = False) -> list[str]:
+    """`cpmant.generate.generate` (GenerationConfig `settings`) after the tuning prompt (task 1), or after the
+    pretraining prompt with `zero_shot` (the prompt `generate` itself lays out)."""
     from ..generate import generate
 
-    task = TUNE_PROMPT_TASK if model.config.prompt_types > TUNE_PROMPT_TASK else 0
+    task = prompt_task(model.config, zero_shot)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # long inputs are cut from the left, as in tuning
         return generate(TuningPrompt(model, task), tokenizer, list(texts), dict(settings))

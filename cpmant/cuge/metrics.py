@@ -2,7 +2,8 @@
 
 From kept libraries: accuracy and macro-F1 (scikit-learn), ROUGE-L on characters (rouge-score with a character
 tokenizer: its default tokenizer keeps only [a-z0-9] and would drop every Chinese character), corpus BLEU
-(sacrebleu, tokenize="zh"), nDCG@k (scikit-learn's ndcg_score, one query at a time, averaged over queries).
+(sacrebleu, tokenize="zh"), nDCG@k (scikit-learn's ndcg_score on exponential gains 2^rel - 1, one query at a time,
+averaged over the queries that have a relevant document: `ndcg_per_query` says which were left out).
 By hand, because no kept library has them: Distinct-n (Li et al. 2016: distinct n-grams / all n-grams over all
 responses, on characters; a few lines) and Math23K answer accuracy (an answer is right when the value of the
 generated equation equals the gold answer; the equations are evaluated by `mathexpr`, a safe parser, never eval).
@@ -10,10 +11,13 @@ generated equation equals the gold answer; the equations are evaluated by `mathe
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 from .mathexpr import try_evaluate
+
+log = logging.getLogger(__name__)
 
 # Math23K answers: right when |value - gold| < MATH_ABS_TOL, the tolerance of the usual Math23K evaluation (GTS,
 # Graph2Tree: abs(pred - gold) < 1e-4), gold being the value of the gold equation. A relative tolerance would call
@@ -79,11 +83,15 @@ def distinct_n(predictions: Sequence[str], n: int) -> float:
     return 100.0 * len(seen) / total if total else 0.0
 
 
-def ndcg_at_k(scores: Sequence[float], relevance: Sequence[float], groups: Sequence[str], k: int) -> float:
-    """Mean nDCG@k over queries (sklearn's ndcg_score on each query's documents).
+def ndcg_per_query(scores: Sequence[float], relevance: Sequence[float], groups: Sequence[str],
+                   k: int) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """nDCG@k (0-1) of each query where it is defined, and the queries left out with the reason.
 
-    A query with a single document is left out (nDCG is undefined there; sklearn refuses it); a query whose
-    documents are all irrelevant scores 0, as sklearn scores it."""
+    Gain 2^rel - 1 (exponential, as Burges et al. and the MSLR / TREC Web and NTCIR WWW evaluations that Sogou-Log's
+    graded labels come from define it; for 0/1 labels it equals linear gain), discount 1/log2(rank + 1), ties in
+    score averaged (sklearn's ndcg_score, given the exponential gains as its y_true). Left out, as CUGE leaves
+    them out of the mean: a query with no relevant document ("no_relevant": its ideal DCG is 0, so nDCG is 0/0)
+    and a query with a single document ("single": sklearn refuses it, and any order is ideal)."""
     from sklearn.metrics import ndcg_score
 
     by_group: dict[str, tuple[list[float], list[float]]] = {}
@@ -91,8 +99,26 @@ def ndcg_at_k(scores: Sequence[float], relevance: Sequence[float], groups: Seque
         ss, rr = by_group.setdefault(g, ([], []))
         ss.append(float(s))
         rr.append(float(r))
-    values = [ndcg_score([rr], [ss], k=k) for ss, rr in by_group.values() if len(ss) > 1]
-    return 100.0 * sum(values) / len(values) if values else 0.0
+    values: dict[str, float] = {}
+    left_out: dict[str, list[str]] = {"no_relevant": [], "single": []}
+    for g, (ss, rr) in by_group.items():
+        if max(rr) <= 0:
+            left_out["no_relevant"].append(g)
+        elif len(ss) < 2:
+            left_out["single"].append(g)
+        else:
+            values[g] = float(ndcg_score([[2.0 ** r - 1.0 for r in rr]], [ss], k=k))
+    return values, left_out
+
+
+def ndcg_at_k(scores: Sequence[float], relevance: Sequence[float], groups: Sequence[str], k: int) -> float:
+    """Mean nDCG@k (percent) over the queries where it is defined (`ndcg_per_query`: exponential gain; queries
+    with no relevant document, or a single document, are left out and their count logged); 0 when none is."""
+    values, left_out = ndcg_per_query(scores, relevance, groups, k)
+    if left_out["no_relevant"] or left_out["single"]:
+        log.info("nDCG@%d over %d queries: %d without a relevant document and %d with one document left out",
+                 k, len(values), len(left_out["no_relevant"]), len(left_out["single"]))
+    return 100.0 * sum(values.values()) / len(values) if values else 0.0
 
 
 def math_answer_accuracy(predictions: Sequence[str], answers: Sequence[float | None]) -> float:

@@ -1,5 +1,6 @@
 """CPM-Ant's six CUGE tasks: raw formats (as the public releases and CPM-2's fine-tuning code have them), the
-text each example becomes, and the metric. The expected files per split are in each task's `files`.
+text each example becomes, the metric, and the row length (`max_len`: CPM-Live's --tune-maxlen, C3 1024, KdConv 1500,
+256 for the others). The expected files per split are in each task's `files`.
 
 - ccpm (choice, F1): train.jsonl, valid.jsonl (or dev.jsonl), test.jsonl (or test_public.jsonl); JSONL rows
   {"translation", "choices": [4 lines], "answer": index}.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import a_or_an
 from .base import Example, Task, register_task
 from .mathexpr import EquationError, evaluate_expression
 from .rawfiles import Malformed, read_json_values, read_jsonl
@@ -32,12 +34,15 @@ JSONL_FILES = {
     "test": (("test.jsonl",), ("test_public.jsonl",)),
 }
 KDCONV_DOMAINS = ("film", "music", "travel")
+# CPM-Live's --tune-maxlen (its C3 and KdConv tune scripts; 256, base.DEFAULT_MAX_LEN, for the other tasks): long
+# passages and KdConv's knowledge need the room; capped by the model's position limit (Task.effective_max_len)
+C3_MAX_LEN, KDCONV_MAX_LEN = 1024, 1500
 KDCONV_HISTORY_TURNS = 4  # turns of dialogue history kept in a KdConv input (the most recent ones)
 
 
 def _str(obj: dict, key: str, *alts: str) -> str:
     if not isinstance(obj, dict):
-        raise Malformed(f"a {type(obj).__name__}, not a JSON object")
+        raise Malformed(f"{a_or_an(type(obj).__name__)}, not a JSON object")
     for k in (key, *alts):
         if k in obj:
             v = obj[k]
@@ -111,6 +116,7 @@ def c3() -> Task:
     # C3 questions have 2-4 choices: a batch may mix counts (missing options score -inf in the softmax)
     return Task("c3", "choice", "accuracy", ["accuracy"], files, parse_c3, read_json_values,
                 description="C3: multiple-choice reading comprehension (accuracy)", dir_names=("C3",),
+                max_len=C3_MAX_LEN,
                 data_format='JSON list of [[context lines], [{"question", "choice": [...], "answer"}], id]')
 
 
@@ -195,7 +201,7 @@ def kdconv() -> Task:
              "test": alternatives("test.json")}
     return Task("kdconv", "generation", "bleu", ["bleu", "distinct1", "distinct2"], files, parse_kdconv,
                 read_json_values, description="KdConv: knowledge-grounded dialogue (BLEU, Distinct-1/2)",
-                dir_names=("KdConv",), max_new_tokens=32,
+                dir_names=("KdConv",), max_new_tokens=32, max_len=KDCONV_MAX_LEN,
                 data_format='JSON list of sessions {"messages": [{"message", "attrs": [{"name", "attrname", '
                             '"attrvalue"}] (optional)}]}')
 

@@ -10,6 +10,11 @@ from ..configio import FrozenModel
 
 
 class TuneConfig(FrozenModel):
+    """How deltas are tuned. Every method (LoRA ... full) trains the same way: AdamW over its trainable parameters,
+    linear warmup then cosine decay (`cpmant.training.schedule.cosine`: CPM-Live's Noam shape, warmup then decay,
+    but peaking at `lr` itself where Noam peaks at lr / sqrt(warmup)), weight decay 0.01 and gradient clip 10 as
+    CPM-Live tunes; epoch 0 (the untuned start) is scored on the valid split and kept when no epoch beats it."""
+
     tasks: str = Field("demo-ccpm,demo-c3,demo-lcsts,demo-math23k", description="CUGE or demo task names, comma list")
     methods: str = Field("lora,full", description="delta methods, comma list (`full` = full fine-tuning, the "
                                                    "baseline every delta is compared with)")
@@ -18,10 +23,20 @@ class TuneConfig(FrozenModel):
     batch_size: int = Field(8, ge=1, description="training examples per optimizer step")
     eval_batch_size: int = Field(16, ge=1, description="examples per batch when evaluating")
     lr: dict[str, PositiveFloat] = Field(default_factory=dict,
-                                 description="learning rate per method, e.g. {lora: 1e-3, full: 1e-4}; a method not "
-                                             "named uses its registered default (lora 1e-3, full 1e-4, ...)")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, ge=0.0, description="gradient-norm clip (0: none)")
+                                 description="peak learning rate per method, e.g. {lora: 1e-3, full: 3e-3}; a method "
+                                             "not named uses its registered default (cpmant.delta.methods)")
+    sweep_lr: bool = Field(False, description="choose each method's lr on the valid split from its lr grid "
+                                              "(`cpmant tune --sweep-lr`): one tuning run per grid value")
+    lr_grid: dict[str, list[PositiveFloat]] = Field(
+        default_factory=dict, description="lrs tried by sweep_lr per method (at most 3), e.g. {full: [1e-3, 3e-3]}; "
+                                          "a method not named uses its registered grid")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0,
+                                description="schedule: the first warmup_ratio of the planned steps (epochs x steps "
+                                            "per epoch) raise the lr linearly from lr/warmup to lr; then it decays "
+                                            "along a cosine to min_lr_ratio x lr one step after the last planned one")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the schedule's final lr as a fraction of lr")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW (decoupled) weight decay, CPM-Live's 0.01")
+    grad_clip: float = Field(10.0, ge=0.0, description="gradient-norm clip, CPM-Live's tuning value 10 (0: none)")
     method_params: dict[str, dict] = Field(default_factory=dict,
                                            description="params per method, e.g. {lora: {r: 4}} (defaults: CPM-Ant's)")
     patience: int = Field(2, ge=0, description="epochs without a better primary metric before stopping (0: never)")
@@ -33,7 +48,18 @@ class TuneConfig(FrozenModel):
                                                    "fails (naming the file and line); below it they are counted")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where native, else fp32")
 
-    @field_validator("lr", "method_params")
+    @field_validator("lr_grid")
+    @classmethod
+    def _small_grid(cls, v: dict) -> dict:
+        from .methods import MAX_LR_GRID
+
+        bad = sorted(k for k, g in v.items() if not 1 <= len(g) <= MAX_LR_GRID)
+        if bad:
+            raise ValueError(f"tune.lr_grid.{bad[0]} has {len(v[bad[0]])} values; give 1 to {MAX_LR_GRID} "
+                             "(each value is a whole tuning run)")
+        return v
+
+    @field_validator("lr", "lr_grid", "method_params")
     @classmethod
     def _known_methods(cls, v: dict) -> dict:
         from .methods import method_names
@@ -48,3 +74,9 @@ class TuneConfig(FrozenModel):
         from .methods import get_method
 
         return float(self.lr.get(method, get_method(method).default_lr))
+
+    def lr_grid_for(self, method: str) -> tuple[float, ...]:
+        """The lrs sweep_lr tries for `method`: tune.lr_grid.<method>, else the method's registered grid."""
+        from .methods import get_method
+
+        return tuple(float(x) for x in self.lr_grid.get(method, get_method(method).lr_grid))

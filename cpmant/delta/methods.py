@@ -30,7 +30,7 @@ from pydantic import Field, ValidationError
 from torch import nn
 
 from ..configio import FrozenModel
-from ..errors import CpmantError
+from ..errors import CpmantError, a_or_an
 
 
 class DeltaParams(FrozenModel):
@@ -93,24 +93,31 @@ class Method:
     name: str
     params_cls: type[DeltaParams]
     build: Callable[[nn.Module, DeltaParams], Any]  # -> an OpenDelta DeltaBase, or None (full)
-    default_lr: float
+    default_lr: float  # peak lr without --sweep-lr (tune.lr.<method> overrides it)
+    lr_grid: tuple[float, ...]  # the lrs --sweep-lr tries (at most 3; tune.lr_grid.<method> overrides it)
     lazy: bool  # sizes its modules on a forward pass (run once before freezing / loading)
     mergeable: bool  # merge_delta folds it into the plain weights
     description: str
 
 
 METHODS: dict[str, Method] = {}
+MAX_LR_GRID = 3  # lrs one --sweep-lr tries per method: each is a whole tuning run
 
 
-def register_method(name: str, params_cls: type[DeltaParams], default_lr: float, lazy: bool = False,
-                    mergeable: bool = False, description: str = ""):
-    """Decorator: register `build(model, params) -> DeltaBase | None` under `name`."""
+def register_method(name: str, params_cls: type[DeltaParams], default_lr: float,
+                    lr_grid: tuple[float, ...] = (), lazy: bool = False, mergeable: bool = False,
+                    description: str = ""):
+    """Decorator: register `build(model, params) -> DeltaBase | None` under `name`; `lr_grid` (at most
+    MAX_LR_GRID values, default: default_lr alone) is what `--sweep-lr` tries."""
     default_name = params_cls.model_fields["name"].default
     if default_name != name:
         raise ValueError(f"{params_cls.__name__}.name must default to {name!r}, not {default_name!r}")
+    grid = tuple(float(x) for x in (lr_grid or (default_lr,)))
+    if len(grid) > MAX_LR_GRID:
+        raise ValueError(f"{name}: an lr grid has at most {MAX_LR_GRID} values, got {len(grid)}")
 
     def deco(build):
-        METHODS[name] = Method(name, params_cls, build, float(default_lr), lazy, mergeable,
+        METHODS[name] = Method(name, params_cls, build, float(default_lr), grid, lazy, mergeable,
                                description or (build.__doc__ or "").strip())
         return build
 
@@ -177,7 +184,9 @@ def dummy_inputs(model: nn.Module, length: int = 4) -> dict[str, torch.Tensor]:
 
 
 # ---- the methods -------------------------------------------------------------------------------------
-@register_method("lora", LoraParams, default_lr=1e-3, mergeable=True,
+# lora's and full's defaults: the valid-split sweep on a pretrained tiny base (demo-c3: lora 1e-3 67.0, 3e-3 71.5,
+# 1e-2 71.0; full 1e-3 70.5, 3e-3 74.5, 1e-2 72.5; demo-ccpm stayed at chance for every lr); docs/delta-tuning.md
+@register_method("lora", LoraParams, default_lr=1e-3, lr_grid=(1e-3, 3e-3, 1e-2), mergeable=True,
                  description="LoRA (OpenDelta LoraModel) on project_q/project_v, r 8, alpha 16 (CPM-Ant)")
 def _lora(model, p: LoraParams):
     with _quiet():
@@ -213,7 +222,7 @@ def _lora_class():
     return _LORA_CLASS
 
 
-@register_method("adapter", AdapterParams, default_lr=1e-3, lazy=True,
+@register_method("adapter", AdapterParams, default_lr=1e-3, lr_grid=(3e-4, 1e-3, 3e-3), lazy=True,
                  description="bottleneck adapters (OpenDelta AdapterModel) after attention and FFN")
 def _adapter(model, p: AdapterParams):
     with _quiet():
@@ -223,7 +232,8 @@ def _adapter(model, p: AdapterParams):
                             modified_modules=list(p.modules))
 
 
-@register_method("low_rank_adapter", LowRankAdapterParams, default_lr=1e-3, lazy=True,
+@register_method("low_rank_adapter", LowRankAdapterParams, default_lr=1e-3, lr_grid=(3e-4, 1e-3, 3e-3),
+                 lazy=True,
                  description="low-rank adapters (OpenDelta LowRankAdapterModel)")
 def _low_rank_adapter(model, p: LowRankAdapterParams):
     with _quiet():
@@ -234,7 +244,7 @@ def _low_rank_adapter(model, p: LowRankAdapterParams):
                                    modified_modules=list(p.modules))
 
 
-@register_method("compacter", CompacterParams, default_lr=1e-3, lazy=True,
+@register_method("compacter", CompacterParams, default_lr=1e-3, lr_grid=(3e-4, 1e-3, 3e-3), lazy=True,
                  description="Compacter (OpenDelta CompacterModel): hypercomplex adapters")
 def _compacter(model, p: CompacterParams):
     with _quiet():
@@ -245,7 +255,7 @@ def _compacter(model, p: CompacterParams):
                               modified_modules=list(p.modules))
 
 
-@register_method("bitfit", BitFitParams, default_lr=3e-3, lazy=True,
+@register_method("bitfit", BitFitParams, default_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2), lazy=True,
                  description="BitFit (OpenDelta BitFitModel): a trainable bias after each Linear")
 def _bitfit(model, p: BitFitParams):
     with _quiet():
@@ -254,7 +264,10 @@ def _bitfit(model, p: BitFitParams):
         return BitFitModel(backbone_model=model, modified_modules=list(p.modules))
 
 
-@register_method("full", FullParams, default_lr=1e-4, description="full fine-tuning (every weight; the baseline)")
+# full: CPM-Ant's Linear keeps N(0,1) weights and divides by sqrt(d_in), so an AdamW step of lr moves a weight's
+# effect ~sqrt(d_in) times less than in a standard parameterisation: its grid sits an order above the deltas'
+@register_method("full", FullParams, default_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2),
+                 description="full fine-tuning (every weight; the baseline)")
 def _full(model, p: FullParams):
     return None
 
@@ -293,7 +306,7 @@ def apply_delta(model: nn.Module, method: str, params: dict | DeltaParams | None
             q.requires_grad_(True)
         return DeltaHandle(method, p, model, None)
     if getattr(model, "_cpmant_delta", None):
-        raise CpmantError(f"the model already carries a {model._cpmant_delta} delta",
+        raise CpmantError(f"the model already carries {a_or_an(model._cpmant_delta)} delta",
                           "apply one delta method to a freshly loaded base model")
     _opendelta()
     if m.lazy:
