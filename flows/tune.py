@@ -44,5 +44,5 @@ def tune_flow(model_uri: str, tasks: str | None = None, methods: str | None = No
                 note += f", zero-shot {z:.4g}"
             summary.append(summary_row(f"tune {t} {m}", row["model"], row["metric"], row.get("score"),
                                        row.get("seconds") or 0.0, row.get("reused", False), note=note))
-        tables[t] = comparison_table(cfg.tracking, model_uri, t, zero, rows)
+        tables[t] = comparison_table(cfg.tracking, model_uri, t, zero, rows, tune=cfg.tune)
     return {"deltas": deltas, "tables": tables, "summary": summary}

@@ -64,8 +64,10 @@ def test_tune_registers_deltas_with_lineage_metrics_and_table(prefect_harness, b
         for key in ("trainable_params", "trainable_ratio", "delta_bytes", "test_f1", "energy_kwh",
                     "emissions_kg_co2e", "cost_rmb", "duration_s"):
             assert key in m, (name, key)
-        # eval_<metric> once per epoch, at step = epoch
-        assert [h.step for h in client.get_metric_history(run.info.run_id, "eval_f1")] == [1, 2]
+        # eval_<metric> once per epoch, at step = epoch, from epoch 0 (the untuned start, kept when best)
+        assert [h.step for h in client.get_metric_history(run.info.run_id, "eval_f1")] == [0, 1, 2]
+        # the micro base has 128 positions: CPM-Live's 256 for CCPM is capped, and the run says so
+        assert (run.data.params["max_len"], run.data.params["max_len_effective"]) == ("256", "128")
         assert run.data.params["task"] == TASK and run.data.params["method"] == method
         # the contract's hashes: the data it was tuned on (the task's examples) and its tuning config
         assert t["cpmant.data_sha256"] == run.data.params["task_data_sha256"] and t["cpmant.config_sha256"]
@@ -90,11 +92,32 @@ def test_tune_registers_deltas_with_lineage_metrics_and_table(prefect_harness, b
     for row in table[1:]:
         name, version = row["model"][len("models:/"):].rsplit("/", 1)
         assert row["score"] == client.get_run(client.get_model_version(name, version).run_id).data.metrics["test_f1"]
+    # every score carries its interval; each run stores its test predictions (4 examples) for paired comparisons
+    runs_by_method = {r["method"]: client.get_run(client.get_model_version(*r["model"][len("models:/"):]
+                                                                           .rsplit("/", 1)).run_id)
+                      for r in table[1:]}
+    for row in table:
+        assert row["score_ci_low"] <= row["score"] <= row["score_ci_high"]
+    zero_run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string="tags.`cpmant.tune.kind` = 'zero-shot'")[0]
+    for run in (zero_run, *runs_by_method.values()):
+        m = run.data.metrics
+        assert m["test_f1_ci_low"] <= m["test_f1"] <= m["test_f1_ci_high"] and "test_accuracy_ci_high" in m
+        lines = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/predictions/test.jsonl").splitlines()
+        assert len(lines) == 4 and all(json.loads(x)["prediction"] in range(4) for x in lines)
+    # paired comparisons on the method runs and (prefixed by the method) on the comparison run
+    lora_m, full_m = runs_by_method["lora"].data.metrics, runs_by_method["full"].data.metrics
+    assert lora_m["vs_zero_shot_f1"] == pytest.approx(table[1]["vs_zero_shot"])
+    assert lora_m["vs_full_f1"] == pytest.approx(table[1]["score"] - table[2]["score"])
+    assert lora_m["vs_full_f1_ci_low"] <= lora_m["vs_full_f1"] <= lora_m["vs_full_f1_ci_high"]
+    assert "ratio_to_full_f1_ci_low" in lora_m and "vs_full_f1" not in full_m and "vs_zero_shot_f1" in full_m
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.`cpmant.tune.kind` = 'comparison' and tags.`cpmant.task` = '{TASK}'")
     assert len(runs) == 1
     logged = mlflow.load_table(f"comparison-{TASK}.json", run_ids=[runs[0].info.run_id])
     assert list(logged["method"]) == ["zero-shot", "lora", "full"]
+    assert {"score_ci_low", "vs_full_ci_low", "ratio_to_full_ci_high"} <= set(logged.columns)
+    assert runs[0].data.metrics["lora_vs_full_f1"] == pytest.approx(lora_m["vs_full_f1"])
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as pc:
@@ -114,6 +137,32 @@ def test_tune_registers_deltas_with_lineage_metrics_and_table(prefect_harness, b
     mlflow.set_tracking_uri(None)
     again = _tune(base, capsys)
     assert again["deltas"] == out["deltas"] and all(r["reused"] for r in again["summary"])
+
+
+def test_sweep_lr_records_the_grid_the_choice_and_the_sweep(prefect_harness, base, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cpmant_cli.main import main
+
+    rc = main(["tune", "models:/cpm-ant-tiny@candidate", "--task", TASK, "--method", "lora", "--sweep-lr",
+               "--data", base["corpus"], "--json", "--set", *SETTINGS, "tune.lr_grid.lora=[1e-4,3e-2]"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    client = MlflowClient()
+    name = f"cpm-ant-tiny-{TASK}-lora"
+    # the grid is part of the reuse key: not the version tuned at the default lr (if that test ran first)
+    uri = json.loads(out.out)["deltas"][0]
+    run = client.get_run(client.get_model_version(name, uri.rsplit("/", 1)[1]).run_id)
+    p = run.data.params
+    assert json.loads(p["lr_grid"]) == [1e-4, 3e-2] and json.loads(p["tune.lr_grid"].replace("'", '"')) == [1e-4, 3e-2]
+    sweep = mlflow.load_table("lr_sweep.json", run_ids=[run.info.run_id])
+    assert list(sweep["lr"]) == [1e-4, 3e-2] and set(sweep["best_epoch"]) <= {0, 1, 2}
+    best = sweep.loc[sweep["valid_score"].idxmax()]  # the first of equals, as the sweep chooses
+    assert float(p["lr_chosen"]) == best["lr"] == float(p["method.lr"])
+    # only the chosen lr's run is logged: one eval_f1 per epoch, from 0, ending at its best valid score
+    hist = sorted(client.get_metric_history(run.info.run_id, "eval_f1"), key=lambda h: h.step)
+    assert [h.step for h in hist] == [0, 1, 2] and max(h.value for h in hist) == pytest.approx(best["valid_score"])
 
 
 @pytest.mark.parametrize("flag,value,listed", [("--task", "demo-nope", "demo-ccpm"),

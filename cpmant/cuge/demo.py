@@ -12,8 +12,12 @@ their scores are never CUGE scores (`Task.is_demo`).
 
 Splits are made at the poem level (a poem's examples stay in one split), and poems that share an example's key
 (its input text with punctuation and spaces removed: the corpus repeats poems and lines across documents) are one
-group, so no input of valid or test is in train, and no input appears twice; sizes default to 200/50/50
-(train/valid/test) and shrink in proportion when the corpus has fewer poems. `build_demo_task` writes the raw
+group, so no input of valid or test is in train, and no input appears twice; sizes default to 200/200/500
+(train/valid/test: test and valid large enough for a 95% interval of about +-4 points on accuracy, the training
+set small enough for CPU tuning) and shrink in proportion when the corpus has fewer poems. The default corpus
+(fortunes-zh) gives every demo task its full 200/200/500 (about 3,500 ccpm line pairs and 4,100 c3/lcsts poems
+are usable); a smaller corpus folder gives less, and demo.json's `counts` say what was reached.
+`build_demo_task` writes the raw
 files plus `demo.json` (seed, corpus, counts; written last, so its presence marks a complete build).
 `task.load(split)` builds once into $CPMANT_HOME/cuge/<name>-<seed>/ from the default corpus, or
 $CPMANT_HOME/cuge/<name>-<seed>-<key>/ from a corpus folder passed as data_dir (key: a hash of the folder's path,
@@ -36,7 +40,7 @@ from .base import SPLITS, Examples, Task, normalize_split, register_task
 from .tasks import c3 as _c3, ccpm as _ccpm, lcsts as _lcsts, math23k as _math23k
 
 DEMO_VERSION = 3  # bump when the builders change: it is part of demo.json and the folder key
-DEFAULT_SIZES = (200, 50, 50)  # train, valid, test
+DEFAULT_SIZES = (200, 200, 500)  # train, valid, test
 MANIFEST = "demo.json"
 MAX_POEM_CHARS = 96  # longer texts are left out of demo-c3 / demo-lcsts (keeps CPU tuning fast)
 PAIRS_PER_POEM = 2  # demo-ccpm: at most this many line pairs from one poem
@@ -353,11 +357,13 @@ def build_demo_task(name: str, corpus_dir: str | Path | None, out_dir: str | Pat
     return out
 
 
-def _built_version(folder: Path) -> int | None:
+def _built(folder: Path) -> tuple[int | None, tuple[int, ...] | None]:
+    """(builder version, sizes) of a built demo folder; (None, None) when it holds no complete build."""
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("version")
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return manifest.get("version"), tuple(manifest.get("sizes") or ())
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, None
 
 
 def _corpus_key(corpus_dir: Path) -> str:
@@ -395,7 +401,7 @@ class DemoTask(Task):
             folder = f"{self.name}-{self.seed}"
         sized = "" if tuple(self.sizes) == DEFAULT_SIZES else "-" + "x".join(map(str, self.sizes))
         out = subdir("cuge") / (folder + sized)
-        if _built_version(out) != DEMO_VERSION:  # not built yet, or by older builder code
+        if _built(out) != (DEMO_VERSION, tuple(self.sizes)):  # not built yet, by older code, or other sizes
             build_demo_task(self.name, data_dir, out, seed=self.seed, sizes=tuple(self.sizes))
         return out
 
@@ -423,7 +429,9 @@ def _demo_factory(name: str):
                                                 "max_len", "data_format")}
         max_new = {"demo-lcsts": 16, "demo-math23k": 24}.get(name, base.max_new_tokens)
         return DemoTask(name=name, files={s: ((names[s],),) for s in SPLITS}, is_demo=True,
-                        description=f"demo task in {demo.base}'s format, built from the corpus (not a CUGE score)",
+                        description=f"demo task in {demo.base}'s format, built from the corpus (not a CUGE score); "
+                                    f"{'/'.join(map(str, DEFAULT_SIZES))} train/valid/test examples (fewer when "
+                                    "the corpus gives fewer: demo.json's counts)",
                         max_new_tokens=max_new, **fields)
 
     return factory
