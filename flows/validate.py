@@ -27,7 +27,9 @@ def validate_flow(uris: list[str], config: dict | None = None, force: bool | lis
 
     Steps, per URI (models:/NAME/VERSION or models:/NAME@ALIAS):
       1. measure: held-out perplexity on the data it was trained with, smoke generations (non-empty, UTF-8, no
-         <unk>, no loop), tokens/s, first-token latency p50/p95, peak memory; a delta's task metrics
+         <unk>, no loop), tokens/s, first-token latency p50/p95, peak memory; a delta's task metrics; the
+         champion timed beside it (alternating) and, for a delta, its base zero-shot and the champion scored on the
+         same examples (paired 95% intervals: task_vs_zero_shot, task_vs_champion)
       2. gates: every configured gate against its value threshold, its parent and the current champion (MLflow's
          MetricThreshold), the three-way comparison logged as an MLflow table
       3. record: an MLflow run (tag cpmant.stage=validate) with the metrics, a markdown report and the tables; the
@@ -44,7 +46,9 @@ def validate_flow(uris: list[str], config: dict | None = None, force: bool | lis
     force = forced(force, "validate")
     results, summary = [], []
     for uri in uris:  # one after another: a later candidate of the same name compares with the champion just moved
-        res = validate_version(cfg.validation, cfg.tracking, uri, force=force, promote=promote)
+        # its state: Completed, or Completed named "Rejected" when a gate failed; either way the result dict
+        res = validate_version(cfg.validation, cfg.tracking, uri, force=force, promote=promote,
+                               return_state=True).result()
         results.append(res)
         key = "task_score" if res["metrics"].get("task_score") is not None else "perplexity"  # a delta: its task
         summary.append(summary_row("validate", res["model"], key, res["metrics"].get(key), res["seconds"],

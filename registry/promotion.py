@@ -2,7 +2,7 @@
 move `champion` (after validation, or by hand with a reason).
 
     decide(checks) -> list[dict]                               # each check + passed + MLflow's message
-    record_validation(uri, passed, run_id, failures)           # version tags cpmant.validation=passed|failed, ...
+    record_validation(uri, passed, run_id, failures, evidence)  # version tags cpmant.validation=passed|failed, ...
     promote_version(uri, by, reason, run_id="") -> dict        # champion -> uri, who and why on the version
     promote_by_hand(uri, reason, user=None) -> dict            # `cpmant promote`: an MLflow run records it too
     recorded_validation(uri, settings_sha256) -> dict | None   # the latest validation run of a version
@@ -21,7 +21,8 @@ from .tracking import setup_tracking
 
 # the tags beyond the contract's live in registry/tags.py with the others
 from .tags import (MODEL, PREVIOUS_CHAMPION, PROMOTED_AT, PROMOTED_BY, PROMOTION_REASON, PROMOTION_RUN,  # noqa: F401
-                   VALIDATION, VALIDATION_FAILURES, VALIDATION_KEY, VALIDATION_RUN, VALIDATION_SETTINGS)
+                   VALIDATION, VALIDATION_EVIDENCE, VALIDATION_FAILURES, VALIDATION_KEY, VALIDATION_RUN,
+                   VALIDATION_SETTINGS)
 
 PASSED, FAILED = "passed", "failed"
 TAG_MAX = 4000  # MLflow tag values are limited (5000 characters on SQL stores)
@@ -72,13 +73,25 @@ def _version_uri(uri: str) -> tuple[str, int, str]:
     return name, version, f"models:/{name}/{version}"
 
 
-def record_validation(uri: str, passed: bool, run_id: str, failures: list[str]) -> None:
-    """The decision on the version: cpmant.validation=passed|failed, the run id and the failed gates."""
+EVIDENCE_LINE = "Validation evidence"  # the version description's line that states the interval gates
+
+
+def record_validation(uri: str, passed: bool, run_id: str, failures: list[str],
+                      evidence: list[str] | None = None) -> None:
+    """The decision on the version: cpmant.validation=passed|failed, the run id, the failed gates and the interval
+    gates' evidence (each difference, its 95% interval and the decision; also one line of the version's
+    description, replaced at each validation)."""
     name, version, _ = _version_uri(uri)
     c = _client()
     c.set_model_version_tag(name, str(version), VALIDATION, PASSED if passed else FAILED)
     c.set_model_version_tag(name, str(version), VALIDATION_RUN, run_id)
     c.set_model_version_tag(name, str(version), VALIDATION_FAILURES, _clip("; ".join(failures)))
+    c.set_model_version_tag(name, str(version), VALIDATION_EVIDENCE, _clip("; ".join(evidence or [])))
+    if evidence:
+        desc = c.get_model_version(name, str(version)).description or ""
+        kept = [ln for ln in desc.split("\n") if not ln.startswith(EVIDENCE_LINE)]
+        line = f"{EVIDENCE_LINE} (run {run_id}, {PASSED if passed else FAILED}): {'; '.join(evidence)}"
+        c.update_model_version(name, str(version), description="\n".join(kept + [line]).strip())
 
 
 def promote_version(uri: str, by: str, reason: str, run_id: str = "") -> dict:

@@ -27,11 +27,20 @@ VALIDATION_RUN = "cpmant.validation_run_id"  # version tag: the run that decided
 VALIDATION_FAILURES = "cpmant.validation_failures"  # version and run tag: the failed gates, "; "-separated
 VALIDATION_KEY = "cpmant.validation_key"  # run tag: version + settings + gates + code + champion (reuse key)
 VALIDATION_SETTINGS = "cpmant.validation_settings_sha256"  # run tag: the measurement settings only
+VALIDATION_EVIDENCE = "cpmant.validation_evidence"  # version and run tag: the interval gates' intervals and decisions
 PROMOTED_BY = "cpmant.promoted_by"  # version tag: a user name, or "validation"
 PROMOTION_REASON = "cpmant.promotion_reason"
 PROMOTED_AT = "cpmant.promoted_at"  # UTC, ISO 8601
 PREVIOUS_CHAMPION = "cpmant.previous_champion"  # the version champion pointed at before ("" if none)
 PROMOTION_RUN = "cpmant.promotion_run_id"
+
+# run tags of the process that started a run (every run a `cpmant` command starts, via MLFLOW_RUN_CONTEXT): a run
+# left RUNNING whose process is gone is marked KILLED by the next command (cpmant_cli/stale_runs.py)
+PROCESS_PID, PROCESS_STARTED, PROCESS_HOST = "cpmant.pid", "cpmant.pid_started", "cpmant.host"
+
+# a lifecycle's MLflow runs (tasks/lifecycle.py): the models a run made or reused (distinct models:/ URIs) and what
+# was reused: "yes" | "no" on a stage run, the reused stages ("pretrain,compress", or "none") on the parent run
+MODELS, REUSED = "cpmant.models", "cpmant.reused"
 
 STAGES = ("pretrain", "compress", "delta")
 ALIAS_CANDIDATE, ALIAS_CHAMPION = "candidate", "champion"

@@ -48,9 +48,12 @@ def test_gate_limits_follow_mlflow_formulas():
                        "champion": {"min_relative_change": 0.1, "min_absolute_change": 5.0}},
         "tokens_per_second": {"champion": {"max_relative_regression": 0.25}},
         "unk_rate": None, "smoke_pass_rate": None, "first_token_ms_p95": None})
-    cand = {"perplexity": 150.0, "tokens_per_second": 70.0}
-    checks, skipped = plan_checks(cfg, "compress", cand, {"perplexity": 120.0}, {"perplexity": 160.0,
-                                                                                 "tokens_per_second": 100.0})
+    # timings: the champion's baseline is the one measured beside the candidate (champion_*), not its record (999)
+    # (perplexity: all three measured on the same held-out rows, the same heldout_sha256)
+    cand = {"perplexity": 150.0, "tokens_per_second": 70.0, "champion_tokens_per_second": 100.0,
+            "heldout_sha256": "h"}
+    checks, skipped = plan_checks(cfg, "compress", cand, {"perplexity": 120.0, "heldout_sha256": "h"},
+                                  {"perplexity": 160.0, "tokens_per_second": 999.0, "heldout_sha256": "h"})
     by = {(c.metric, c.against, c.threshold is not None): c for c in checks}
     assert by[("perplexity", "threshold", True)].limit == 300.0
     assert by[("perplexity", "parent", True)].limit == pytest.approx(180.0)  # 120 * (1 + 0.5)
@@ -59,7 +62,7 @@ def test_gate_limits_follow_mlflow_formulas():
     assert by[("tokens_per_second", "champion", True)].limit == pytest.approx(75.0)  # 100 * (1 - 0.25)
     assert skipped == []
     # no champion: its comparisons are skipped and said so; a delta-only gate does not apply to a base
-    _, skipped = plan_checks(cfg, "pretrain", cand, None, None)
+    _, skipped = plan_checks(cfg, "pretrain", {**cand, "champion_tokens_per_second": None}, None, None)
     assert {(s["metric"], s["against"], s["reason"]) for s in skipped} == {
         ("perplexity", "parent", "no parent"), ("perplexity", "champion", "no champion"),
         ("tokens_per_second", "champion", "no champion")}
@@ -84,7 +87,7 @@ def test_decide_uses_mlflow_semantics():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
-FAST = {"eval_rows": 4, "batch_size": 4, "seq_len": 64, "prompts": ["床前明月光", "春眠不觉晓", "白日依山尽"],
+FAST = {"batch_size": 4, "prompts": ["床前明月光", "春眠不觉晓", "白日依山尽"],
         "max_new_tokens": 6, "speed_repeats": 1, "latency_repeats": 1,
         "gates": {"smoke_pass_rate": None, "tokens_per_second": None, "first_token_ms_p95": None}}
 
@@ -138,6 +141,16 @@ def test_validate_promotes_passing_and_not_failing(prefect_harness, store):
     tight = _config(gates={**FAST["gates"], "perplexity": {"threshold": 1.0}})
     r2 = validate_flow([reg2.uri], tight)["results"][0]
     assert not r2["passed"] and not r2["promoted"]
+    # in Prefect: the failed gate is the task run's state, named Rejected, with the gate in its message and its log
+    from _prefect_runs import task_run_log, task_runs
+
+    (tr2,) = task_runs([f"validate-cpm-ant-tiny-{reg2.version}"])
+    assert tr2.state.type.value == "COMPLETED" and tr2.state.name == "Rejected", tr2.state
+    assert tr2.state.message.startswith(f"{reg2.uri} rejected: perplexity ")
+    log2 = task_run_log(tr2.id)
+    assert f"decision: rejected, gate failed: {r2['failures'][0]}" in log2, log2
+    assert any(m.startswith("metrics: ") and "perplexity " in m for m in log2), log2
+    assert {t.state.name for t in task_runs(["validate-cpm-ant-tiny-1"])} == {"Completed"}  # passed, reused
     assert get_alias("cpm-ant-tiny", "champion") == 1
     ppl = r2["metrics"]["perplexity"]
     assert r2["failures"][0].startswith(f"perplexity {ppl:.6g} > 1 (<= 1")

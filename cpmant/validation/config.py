@@ -12,9 +12,21 @@ A gate is MLflow's `MetricThreshold` (mlflow.models.MetricThreshold) per metric,
 
 A comparison with a reference that does not exist (a base model has no parent; the first version has no champion)
 is skipped and reported as such; every other gate must pass for `champion` to move.
+
+Two kinds of gate need measurements of a reference made in the same validation run (never a figure recorded under
+another load, or on other examples):
+
+- timings (`TIMED_METRICS`: tokens/s, first-token latency) compare with the champion measured beside the candidate,
+  alternating; a timing gate has no `parent` comparison;
+- a delta's task gates (`INTERVAL_GATES`) are paired differences over the same test examples with a 95% bootstrap
+  interval: `task_vs_zero_shot` (the delta minus its base scored zero-shot) must lie above `threshold` (`interval:
+  above`: the interval's lower bound > threshold), `task_vs_champion` (the delta minus the current champion of its
+  name) must not lie below it (`interval: not_below`: the upper bound >= threshold, i.e. not significantly worse).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,8 +38,12 @@ STAGES = ("pretrain", "compress", "delta")  # the kinds of model a gate may appl
 METRICS_GREATER_IS_BETTER = {
     "perplexity": False, "lm_loss": False, "tokens_per_second": True, "peak_memory_mb": False,
     "first_token_ms_p50": False, "first_token_ms_p95": False, "smoke_pass_rate": True, "unk_rate": False,
-    "loop_rate": False, "empty_rate": False, "task_score": True,
+    "loop_rate": False, "empty_rate": False, "task_score": True, "task_vs_zero_shot": True, "task_vs_champion": True,
 }
+# timings: compared only with the champion measured in the same run (logged as champion_<metric>)
+TIMED_METRICS = ("tokens_per_second", "first_token_ms_p50", "first_token_ms_p95")
+# paired task differences of a delta (logged with _ci_low / _ci_high) -> the reference they are taken against
+INTERVAL_GATES = {"task_vs_zero_shot": "zero_shot", "task_vs_champion": "champion"}
 
 DEFAULT_PROMPTS = ("床前明月光", "春眠不觉晓", "白日依山尽", "学而时习之", "海内存知己", "千山鸟飞绝",
                    "天下大势", "人生得意须尽欢")
@@ -59,6 +75,9 @@ class Gate(FrozenModel):
     parent: Comparison | None = Field(None, description="comparison with the parent version")
     champion: Comparison | None = Field(None, description="comparison with the current champion of the same name")
     stages: tuple[str, ...] = Field(STAGES, description="the kinds of model it applies to (a version's cpmant.stage)")
+    interval: Literal["above", "not_below"] | None = Field(
+        None, description="a paired difference with an interval: `above` = its lower bound > threshold (significantly "
+                          "better), `not_below` = its upper bound >= threshold (not significantly worse)")
 
     @field_validator("stages")
     @classmethod
@@ -72,6 +91,8 @@ class Gate(FrozenModel):
     def _something(self):
         if self.threshold is None and self.parent is None and self.champion is None:
             raise ValueError("a gate needs threshold, parent or champion")
+        if self.interval is not None and (self.threshold is None or self.parent or self.champion):
+            raise ValueError("an interval gate compares its interval with `threshold` only (e.g. threshold: 0)")
         return self
 
 
@@ -83,23 +104,27 @@ def _default_gates() -> dict[str, Gate]:
                            champion=Comparison(max_relative_regression=0.1), stages=("pretrain", "compress")),
         "smoke_pass_rate": Gate(threshold=0.5),  # at least half the prompts: non-empty, UTF-8, no <unk>, no loop
         "unk_rate": Gate(threshold=0.0),  # generation bans <unk>: any is a bug
-        # speed and latency: generous (timings on a shared machine are noisy), against the champion only
+        # speed and latency: generous (timings on a shared machine are noisy), against the champion measured in the
+        # same run only
         "tokens_per_second": Gate(champion=Comparison(max_relative_regression=0.5)),
         "first_token_ms_p95": Gate(champion=Comparison(max_relative_regression=1.0)),
-        "task_score": Gate(champion=Comparison(max_relative_regression=0.05), stages=("delta",)),
+        # a delta: significantly better than its base zero-shot, not significantly worse than the champion
+        "task_vs_zero_shot": Gate(threshold=0.0, interval="above", stages=("delta",)),
+        "task_vs_champion": Gate(threshold=0.0, interval="not_below", stages=("delta",)),
     }
 
 
 class ValidateConfig(FrozenModel):
     promote: bool = Field(True, description="move `champion` to a candidate whose every gate passes")
-    eval_rows: int = Field(16, ge=1, description="held-out rows that measure perplexity")
-    batch_size: int = Field(8, ge=1, description="rows per forward pass (perplexity, task evaluation)")
-    seq_len: int = Field(128, ge=8, description="tokens per held-out row (capped by the model's position limit)")
+    batch_size: int = Field(8, ge=1, description="examples per forward pass of a delta's task evaluation (the "
+                                                 "held-out perplexity uses its lineage's spec, cpmant/heldout.py)")
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1, description="smoke-generation prompts")
     max_new_tokens: int = Field(24, ge=1, description="new tokens per smoke generation (and the speed measure)")
     generation: dict = Field(default_factory=dict, description="GenerationConfig overrides for the smoke runs")
-    speed_repeats: int = Field(1, ge=1, description="timed batched generations (after one warm-up) for tokens/s")
-    latency_repeats: int = Field(1, ge=1, description="first-token timings per prompt (p50/p95 over all)")
+    speed_repeats: int = Field(1, ge=1, description="timed batched generations (after one warm-up) for tokens/s; "
+                                                    "with a champion, rounds of candidate then champion")
+    latency_repeats: int = Field(1, ge=1, description="first-token timings per prompt (p50/p95 over all); with a "
+                                                      "champion, rounds of candidate then champion")
     loop_ngram: int = Field(4, ge=1, description="longest n-gram (in tokens) the loop check looks for")
     loop_repeats: int = Field(3, ge=1, description="a generation loops when an n-gram repeats back to back more "
                                                    "than this many times")
@@ -107,6 +132,17 @@ class ValidateConfig(FrozenModel):
     task_data: str | None = Field(None, description="a delta's task data folder (None: the folder its tuning run "
                                                     "used, else $CUGE_DATA/<task>; demo tasks: the default corpus)")
     gates: dict[str, Gate] = Field(default_factory=_default_gates, description="metric -> promotion gate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        """eval_rows / seq_len chose the held-out rows before the one held-out measure (cpmant/heldout.py)."""
+        old = [k for k in ("eval_rows", "seq_len") if isinstance(data, dict) and k in data]
+        if old:
+            raise ValueError(f"validation.{', validation.'.join(old)}: removed; perplexity is the lineage's held-out "
+                             "measure (cpmant/heldout.py), on the rows its pretraining recorded (pretrain.eval_rows, "
+                             "pretrain.seq_len, pretrain.micro_batch_size): remove them")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +171,10 @@ class ValidateConfig(FrozenModel):
                    and not m.startswith("eval_")]
         if unknown:
             raise ValueError(f"gate(s) {unknown} on metrics of unknown direction: set greater_is_better")
+        timed = [m for m, g in v.items() if g.enabled and m in TIMED_METRICS and g.parent is not None]
+        if timed:
+            raise ValueError(f"gate(s) {timed} compare timings with the parent: timings compare only with the "
+                             "champion measured beside the candidate (use `champion:` or `threshold:`)")
         return v
 
     def direction(self, metric: str) -> bool:
