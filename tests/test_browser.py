@@ -1,6 +1,7 @@
-"""The browser check: the report and the MLflow UI's model-version page rendered in headless Chromium (Debian's
-`chromium`), with the expected text and plots there. Without chromium the test is skipped locally and fails under
-CI=true (.ci/run installs it: `apt-get install -y chromium fonts-noto-cjk`)."""
+"""The browser check: the report and the MLflow UI (infra/mlflow-ui.sh: its landing view, a deep link, the home page,
+a model-version page) rendered in headless Chromium (Debian's `chromium`), with the expected text and plots there.
+Without chromium the test is skipped locally and fails under CI=true (.ci/run installs it: `apt-get install -y
+chromium fonts-noto-cjk`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -71,15 +71,26 @@ def test_report_renders_in_chromium(lifecycle, tmp_path, monkeypatch):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
-def test_mlflow_ui_model_version_page(lifecycle, tmp_path):
+def _session_processes(sid: int) -> list[str]:
+    """The command lines of the processes in session `sid` (the UI script and whatever it started)."""
+    ps = subprocess.run(["ps", "--sid", str(sid), "-o", "args="], capture_output=True, text=True)
+    return [line for line in ps.stdout.splitlines() if line.strip()]
+
+
+def test_mlflow_ui_landing_view_and_model_version_page(lifecycle, tmp_path):
+    """infra/mlflow-ui.sh as a newcomer meets it (a fresh browser profile per page): the root URL lands on the
+    experiment's runs in the Model training view with the registry in the sidebar, not the GenAI overview; a deep
+    link without `?workflowType` stays in that view; no telemetry notice; two processes, no job runner."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(lifecycle["tracking_uri"])
+    exp_id = client.get_experiment_by_name("cpmant").experiment_id
+    newest = client.search_runs([exp_id], max_results=1)[0].info.run_name  # the runs table's first row
     port = _free_port()
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", lifecycle["tracking_uri"], "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              # no job runner and its 7 huey consumers: half the start-up time on 2 cores
-                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-                                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    script = Path(__file__).resolve().parents[1] / "infra" / "mlflow-ui.sh"
+    server = subprocess.Popen([str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True,
+                              env={**os.environ, "CPMANT_HOME": str(lifecycle["home"]), "MLFLOW_PORT": str(port)})
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
@@ -90,16 +101,32 @@ def test_mlflow_ui_model_version_page(lifecycle, tmp_path):
                         break
             except OSError:
                 pass
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            assert server.poll() is None and time.time() < deadline, "mlflow-ui.sh did not start"
             time.sleep(0.5)
+        procs = _session_processes(server.pid)
+        assert len(procs) <= 2 and not any("huey" in p for p in procs), procs  # the CLI and one uvicorn worker
+
+        landing = _chromium("--virtual-time-budget=15000", "--dump-dom", base + "/")
+        assert f"<title>Runs - Experiment {exp_id} - MLflow</title>" in landing  # the runs page, not "Overview"
+        assert 'href="#/models"' in landing and "Model registry" in landing  # the registry in the sidebar
+        assert f">{newest}<" in landing  # the runs table lists the project's runs
+        for genai in ("Evaluation runs", "Agent versions", "Information about UI telemetry"):
+            assert genai not in landing, genai
+        shot = tmp_path / "mlflow-landing.png"
+        _chromium("--virtual-time-budget=15000", "--window-size=1400,900", f"--screenshot={shot}", base + "/")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+        deep = _chromium("--virtual-time-budget=12000", "--dump-dom", f"{base}/#/experiments/{exp_id}")
+        assert f"Experiment {exp_id} - MLflow</title>" in deep and "Overview - Experiment" not in deep
+        assert "Model registry" in deep and "Evaluation runs" not in deep
+        home = _chromium("--virtual-time-budget=12000", "--dump-dom", f"{base}/#/?home")  # MLflow's home page
+        assert "Welcome to MLflow" in home and "Information about UI telemetry" not in home
+
         # MLflow 3's UI: the model-version page is /#/models/NAME/versions/N (a JS app: rendered with virtual time)
         dom = _chromium("--virtual-time-budget=10000", "--dump-dom", f"{base}/#/models/cpm-ant-tiny/versions/1")
         assert "cpm-ant-tiny v1 - MLflow" in dom and "Version 1" in dom
         for text in ("cpmant.stage", "cpmant.data_sha256", "candidate", "pretrained 8 steps"):
             assert text in dom, text
-        # the README's way into the classic "Model training" view: its sidebar lists the model registry
-        home = _chromium("--virtual-time-budget=8000", "--dump-dom", f"{base}/#/?workflowType=machine_learning")
-        assert "Model registry" in home
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
