@@ -60,7 +60,7 @@ def add_verbs(sub) -> None:
     p.add_argument("--config", type=_nonempty,
                    help="YAML file (a saved LifecycleConfig; its validation section applies)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. validation.eval_rows=32 validation.gates.perplexity.threshold=500")
+                   help="dotted overrides, e.g. validation.task_examples=32 validation.gates.perplexity.threshold=500")
     _add_outcome_args(p)
     add_runner_args(p)
     p.set_defaults(fn=cmd_validate)

@@ -202,7 +202,7 @@ def test_lifecycle_run_logs_its_wall_time_not_its_longest_row(store):
     from tasks.lifecycle import close_run, open_run
 
     tracking = TrackingConfig(experiment="energy-test")
-    run_id = open_run.fn(tracking, "lifecycle")
+    run_id = open_run(tracking, "lifecycle")
     rows = [{"model": "m1", "seconds": 3.0}, {"model": "m2", "seconds": 5.0}]
-    close_run.fn(tracking, run_id, rows, name="lifecycle", seconds=12.5)
+    close_run(tracking, run_id, rows, name="lifecycle", seconds=12.5)
     assert MlflowClient().get_run(run_id).data.metrics["duration_s"] == 12.5

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint as ck
-from ..errors import CpmantError
+from ..errors import CpmantError, a_or_an
 from ..fsutil import fsync_dir, write_json_atomic
 from .methods import DeltaHandle, apply_delta, get_method, method_params, total_parameters
 
@@ -110,21 +110,24 @@ def save_delta(out_dir: str | Path, handle: DeltaHandle, base_dir: str | Path, b
         return ck.save_model_dir(out_dir, tensors, ModelConfig.from_dict(cfg["base_config"]),
                                  vocab if vocab.is_file() else None, meta={"delta_method": "full", **(meta or {})},
                                  extra_files={DELTA_CONFIG_FILE: lambda p: write_json_atomic(p, cfg)})
+    need = ck.checkpoint_bytes(tensors)
+    ck.check_free_space(out_dir.parent, need)  # a full disk: one error before writing (and while: below)
     tmp = ck.staging_dir(out_dir)
-    save_file(tensors, str(tmp / DELTA_WEIGHTS_FILE), metadata={"format": "pt", "method": handle.method})
-    write_json_atomic(tmp / DELTA_CONFIG_FILE, cfg)
-    if vocab.is_file():
-        shutil.copyfile(vocab, tmp / ck.VOCAB_FILE)
-    written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
-    files = {p.name: ck._durable_sha256(p) for p in written}  # hashed once, here (as cpmant.checkpoint does)
-    write_json_atomic(tmp / ck.META_FILE, {
-        "format": DELTA_FORMAT, "format_version": ck.FORMAT_VERSION, "created_unix": time.time(),
-        "git_sha": ck.git_sha(), "packages": ck.package_versions(),
-        "num_parameters": int(sum(t.numel() for t in tensors.values())), "delta_method": handle.method,
-        "base_uri": cfg["base_uri"], "base_sha256": cfg["base_sha256"],
-        "files_sha256": files, "files_bytes": {p.name: p.stat().st_size for p in written}, **(meta or {}),
-    })
-    fsync_dir(tmp)
+    with ck.disk_full_as_error(out_dir.parent, need, cleanup=tmp):
+        save_file(tensors, str(tmp / DELTA_WEIGHTS_FILE), metadata={"format": "pt", "method": handle.method})
+        write_json_atomic(tmp / DELTA_CONFIG_FILE, cfg)
+        if vocab.is_file():
+            shutil.copyfile(vocab, tmp / ck.VOCAB_FILE)
+        written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        files = {p.name: ck._durable_sha256(p) for p in written}  # hashed once, here (as cpmant.checkpoint does)
+        write_json_atomic(tmp / ck.META_FILE, {
+            "format": DELTA_FORMAT, "format_version": ck.FORMAT_VERSION, "created_unix": time.time(),
+            "git_sha": ck.git_sha(), "packages": ck.package_versions(),
+            "num_parameters": int(sum(t.numel() for t in tensors.values())), "delta_method": handle.method,
+            "base_uri": cfg["base_uri"], "base_sha256": cfg["base_sha256"],
+            "files_sha256": files, "files_bytes": {p.name: p.stat().st_size for p in written}, **(meta or {}),
+        })
+        fsync_dir(tmp)
     if out_dir.exists():  # an incomplete leftover: replace it
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -185,7 +188,8 @@ def attach_delta(model: torch.nn.Module, delta_dir: str | Path, cfg: dict | None
         what = "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
                                      f"unexpected {extra[:3]}" if extra else "",
                                      f"other shapes {bad[:3]}" if bad else "") if x)
-        raise CpmantError(f"{delta_dir / DELTA_WEIGHTS_FILE} does not fit a {method} delta on this base ({what})",
+        raise CpmantError(f"{delta_dir / DELTA_WEIGHTS_FILE} does not fit {a_or_an(method)} delta on this base "
+                          f"({what})",
                           "load the delta onto the base it names, with the params in its delta_config.json")
     params_by_name = dict(model.named_parameters())
     with torch.no_grad():
@@ -223,7 +227,7 @@ def merge_delta(handle_or_model) -> torch.nn.Module:
     if method is None:
         return model
     if not get_method(method).mergeable:
-        raise CpmantError(f"a {method} delta cannot be merged into the weights (only lora can)",
+        raise CpmantError(f"{a_or_an(method)} delta cannot be merged into the weights (only lora can)",
                           "load it composed (registry.pulling.load_model), or pull it without --merge")
     full = torch.nn.Module.state_dict(model)  # the unwrapped state dict (freeze_module narrowed model.state_dict)
     merged = {k: v.detach().clone() for k, v in full.items() if ".lora." not in k}
