@@ -22,40 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+# HeldOutSpec lives with the lineage it is recorded in (re-exported here)
+from .lineage import HeldOutSpec, load_lineage_data, read_lineage  # noqa: F401
+
 PRECISION = "fp32"  # the measure's precision, whatever the stage's own (bf16 autocast changes the loss)
 HALF = "valid[1::2]"  # the documents measured (named in the identity)
 VERSION = 1  # bump when the rows or the loss computation change
-
-
-@dataclass(frozen=True)
-class HeldOutSpec:
-    """How many held-out rows of how many positions, in batches of how many (fixed per lineage)."""
-
-    seq_len: int = 128  # PretrainConfig's defaults: what a folder that records no spec is measured with
-    rows: int = 64
-    batch_size: int = 16
-
-    def to_meta(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_meta(cls, d: dict | None) -> "HeldOutSpec":
-        """The spec a metadata entry records; the defaults for a folder written before it was recorded."""
-        if not isinstance(d, dict):
-            return cls()
-        base = cls()
-        return cls(seq_len=int(d.get("seq_len", base.seq_len)), rows=int(d.get("rows", base.rows)),
-                   batch_size=int(d.get("batch_size", base.batch_size)))
-
-    @classmethod
-    def of_pretraining(cls, cfg) -> "HeldOutSpec":
-        """The spec a pretraining run records: its seq_len, eval_rows and micro_batch_size."""
-        return cls(seq_len=int(cfg.seq_len), rows=int(cfg.eval_rows), batch_size=int(cfg.micro_batch_size))
 
 
 def measured_docs(valid: list) -> list:
@@ -124,8 +101,6 @@ def heldout_rows(source) -> HeldOutRows:
     if isinstance(source, HeldOutRows):
         return source
     if isinstance(source, (str, Path)):
-        from .lineage import load_lineage_data
-
         source = load_lineage_data(source, progress=False)
     return HeldOutRows.from_lineage_data(source)
 
@@ -143,7 +118,6 @@ def heldout_loss(model, source) -> dict:
 def folder_heldout_sha256(model_dir: str | Path) -> str:
     """heldout_sha256 of the rows a model folder's lineage names (its metadata and vocab; no data is read)."""
     from .checkpoint import VOCAB_FILE, sha256_file
-    from .lineage import read_lineage
 
     lin = read_lineage(model_dir)
     return heldout_sha256(lin.data_sha256, sha256_file(Path(model_dir) / VOCAB_FILE), lin.heldout, lin.seed,

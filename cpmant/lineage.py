@@ -3,7 +3,7 @@
 A pretrained model folder's metadata holds `data` = {corpus (absolute path, or None for fortunes-zh), corpus_name,
 valid_fraction, seed, data_sha256, vocab_size, min_piece_tokens, max_piece_tokens, heldout}; every later stage
 (compression now; delta tuning and validation next) copies it into its own metadata, so a variant of a variant still
-knows it. `heldout` is the held-out measure's spec (cpmant.heldout.HeldOutSpec: seq_len, rows, batch_size), fixed
+knows it. `heldout` is the held-out measure's spec (HeldOutSpec below, measured by cpmant.heldout), fixed
 for the lineage; folders written before it was recorded get HeldOutSpec's defaults.
 Older checkpoints without `data` fall back to the folder's `training_config.yaml` and the metadata's `data_sha256`.
 
@@ -20,10 +20,35 @@ import numpy as np
 
 from .checkpoint import META_FILE, VOCAB_FILE, read_meta
 from .errors import CpmantError
-from .heldout import HeldOutSpec
 
 TRAINING_CONFIG_FILE = "training_config.yaml"
 DEFAULT_CORPUS_NAME = "fortunes-zh"
+
+
+@dataclass(frozen=True)
+class HeldOutSpec:
+    """How many held-out rows of how many positions, in batches of how many (fixed per lineage)."""
+
+    seq_len: int = 128  # PretrainConfig's defaults: what a folder that records no spec is measured with
+    rows: int = 64
+    batch_size: int = 16
+
+    def to_meta(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, d: dict | None) -> "HeldOutSpec":
+        """The spec a metadata entry records; the defaults for a folder written before it was recorded."""
+        if not isinstance(d, dict):
+            return cls()
+        base = cls()
+        return cls(seq_len=int(d.get("seq_len", base.seq_len)), rows=int(d.get("rows", base.rows)),
+                   batch_size=int(d.get("batch_size", base.batch_size)))
+
+    @classmethod
+    def of_pretraining(cls, cfg) -> "HeldOutSpec":
+        """The spec a pretraining run records: its seq_len, eval_rows and micro_batch_size."""
+        return cls(seq_len=int(cfg.seq_len), rows=int(cfg.eval_rows), batch_size=int(cfg.micro_batch_size))
 
 
 @dataclass(frozen=True)

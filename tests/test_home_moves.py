@@ -24,7 +24,7 @@ TUNE = ["tune.epochs=1", "tune.max_train_examples=8", "tune.max_eval_examples=4"
 
 def _old_home(old: Path) -> dict:
     """A micro model registered in `old`, a report written there (a `report` run with its page), and the report's
-    path in a run tag, as the lifecycle's stage run records it (`cpmant.models`)."""
+    path in a run tag and a param (a path under the home, as runs record their config paths)."""
     import mlflow
 
     from cpmant_cli.main import main
@@ -39,6 +39,9 @@ def _old_home(old: Path) -> dict:
         assert report.is_file()
         stage_run = open_run(TrackingConfig(), "report")
         close_run(TrackingConfig(), stage_run, [summary_row("report", str(report), "sections", 6, 1.0, False)])
+        client = mlflow.MlflowClient()
+        client.set_tag(stage_run, "report_path", str(report))
+        client.log_param(stage_run, "report_path", str(report))
     finally:
         mp.undo()
         mlflow.set_tracking_uri(None)
@@ -90,8 +93,9 @@ def test_a_copied_home_works_from_the_copy_with_the_original_deleted(tmp_path, m
         version_files = mlflow.artifacts.list_artifacts(
             artifact_uri=client.get_model_version_download_uri("cpm-ant-tiny", "1"))
         assert "MLmodel" in {Path(a.path).name for a in version_files}  # the version's logged model
-        # the report's path in the lifecycle's run tag follows the home
-        assert client.get_run(made["stage_run"]).data.tags["cpmant.models"] == str(new / "reports" / "report.html")
+        # the report's path in a run's tag and param follows the home
+        data = client.get_run(made["stage_run"]).data
+        assert data.tags["report_path"] == data.params["report_path"] == str(new / "reports" / "report.html")
 
         # the report again, and new tracked runs (a micro LoRA tuning, registered): written into the new home
         assert main(["report", "--json"]) == 0

@@ -183,11 +183,15 @@ def test_cache_key_misses_when_any_input_changes(tmp_path, monkeypatch):
 @pytest.mark.unit
 def test_cli_force_stage_and_runner_flags(capsys):
     """`--force STAGE` names stages; a bad stage or Dask address is one error and one fix, exit 2, before any run."""
+    from cpmant.errors import CpmantError
     from cpmant_cli.main import build_parser, main, runner_overrides
 
     args = build_parser().parse_args(["lifecycle", "--force", "compress", "tune", "--dask-address", "tcp://h:8786"])
     assert args.force == ["compress", "tune"]
-    assert runner_overrides(args) == {"orchestration": {"task_runner": "dask", "dask_address": "tcp://h:8786"}}
+    with pytest.raises(CpmantError, match=r"Dask scheduler at tcp://h:8786 is unreachable"):
+        runner_overrides(args)  # checked before any flow starts (it took ~50 s and nine tracebacks before)
+    assert runner_overrides(build_parser().parse_args(["lifecycle", "--task-runner", "thread"])) == {
+        "orchestration": {"task_runner": "thread"}}
     assert build_parser().parse_args(["lifecycle", "--force"]).force == []  # every stage
     assert build_parser().parse_args(["lifecycle"]).force is None
     assert main(["lifecycle", "--force", "bogus"]) == 2

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..stats import Interval, mean_interval, paired_difference, paired_ratio, paired_statistic_difference, \
     statistic_interval
-from . import metrics as M  # noqa: N812
+import cpmant.cuge.metrics as M  # noqa: N812  (by name: `from . import` would import the package, a cycle)
 
 
 @dataclass(frozen=True)
