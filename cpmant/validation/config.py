@@ -128,7 +128,8 @@ class ValidateConfig(FrozenModel):
     loop_ngram: int = Field(4, ge=1, description="longest n-gram (in tokens) the loop check looks for")
     loop_repeats: int = Field(3, ge=1, description="a generation loops when an n-gram repeats back to back more "
                                                    "than this many times")
-    task_examples: int | None = Field(64, ge=1, description="test examples of a delta's task (None = all)")
+    task_examples: int | None = Field(None, ge=1, description="test examples of a delta's task (None = all: the "
+                                      "same examples, so the same score, as its tuning run's test_<metric>)")
     task_data: str | None = Field(None, description="a delta's task data folder (None: the folder its tuning run "
                                                     "used, else $CUGE_DATA/<task>; demo tasks: the default corpus)")
     gates: dict[str, Gate] = Field(default_factory=_default_gates, description="metric -> promotion gate")
