@@ -12,17 +12,17 @@ examples' order, with the example's source, so a comparison made later pairs the
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CpmantError
-from ..precision import autocast, resolve_precision
+from ..precision import autocast
 from .config import TuneConfig
 
 PREDICTIONS_ARTIFACT = "predictions/test.jsonl"
+TEST_PRECISION = "fp32"  # test scores (the ones users compare) are made as validation makes them
 
 
 @dataclass
@@ -46,13 +46,13 @@ def eval_examples(examples: list, cfg: TuneConfig | None = None) -> list:
 
 def predict_examples(task, model, tokenizer, examples: list, cfg: TuneConfig | None = None,
                      zero_shot: bool = False) -> list:
-    """Per-example predictions of `model` (as task.predict gives them) under the config's precision; zero_shot
-    asks the task for its zero-shot prompt where its predict takes that keyword."""
+    """Per-example predictions of `model` (as task.predict gives them) in fp32 (TEST_PRECISION, whatever the
+    tuning's precision: validation scores a delta the same way, so the two are one measurement); zero_shot
+    formats with the base's pretraining prompt."""
     cfg = cfg or TuneConfig()
     device = next(model.parameters()).device
-    kw = {"zero_shot": True} if zero_shot and "zero_shot" in inspect.signature(task.predict).parameters else {}
-    with torch.no_grad(), autocast(resolve_precision(cfg.precision, device), device):
-        return list(task.predict(model, tokenizer, examples, cfg.eval_batch_size, **kw))
+    with torch.no_grad(), autocast(TEST_PRECISION, device):
+        return list(task.predict(model, tokenizer, examples, cfg.eval_batch_size, zero_shot=zero_shot))
 
 
 def score_predictions(task, predictions: list, examples: list, seed: int = 0) -> Scored:
