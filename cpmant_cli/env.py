@@ -99,7 +99,14 @@ class _OwnProcessGroup:
     @staticmethod
     def Popen(*args, **kwargs):  # noqa: N802  (the name Prefect calls)
         kwargs.setdefault("process_group", 0)
-        return subprocess.Popen(*args, **kwargs)
+        proc = subprocess.Popen(*args, **kwargs)
+        from .stale_servers import record_server
+
+        try:
+            record_server(proc.pid)  # so the next command can stop it if this one is killed (stale_servers.py)
+        except OSError as e:  # the server still runs; only the clean-up after a SIGKILL is lost
+            warnings.warn(f"could not record Prefect's temporary server (pid {proc.pid}): {e}")
+        return proc
 
 
 def isolate_prefect_server() -> None:

@@ -16,6 +16,7 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from cpmant.errors import CpmantError
 
@@ -110,12 +111,33 @@ def _stage_overrides(args, section: str = "pretrain") -> dict:
     return deep_merge(deep_merge(parse_overrides(args.set), {section: p} if p else {}), runner_overrides(args))
 
 
+def check_resume(value: str, flag: str = "--resume") -> None:
+    """`resume` is auto, never, or an existing checkpoint folder: checked here, before any flow, because a reused
+    pretraining result never reads it (a typo would otherwise pass silently)."""
+    from cpmant import checkpoint as ckpt
+
+    if value in ("auto", "never"):
+        return
+    path = Path(value).expanduser()
+    fix = (f"use {flag} auto (continue the newest intact checkpoint), {flag} never (start over), or {flag} "
+           "with an existing step folder (runs/.../checkpoints/step-N)")
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise CpmantError(f"{flag} {value!r} is neither auto, never nor a checkpoint folder: {path} {what}", fix)
+    try:
+        ckpt.read_meta(path)
+    except (CpmantError, ValueError, OSError) as e:
+        why = str(getattr(e, "problem", e)).splitlines()[0]
+        raise CpmantError(f"{flag} {value!r} is not a checkpoint folder ({why})", fix) from None
+
+
 def _load_lifecycle(args) -> dict:
     from cpmant.backends import get_backend
     from cpmant.configio import build_config
     from flows.config import LifecycleConfig
 
     cfg = build_config(LifecycleConfig, args.config, _stage_overrides(args))
+    check_resume(cfg.pretrain.resume, "--resume" if getattr(args, "resume", None) else "pretrain.resume")
     get_backend("train", cfg.pretrain.backend)  # a backend that cannot run here fails before any flow starts
     return cfg.model_dump(mode="json")
 
@@ -176,7 +198,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_lifecycle(args) -> int:
-    from flows.lifecycle import lifecycle_flow
+    from flows.lifecycle import lifecycle_flow, running_stage
     from flows.pretrain import pretrain_run_folder
 
     t0 = time.perf_counter()
@@ -186,6 +208,7 @@ def cmd_lifecycle(args) -> int:
     force = check_force(force)  # an unknown stage is an error before anything runs
     cfg = _load_lifecycle(args)
     args.interrupt_hint = lambda: pretrain_run_folder(cfg)
+    args.interrupt_stage = running_stage  # Ctrl+C in tune is not the pretraining checkpoint hint
     # the lifecycle's own tasks are bookkeeping; each stage subflow runs on the configured task runner
     return _report(_run_flow(lifecycle_flow, cfg, force=list(force) if isinstance(force, tuple) else force),
                    args, t0)
@@ -380,17 +403,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def interrupt_lines(stage: str | None, where, has_hint: bool) -> list[str]:
+    """What Ctrl+C prints: the stage that was running (a lifecycle's; None for a verb of one stage) and how to go on.
+    Only pretraining continues mid-way (from `where`/checkpoints); a later lifecycle stage starts over, and the
+    stages finished before it are reused."""
+    during = f" during the {stage} stage" if stage else ""
+    lines = [f"interrupted: stopped by Ctrl+C{during}"]
+    if stage not in (None, "pretrain"):
+        lines.append(f"fix: run the same command again: the stages finished before {stage} are reused and {stage} "
+                     "starts over (only pretraining continues mid-way, from its last checkpoint)")
+    elif has_hint:
+        kept = f"the checkpoints written so far are kept in {where}/checkpoints; " if where else ""
+        lines.append(f"fix: {kept}run the same command again to continue from the last one (--resume auto, the "
+                     "default)")
+    return lines
+
+
+def _call_quietly(fn):
+    """fn() or None: the interrupt message must not fail."""
+    try:
+        return fn() if fn is not None else None
+    except Exception:
+        return None
+
+
 def _interrupted(args) -> int:
     hint = getattr(args, "interrupt_hint", None)
-    print("\ninterrupted: stopped by Ctrl+C", file=sys.stderr)
-    if hint is not None:
-        try:
-            where = hint()
-        except Exception:  # the message must not fail
-            where = None
-        kept = f"the checkpoints written so far are kept in {where}/checkpoints; " if where else ""
-        print(f"fix: {kept}run the same command again to continue from the last one (--resume auto, the default)",
-              file=sys.stderr)
+    stage = _call_quietly(getattr(args, "interrupt_stage", None))
+    print("", file=sys.stderr)
+    for line in interrupt_lines(stage, _call_quietly(hint), hint is not None):
+        print(line, file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
@@ -407,15 +449,18 @@ def plain_warnings() -> None:
 
 
 def _housekeeping() -> None:
-    """Tag this command's runs with its process; mark runs a killed command left RUNNING as KILLED (one line)."""
+    """Tag this command's runs with its process; mark runs a killed command left RUNNING as KILLED and stop the
+    temporary Prefect server it left running (one line each)."""
     from .stale_runs import mark_killed_runs, tag_runs_with_this_process
+    from .stale_servers import stop_orphaned_servers
 
     tag_runs_with_this_process()
-    try:
-        mark_killed_runs()
-    except Exception as e:  # bookkeeping of an earlier command must never stop this one
-        print(f"warning: could not check for runs left RUNNING by a killed command ({type(e).__name__}: {e})",
-              file=sys.stderr)
+    for step, what in ((mark_killed_runs, "runs left RUNNING"), (stop_orphaned_servers, "temporary Prefect servers")):
+        try:
+            step()
+        except Exception as e:  # bookkeeping of an earlier command must never stop this one
+            print(f"warning: could not check for {what} by a killed command ({type(e).__name__}: {e})",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

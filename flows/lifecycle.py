@@ -18,6 +18,14 @@ from .pretrain import pretrain_flow
 from .runners import with_runner
 
 
+_RUNNING: dict = {"stage": None}  # the stage this process's lifecycle is in (None: none), for the Ctrl+C message
+
+
+def running_stage() -> str | None:
+    """The lifecycle stage running in this process (kept after an interrupt or failure; None when none ran)."""
+    return _RUNNING["stage"]
+
+
 def _stage_flow(module: str, name: str):
     """A stage flow of another module (tune, validate, report), looked up when the stage runs."""
     return getattr(importlib.import_module(f"flows.{module}"), name)
@@ -45,6 +53,7 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
     """
     cfg = LifecycleConfig.model_validate(config or {})
     force = check_force(force)
+    _RUNNING["stage"] = None
     t_all = time.perf_counter()
     parent = open_run(cfg.tracking, lifecycle_run_name(cfg.pretrain.preset), tags={LIFECYCLE_TAG: "parent"})
     out: dict = {"summary": [], "reused_stages": [], "lifecycle_run_id": parent}
@@ -52,12 +61,14 @@ def lifecycle_flow(config: dict | None = None, force: bool | list[str] = False) 
 
     def run_stage(stage: str, fn):
         """Open the stage's run, run `fn(stage_config)` (a dict with "summary"), close the run with its summary."""
+        _RUNNING["stage"] = stage
         run_id = open_run(cfg.tracking, stage, parent_run_id=parent, tags={LIFECYCLE_TAG: stage})
         t0, st = time.perf_counter(), "FAILED"
         res: dict = {"summary": []}
         try:
             res = fn(_stage_config(cfg, run_id))
             st = "FINISHED"
+            _RUNNING["stage"] = None
         finally:
             rows = res.get("summary") or []
             close_run(cfg.tracking, run_id, rows, status=st, name=stage, seconds=time.perf_counter() - t0)

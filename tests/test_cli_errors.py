@@ -30,6 +30,12 @@ CASES = [
     ("lifecycle-max-steps-0", ["lifecycle", "--max-steps", "0"], "--max-steps", None),
     ("nproc-0", ["pretrain", "--nproc", "0"], "--nproc", None),
     ("resume-empty", ["pretrain", "--resume", ""], "--resume", None),
+    # issue 17 (bad input 13): a bad resume passed silently when the pretraining result was reused
+    ("resume-missing-folder", ["pretrain", "--resume", "{missing}"], "neither auto, never nor a checkpoint", None),
+    ("resume-sometimes", ["pretrain", "--resume", "sometimes"], "--resume 'sometimes' is neither", None),
+    ("resume-not-a-checkpoint", ["pretrain", "--resume", "{folder}"], "is not a checkpoint folder", None),
+    ("lifecycle-set-resume", ["lifecycle", "--set", "pretrain.resume=sometimes"], "pretrain.resume 'sometimes'",
+     None),
     ("temperature-negative", ["generate", "models:/cpm-ant-tiny/1", "hi", "--temperature", "-1"], "temperature", None),
     ("top-p-2", ["generate", "models:/cpm-ant-tiny/1", "hi", "--top-p", "2"], "top_p", None),
     ("top-k-negative", ["generate", "models:/cpm-ant-tiny/1", "hi", "--top-k", "-5"], "top_k", None),
@@ -222,3 +228,46 @@ def test_summary_table():
     assert lines[0].split() == ["stage", "model", "key", "metric", "time", "reused"]
     assert "valid_loss 3.123" in lines[2] and lines[2].rstrip().endswith("yes")
     assert "+2.5% vs parent" in lines[3] and lines[3].rstrip().endswith("no")
+
+
+def test_ctrl_c_names_the_running_lifecycle_stage(capsys):
+    """Issue 17 (bad input 13): Ctrl+C in the lifecycle's tune stage printed the pretraining checkpoint hint."""
+    from types import SimpleNamespace
+
+    from cpmant_cli.main import EXIT_INTERRUPTED, _interrupted, interrupt_lines
+
+    tune = interrupt_lines("tune", "/runs/r1", True)
+    assert tune[0] == "interrupted: stopped by Ctrl+C during the tune stage"
+    assert "stages finished before tune are reused" in tune[1] and "tune starts over" in tune[1]
+    assert "/runs/r1" not in " ".join(tune) and "--resume" not in " ".join(tune)
+    for stage in ("pretrain", None):  # the lifecycle in pretraining, or `cpmant pretrain` itself
+        lines = interrupt_lines(stage, "/runs/r1", True)
+        assert "/runs/r1/checkpoints" in lines[1] and "--resume auto" in lines[1]
+    assert interrupt_lines(None, None, False) == ["interrupted: stopped by Ctrl+C"]  # a verb with nothing to resume
+
+    args = SimpleNamespace(interrupt_hint=lambda: "/runs/r1", interrupt_stage=lambda: "validate")
+    assert _interrupted(args) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "during the validate stage" in err and "/runs/r1/checkpoints" not in err
+
+
+def test_the_lifecycle_records_its_running_stage(monkeypatch):
+    """The stage `cpmant lifecycle` reports on Ctrl+C is the one whose flow was interrupted."""
+    import flows.lifecycle as lc
+
+    monkeypatch.setattr(lc, "open_run", lambda *a, **k: "run-id")
+    monkeypatch.setattr(lc, "close_run", lambda *a, **k: None)
+
+    done = {"model_uri": "models:/m/1", "variants": [], "summary": []}
+
+    def stage(flow, cfg):  # pretrain and compress finish; Ctrl+C arrives during tune
+        if getattr(flow, "name", "").startswith("tune"):
+            def interrupted(*a, **k):
+                raise KeyboardInterrupt
+            return interrupted
+        return lambda *a, **k: done
+
+    monkeypatch.setattr(lc, "with_runner", stage)
+    with pytest.raises(KeyboardInterrupt):
+        lc.lifecycle_flow.fn({})
+    assert lc.running_stage() == "tune"
