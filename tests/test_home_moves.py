@@ -48,6 +48,45 @@ def _old_home(old: Path) -> dict:
     return {"model_dir": model_dir, "reg": reg, "stage_run": stage_run}
 
 
+def _serve_answers(home: Path, prompts: list[str]) -> bool:
+    """`cpmant serve models:/cpm-ant-tiny/1` in a new process on a free port: True when /invocations returns one
+    non-empty string per prompt within 180 s; the server is stopped."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CPMANT_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("cpmant")), "serve", "models:/cpm-ant-tiny/1",
+                             "--port", str(port)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    body = json.dumps({"inputs": prompts, "params": {"max_new_tokens": 2}}).encode()
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    preds = json.loads(r.read())["predictions"]
+                return len(preds) == len(prompts) and all(isinstance(p, str) and p for p in preds)
+            except OSError:
+                time.sleep(1)
+        return False
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
@@ -96,6 +135,9 @@ def test_a_copied_home_works_from_the_copy_with_the_original_deleted(tmp_path, m
         # the report's path in a run's tag and param follows the home
         data = client.get_run(made["stage_run"]).data
         assert data.tags["report_path"] == data.params["report_path"] == str(new / "reports" / "report.html")
+
+        # `cpmant serve` from the copy (the console script, a new process): it answers the README's request
+        assert _serve_answers(new, ["床前明月光"])
 
         # the report again, and new tracked runs (a micro LoRA tuning, registered): written into the new home
         assert main(["report", "--json"]) == 0
