@@ -99,3 +99,35 @@ def registered_micro_model(home: Path, corpus: Path, model: dict | None = None, 
                          output_dir=str(home / "run"), **kw)
     res = pretrain(cfg, progress=False)
     return mp, res.model_dir, register_checkpoint(res.model_dir, "cpm-ant-tiny")
+
+
+def micro_lm(corpus: Path, vocab_dir: Path, **model_overrides):
+    """A randomly initialised micro CPM-Ant (seed 0) and a 600-token vocab built from the fixture corpus plus the
+    fine-tuning format's words: (model, tokenizer), for tests of the task formats on a real model."""
+    import dataclasses
+
+    import torch
+
+    from cpmant.config import get_preset
+    from cpmant.corpus import load_corpus
+    from cpmant.factory import build_model
+    from cpmant.tokenizer import CPMAntTokenizer, build_vocab
+
+    c = load_corpus(corpus)
+    vocab = build_vocab([*c.train, *c.valid, "是否正确相关方程摘要回复问题答案"], 600, vocab_dir / "vocab.txt")
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(get_preset("tiny"), vocab_size=600, **{**MICRO_MODEL, **model_overrides}))
+    return model, CPMAntTokenizer(vocab)
+
+
+# the base of the delta registry tests: a micro config with 4 prompt and segment types
+DELTA_BASE = dict(vocab_size=600, dim_model=32, dim_ff=48, num_layers=2, num_heads=2, dim_head=16,
+                  position_bias_num_buckets=16, position_bias_max_distance=64, prompt_types=4, prompt_length=4,
+                  segment_types=4)
+
+
+def poems_vocab(corpus: Path, path: Path) -> Path:
+    """A 600-token vocab of the fixture corpus's poems."""
+    from cpmant.tokenizer import build_vocab
+
+    return build_vocab((corpus / "poems.txt").read_text(encoding="utf-8").splitlines(), 600, path)

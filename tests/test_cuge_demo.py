@@ -4,7 +4,6 @@ CPM-Live's rules (task-1 prompt, segment 2, target non-context; "是" after "[�
 task's metrics, and a few steps of tuning lower the loss."""
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MICRO_MODEL
+from conftest import micro_lm
 from cpmant.cuge import DemoTask, build_demo_task, evaluate_expression, get_task
 from cpmant.cuge.formatting import TuningPrompt, generate_tuned
 from cpmant.errors import CpmantError
@@ -85,19 +84,9 @@ def test_demo_load_builds_under_cpmant_home(fixture_corpus, tmp_path, monkeypatc
 # ---- CPM-Ant's fine-tuning format on a micro model -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro(fixture_corpus, tmp_path_factory):
-    from cpmant.config import get_preset
-    from cpmant.corpus import load_corpus
-    from cpmant.factory import build_model
-    from cpmant.tokenizer import CPMAntTokenizer, build_vocab
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    c = load_corpus(fixture_corpus)
-    vocab = build_vocab([*c.train, *c.valid, "是否正确相关方程摘要回复问题答案"], 600,
-                        tmp_path_factory.mktemp("vocab") / "vocab.txt")
-    tok = CPMAntTokenizer(vocab)
-    torch.manual_seed(0)
-    model = build_model(dataclasses.replace(get_preset("tiny"), vocab_size=600, **MICRO_MODEL))
+    model, tok = micro_lm(fixture_corpus, tmp_path_factory.mktemp("vocab"))
     yield model, tok
     torch.set_num_threads(before)
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import MICRO_MODEL
+from conftest import micro_lm
 from cpmant.cuge import get_task
 from cpmant.cuge import metrics as M
 from cpmant.cuge.base import Example
@@ -23,21 +23,10 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def micro(fixture_corpus, tmp_path_factory):
-    from cpmant.config import get_preset
-    from cpmant.corpus import load_corpus
-    from cpmant.factory import build_model
-    from cpmant.tokenizer import CPMAntTokenizer, build_vocab
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    c = load_corpus(fixture_corpus)
-    vocab = build_vocab([*c.train, *c.valid, "是否正确相关方程摘要回复问题答案"], 600,
-                        tmp_path_factory.mktemp("vocab") / "vocab.txt")
-    tok = CPMAntTokenizer(vocab)
-    torch.manual_seed(0)
     # a position limit of 2048 (the 10B's), so that no CPM-Live max_len is capped
-    model = build_model(dataclasses.replace(get_preset("tiny"), vocab_size=600,
-                                            **{**MICRO_MODEL, "position_bias_max_distance": 2048}))
+    model, tok = micro_lm(fixture_corpus, tmp_path_factory.mktemp("vocab"), position_bias_max_distance=2048)
     model.eval()
     yield model, tok
     torch.set_num_threads(before)

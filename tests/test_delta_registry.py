@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DELTA_BASE, poems_vocab
 from cpmant import checkpoint as ck
 from cpmant.errors import CpmantError
 
@@ -49,18 +50,14 @@ def store(tmp_path_factory, fixture_corpus):
     from cpmant.delta.checkpoint import save_delta
     from cpmant.delta.methods import apply_delta
     from cpmant.model import CPMAnt
-    from cpmant.tokenizer import build_vocab
     from registry.register import register_checkpoint
 
     tmp = tmp_path_factory.mktemp("deltareg")
     mp = pytest.MonkeyPatch()
     mp.setenv("CPMANT_HOME", str(tmp / "home"))
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    vocab = build_vocab((fixture_corpus / "poems.txt").read_text(encoding="utf-8").splitlines(), 600,
-                        tmp / "vocab.txt")
-    cfg = ModelConfig(vocab_size=600, dim_model=32, dim_ff=48, num_layers=2, num_heads=2, dim_head=16,
-                      position_bias_num_buckets=16, position_bias_max_distance=64, prompt_types=4, prompt_length=4,
-                      segment_types=4)
+    vocab = poems_vocab(fixture_corpus, tmp / "vocab.txt")
+    cfg = ModelConfig(**DELTA_BASE)
     torch.manual_seed(0)
     base_dir = ck.save_model_dir(tmp / "base", CPMAnt(cfg).state_dict(), cfg, vocab)
     base_uri = register_checkpoint(base_dir, "cpm-ant-tiny").uri

@@ -7,6 +7,7 @@ tables (whole path prefixes only, Prefect's artifact links), and a tracking serv
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from _serving import serve_and_ask
 from conftest import FIXTURES, registered_micro_model
+from test_registry_server import free_port
 
 pytestmark = pytest.mark.flow
 # a LoRA tuning of a few examples: the new runs' locations are under test, not the scores
@@ -46,45 +49,6 @@ def _old_home(old: Path) -> dict:
         mp.undo()
         mlflow.set_tracking_uri(None)
     return {"model_dir": model_dir, "reg": reg, "stage_run": stage_run}
-
-
-def _serve_answers(home: Path, prompts: list[str]) -> bool:
-    """`cpmant serve models:/cpm-ant-tiny/1` in a new process on a free port: True when /invocations returns one
-    non-empty string per prompt within 180 s; the server is stopped."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "CPMANT_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("cpmant")), "serve", "models:/cpm-ant-tiny/1",
-                             "--port", str(port)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    body = json.dumps({"inputs": prompts, "params": {"max_new_tokens": 2}}).encode()
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    preds = json.loads(r.read())["predictions"]
-                return len(preds) == len(prompts) and all(isinstance(p, str) and p for p in preds)
-            except OSError:
-                time.sleep(1)
-        return False
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -137,7 +101,11 @@ def test_a_copied_home_works_from_the_copy_with_the_original_deleted(tmp_path, m
         assert data.tags["report_path"] == data.params["report_path"] == str(new / "reports" / "report.html")
 
         # `cpmant serve` from the copy (the console script, a new process): it answers the README's request
-        assert _serve_answers(new, ["床前明月光"])
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        port = free_port()
+        rc, answer = serve_and_ask(["models:/cpm-ant-tiny/1", "--port", str(port)], {**env, "CPMANT_HOME": str(new)},
+                                   port, {"inputs": ["床前明月光"], "params": {"max_new_tokens": 2}}, timeout=180)
+        assert rc == 0, answer
 
         # the report again, and new tracked runs (a micro LoRA tuning, registered): written into the new home
         assert main(["report", "--json"]) == 0

@@ -21,17 +21,17 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from _serving import serve_and_ask
 from conftest import FIXTURES
+from test_registry_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -92,12 +92,6 @@ def clean_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Story:
     """The substitutions of one run of the README, and what earlier commands made."""
 
@@ -152,36 +146,10 @@ def _skip_reason(cmd: str) -> str | None:
 
 
 def _serve_and_ask(argv: list[str], env: dict, readme_request: dict) -> tuple[int, str]:
-    """Start `cpmant serve`, send the README's request when it answers, stop it."""
-    port = argv[argv.index("--port") + 1] if "--port" in argv else None
-    if port is None:
-        port = str(free_port())
-        argv = [*argv, "--port", port]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("cpmant")), *argv[1:]], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                return proc.returncode, proc.stdout.read()
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                             data=json.dumps(readme_request).encode(),
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    body = json.loads(r.read())
-                preds = body.get("predictions", body)
-                ok = isinstance(preds, list) and preds and all(isinstance(p, str) and p for p in preds)
-                return (0 if ok else 3), json.dumps(body, ensure_ascii=False)
-            except OSError:
-                time.sleep(1)
-        return 124, "the server did not answer in 240 s"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """`cpmant serve` as the README shows it (on a free port when it names none), asked the README's request."""
+    if "--port" not in argv:
+        argv = [*argv, "--port", str(free_port())]
+    return serve_and_ask(argv[2:], env, argv[argv.index("--port") + 1], readme_request)
 
 
 def _readme_request() -> dict:
