@@ -14,7 +14,8 @@ CONTRACT_TAGS = (STAGE, PARENT, CHECKPOINT_SHA256, CONFIG_SHA256, DATA_SHA256, G
 LINEAGE = "cpmant.lineage"  # the chain back to the corpus, readable in the UI
 FILE_SHA256_PREFIX = "cpmant.file_sha256."  # + file name: one tag per checkpoint file
 PRESET = "cpmant.preset"  # run tag of a pretraining run
-# the reuse key: a hash of every input that decides a version's weights and reported metrics (resolved config,
+# the reuse key (one rule per stage, tasks/reuse.py): cpmant.hashing.sha256_json of every input that decides a
+# version's weights and reported metrics (resolved config,
 # data hash, code version, parent version); a stage looks it up with `registry.find_version` before running
 INPUTS_SHA256 = "cpmant.inputs_sha256"
 
@@ -45,3 +46,16 @@ MODELS, REUSED = "cpmant.models", "cpmant.reused"
 STAGES = ("pretrain", "compress", "delta")
 ALIAS_CANDIDATE, ALIAS_CHAMPION = "candidate", "champion"
 ALIASES = (ALIAS_CANDIDATE, ALIAS_CHAMPION)
+
+# validation and promotion, on a validation run
+VALIDATION_CHAMPION = "cpmant.validation_champion"  # run tag: the champion version measured beside the candidate
+PROMOTED = "cpmant.promoted"  # run tag: "true" | "false", whether this validation moved champion
+
+# a lifecycle's parent and stage runs (tasks/lifecycle.py): "parent" on the lifecycle run, the stage's name on a
+# stage run
+LIFECYCLE = "cpmant.lifecycle"
+
+# delta tuning runs (tasks/tune.py)
+TUNE_KIND = "cpmant.tune.kind"  # run tag: zero-shot | delta | comparison
+TASK_DATA_SHA256 = "cpmant.task_data_sha256"  # the task's examples (train, valid, test) as loaded
+
