@@ -17,6 +17,7 @@ from cpmant.errors import CpmantError
 
 from . import tags as T
 from .aliases import get_alias, set_alias
+from .limits import param_value
 from .tracking import setup_tracking
 
 # the tags beyond the contract's live in registry/tags.py with the others
@@ -122,7 +123,7 @@ def promote_by_hand(uri: str, reason: str, user: str | None = None) -> dict:
     previous = get_alias(name, T.ALIAS_CHAMPION)
     with mlflow.start_run(run_name=f"promote-{name}-v{version}",
                           tags={T.STAGE: "promote", MODEL: vuri, PROMOTED_BY: user}) as run:
-        mlflow.log_params({"model": vuri, "user": user, "reason": reason[:500],
+        mlflow.log_params({"model": vuri, "user": user, "reason": param_value(reason),
                            "previous_champion": "" if previous is None else f"models:/{name}/{previous}",
                            "validation": _client().get_model_version(name, str(version)).tags.get(VALIDATION, "none")})
         mlflow.set_tag("mlflow.note.content", f"{user} promoted {vuri} to champion: {reason}")

@@ -16,7 +16,6 @@ applied to it. `load_model(uri_or_dir)` does this for any version or folder; `pu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import yaml
 from cpmant.checkpoint import DELTA_WEIGHTS_FILE, WEIGHTS_FILE, is_complete, sha256_file
 from cpmant.errors import CpmantError
 from cpmant.fsutil import write_json_atomic
+from cpmant.hashing import sha256_json
 from cpmant.paths import subdir
 
 from .tags import CHECKPOINT_SHA256, FILE_SHA256_PREFIX
@@ -232,8 +232,7 @@ def cache_inputs(tags: dict, run_id: str | None, source: str | None) -> dict:
 def cache_key(tags: dict, run_id: str | None, source: str | None) -> str:
     """The cache folder's key: a hash of `cache_inputs`. A new store's (or a re-created model's) version 1 never
     meets an old cached folder."""
-    what = json.dumps(cache_inputs(tags, run_id, source), sort_keys=True)
-    return hashlib.sha256(what.encode()).hexdigest()[:16]
+    return sha256_json(cache_inputs(tags, run_id, source))[:16]
 
 
 def cached_model(uri: str, verify: bool = True) -> tuple[str, Path, Path]:

@@ -50,6 +50,8 @@ ALIASES = (ALIAS_CANDIDATE, ALIAS_CHAMPION)
 # validation and promotion, on a validation run
 VALIDATION_CHAMPION = "cpmant.validation_champion"  # run tag: the champion version measured beside the candidate
 PROMOTED = "cpmant.promoted"  # run tag: "true" | "false", whether this validation moved champion
+HELDOUT_SHA256 = "cpmant.heldout_sha256"  # run tag: the held-out rows a loss or perplexity was measured on
+GATE_PREFIX = "cpmant.gate."  # + "<metric>.<against>": run tag of a validation, why that gate failed
 
 # a lifecycle's parent and stage runs (tasks/lifecycle.py): "parent" on the lifecycle run, the stage's name on a
 # stage run

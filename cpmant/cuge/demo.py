@@ -27,7 +27,6 @@ data_dir that holds a built demo (its demo.json) is read as is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from ..errors import CpmantError
 from ..fsutil import atomic_write_text
+from ..hashing import sha256_json
 from .base import SPLITS, Examples, Task, normalize_split, register_task
 from .tasks import c3 as _c3, ccpm as _ccpm, lcsts as _lcsts, math23k as _math23k
 
@@ -368,13 +368,10 @@ def _built(folder: Path) -> tuple[int | None, tuple[int, ...] | None]:
 
 def _corpus_key(corpus_dir: Path) -> str:
     """A cheap key of a corpus folder: path, file names, sizes and mtimes (no reading)."""
-    h = hashlib.sha256(str(corpus_dir.resolve()).encode())
     files = [corpus_dir] if corpus_dir.is_file() else sorted(p for p in corpus_dir.rglob("*") if p.is_file())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(corpus_dir) if p != corpus_dir else p.name}:{st.st_size}:{st.st_mtime_ns}"
-                 .encode())
-    return h.hexdigest()[:12]
+    stats = [(str(p.relative_to(corpus_dir) if p != corpus_dir else p.name), p.stat()) for p in files]
+    return sha256_json({"corpus": str(corpus_dir.resolve()),
+                        "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]})[:12]
 
 
 @dataclass
