@@ -1,13 +1,15 @@
 """Execution backends behind one interface per stage: `torch` everywhere, the OpenBMB tools on CUDA.
 
-Each backend registers itself under (stage, name) with a one-line description and an availability check;
-`backend_names(stage)` gives a config's allowed values and a CLI's choices, `get_backend(stage, name)` checks that
-the backend can run on this machine and says why not (a CpmantError with the fix).
+Each backend that is built registers itself under (stage, name) with a one-line description and an availability
+check; `backend_names(stage)` gives the built backends of a stage (a config's allowed values and a CLI's choices),
+`get_backend(stage, name)` checks that the backend can run on this machine and says why not (a CpmantError with the
+fix). A backend that is not built is not registered: the OpenBMB paths for training (BMTrain), compression (BMCook)
+and generation (BMInf) come back when they run on a GPU.
 
     stage      backends
-    train      torch (CPU/GPU, torchrun for several processes), bmtrain (CUDA)
-    compress   torch (CPU/GPU), bmcook (CUDA)
-    generate   torch (CPU/GPU), bminf (CUDA)
+    train      torch (CPU/GPU, torchrun for several processes)
+    compress   torch (CPU/GPU)
+    generate   torch (CPU/GPU)
     infer      torch (memory-budget streaming, CPU or CUDA: cpmant.offload), bminf (BMInf's wrapper, CUDA)
 """
 
@@ -55,7 +57,8 @@ def stages() -> tuple[str, ...]:
 
 
 def backend_names(stage: str) -> tuple[str, ...]:
-    """The registered backend names of `stage`, in registration order (`torch` first): a config's allowed values."""
+    """The built (registered) backend names of `stage`, in registration order (`torch` first): a config's allowed
+    values and a CLI's choices."""
     if stage not in BACKENDS:
         raise CpmantError(f"unknown stage {stage!r} for backends", f"use one of: {', '.join(BACKENDS)}")
     return tuple(BACKENDS[stage])
@@ -92,19 +95,9 @@ def _require_cuda(tool: str, flag: str, package: str) -> None:
         raise CpmantError(f"{tool} is not installed ({e})", f"`pip install '.[cuda]'` on the GPU machine") from e
 
 
-def _not_built(tool: str, what: str, fix: str) -> None:
-    raise CpmantError(f"the {tool} {what} path is not built yet (it arrives with the CUDA issue)", fix)
-
-
 @register_backend("train", "torch", "PyTorch on CPU or GPU; torchrun for several processes")
 def _torch_train() -> None:
     return None
-
-
-@register_backend("train", "bmtrain", "BMTrain (ZeRO-3 on CUDA)")
-def _bmtrain_train() -> None:
-    _require_cuda("bmtrain", "--backend", "bmtrain==1.0.1")
-    _not_built("bmtrain", "training", "use --backend torch, which also runs on GPUs (torchrun for several processes)")
 
 
 @register_backend("compress", "torch", "PyTorch on CPU or GPU")
@@ -112,21 +105,9 @@ def _torch_compress() -> None:
     return None
 
 
-@register_backend("compress", "bmcook", "BMCook (CUDA)")
-def _bmcook_compress() -> None:
-    _require_cuda("bmcook", "--backend", "bmcook==0.1.2 (with bmtrain, model_center, cpm_kernels)")
-    _not_built("BMCook", "compression", "use --backend torch: the same recipes run on CPU or GPU")
-
-
 @register_backend("generate", "torch", "PyTorch on CPU or GPU, KV cache")
 def _torch_generate() -> None:
     return None
-
-
-@register_backend("generate", "bminf", "BMInf (CUDA, int8 kernels, offloading)")
-def _bminf_generate() -> None:
-    _require_cuda("bminf", "--backend", "bminf==2.0.1")
-    _not_built("BMInf", "generation", "use --backend torch, which also runs on GPUs")
 
 
 @register_backend("infer", "torch", "PyTorch on CPU or CUDA; --memory-budget streams layers (cpmant.offload)")

@@ -14,7 +14,6 @@ step folder that passes, with the reasons the newer ones were skipped. Models ar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from .config import ModelConfig
 from .errors import CpmantError
 from .factory import build_model
 from .fsutil import atomic_write_text, check_free_space, disk_full_as_error, fsync_dir, write_json_atomic
+from .hashing import BLOCK, Sha256, sha256_file
 
 META_FILE = "cpmant_meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,14 +39,6 @@ VOCAB_FILE = "vocab.txt"
 TRAINING_STATE_FILE = "training_state.pt"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_sha() -> str:
@@ -77,9 +69,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _durable_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def _durable_sha256(path: Path, chunk: int = BLOCK) -> str:
     """fsync a just-written file and hash it in the same pass (the only time a save reads it back)."""
-    h = hashlib.sha256()
+    h = Sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)

@@ -87,7 +87,10 @@ def _load_tensors_pt(path: str | Path, what: str, fix: str) -> dict[str, torch.T
     """A torch.save'd {name: tensor} read with weights_only=True (never pickled code); anything else is refused with
     our own message: the loader's text may advise turning that protection off, which must never reach a user."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # a zip-format file (torch >= 1.6, as CPM-Live saves) is mapped, not read into memory: the 10B is 18.8 GB
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy format cannot be mapped: read it
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # UnpicklingError, RuntimeError (not a zip / truncated), EOFError, OSError, ...
         raise CpmantError(f"{path} is not {what}: it is not a torch.save file of tensors, or it is damaged",
                           fix) from None

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CpmantError
+from .hashing import Sha256, canonical_json, sha256_file
 from .fsutil import atomic_write_text
 from .paths import cpmant_home
 
@@ -179,6 +180,7 @@ def dedup_documents(docs: list[str]) -> tuple[list[str], dict]:
         if not _norm(doc):
             counts["empty_documents"] += 1
             continue
+        # de-duplication fingerprints (not identities: they only decide which copies are dropped)
         key = hashlib.blake2b(_norm(doc).encode(), digest_size=16).digest()
         if key in seen_docs:
             counts["duplicate_documents"] += 1
@@ -204,6 +206,7 @@ def dedup_documents(docs: list[str]) -> tuple[list[str], dict]:
 
 
 def _split_key(doc: str, seed: int) -> float:
+    # the keyed split: decides membership (train / valid), never reuse, so it is not an identity hash
     h = hashlib.blake2b(doc.encode(), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(h, "big") / 2**64
 
@@ -247,12 +250,13 @@ def split_into_chunks(doc: str, size: int = SPLIT_CHUNK_CHARS) -> list[str]:
 
 
 def corpus_sha256(docs: list[str], valid_fraction: float, seed: int, split_by: str = "documents") -> str:
-    h = hashlib.sha256()
+    """The corpus's identity: its split settings (canonical JSON) then every document (length, bytes), streamed."""
+    h = Sha256()
     params = {"valid_fraction": valid_fraction, "seed": seed, "dedup_min_chars": DEDUP_MIN_CHARS,
               "version": SPLIT_VERSION}
     if split_by != "documents":  # absent for the usual split: its hashes stay what they were
         params["split_by"] = f"{split_by}-{SPLIT_CHUNK_CHARS}"
-    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update(canonical_json(params).encode())
     for d in docs:
         b = d.encode()
         h.update(len(b).to_bytes(8, "little"))
@@ -355,7 +359,7 @@ def fetch_fortunes_zh(dest: Path | None = None) -> Path:
             shutil.copyfile(src, tmp / name)
             (tmp / name).replace(dest / name)
         marker = {"package": FORTUNES_PACKAGE, "deb": debs[-1].name,
-                  "deb_sha256": hashlib.sha256(debs[-1].read_bytes()).hexdigest(),
+                  "deb_sha256": sha256_file(debs[-1]),
                   "files": sorted(sources), "license": "GPL-3.0+"}
         atomic_write_text(dest / MARKER, json.dumps(marker, indent=1) + "\n")  # last: the folder is whole
     return dest

@@ -7,7 +7,6 @@ TOKENIZER_VERSION, jieba's version and drop_unk, so any change re-encodes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import multiprocessing as mp
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import CpmantError
 from .fsutil import atomic_write_bytes
+from .hashing import Sha256
 from .paths import subdir
 from .tokenizer import TOKENIZER_VERSION, CPMAntTokenizer, jieba  # jieba: imported there, quietly
 
@@ -52,7 +52,7 @@ def _encode_chunk(chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cache_key(docs: Sequence[str], vocab_sha256: str, drop_unk: bool) -> str:
-    h = hashlib.sha256()
+    h = Sha256()
     h.update(f"cpmant-encode v{CACHE_VERSION} tok v{TOKENIZER_VERSION} jieba {jieba.__version__} "
              f"vocab {vocab_sha256} drop_unk {bool(drop_unk)} n {len(docs)}\n".encode())
     for d in docs:

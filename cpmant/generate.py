@@ -13,9 +13,9 @@ are non-context (each sees the past only), which is what CPM-Live's cached `infe
 
 Speed: the KV cache (`cpmant.model.KVCache`) and the inputs of every column are allocated once for the prompt plus
 `max_new_tokens`, and each step writes one column in place; the attention bias of the coming steps is built for
-many steps at once; a one-token step runs `CPMAnt._decode_one` (about a third of the tensor operations of the module
-path: decoding small models costs per operation, not per multiply); everything runs under torch.inference_mode. The
-per-row work (bans, penalty, finished rows, `</s>`, beam bookkeeping) is tensor operations over all rows at once.
+many steps at once; a one-token step runs `cpmant.decode.one_token` (about a third of the tensor operations of the
+module path: decoding small models costs per operation, not per multiply); everything runs under
+torch.inference_mode. The per-row work (bans, penalty, finished rows, `</s>`, beam bookkeeping) is tensor operations over all rows at once.
 The host waits for the device only to ask whether every row has finished (every step on CPU, every few steps on an
 accelerator) and once at the end for the ids. int8 models multiply through the int8 kernel while decoding
 (`cpmant.modules.quant.int8_kernel`); MoE models run only the routed experts (`cpmant.modules.moe`).
@@ -26,17 +26,17 @@ decoded text contains one; `generate` and `generate_stream` cut the text before 
 
 Settings: `GenerationConfig` (cpmant/generation_config.py) holds them, their defaults and their allowed ranges.
 
-Precision (`GenerationConfig.precision`, see `generation_precision`): bf16 runs the forward passes under bf16
-autocast (weights stay fp32, the cache holds bf16, the logits come out fp32); `auto` is bf16 on CUDA with compute
-capability 8.0 or more and fp32 on the CPU even where it multiplies bf16 natively. Decoding multiplies a few rows
-at a time: the matrices are small and autocast's casts cost about what bf16 saves. Measured on AMD EPYC with
-AVX-512 BF16, 1 thread, 64 new tokens, greedy, best of 2-3 rounds alternating fp32/bf16/int8 in one process
-(load average 1.2-4 from other work; bf16/fp32 tokens/s): tiny preset 0.59-0.71x at batch 1, 0.77x at 4,
-0.85-1.01x at 8, 1.21x at 32; d256/4 layers 0.67-0.95x at batch 1, 1.22x at 4, 1.24x at 8, 1.66x at 32. bf16 pays
-only for batches of many rows, and a batch-size threshold would give a text one continuation alone and another in
-a batch: so `auto` is fp32 and large batches may ask for bf16. (These bf16 figures predate the one-token step.)
-torch.compile of the one-token forward (dynamic shapes) was 1.4x eager per token but took 122 s to compile the tiny
-preset: not offered.
+Precision (`GenerationConfig.precision`, resolved by `cpmant.precision.resolve_precision(..., decoding=True)`): bf16
+runs the forward passes under bf16 autocast (weights stay fp32, the cache holds bf16, the logits come out fp32);
+`auto` is bf16 on CUDA with compute capability 8.0 or more and fp32 on the CPU even where it multiplies bf16
+natively. Decoding multiplies a few rows at a time: the matrices are small and autocast's casts cost about what bf16
+saves. Measured on AMD EPYC with AVX-512 BF16, 1 thread, 64 new tokens, greedy, best of 2-3 rounds alternating
+fp32/bf16/int8 in one process (load average 1.2-4 from other work; bf16/fp32 tokens/s): tiny preset 0.59-0.71x at
+batch 1, 0.77x at 4, 0.85-1.01x at 8, 1.21x at 32; d256/4 layers 0.67-0.95x at batch 1, 1.22x at 4, 1.24x at 8, 1.66x
+at 32. bf16 pays only for batches of many rows, and a batch-size threshold would give a text one continuation alone
+and another in a batch: so `auto` is fp32 and large batches may ask for bf16. (These bf16 figures predate the
+one-token step.) torch.compile of the one-token forward (dynamic shapes) was 1.4x eager per token but took 122 s to
+compile the tiny preset: not offered.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from .generation_config import GenerationConfig
 from .modules.quant import int8_kernel
 from .precision import autocast, resolve_precision
 
-__all__ = ["GenerationConfig", "generate", "generate_ids", "generate_stream", "generation_precision", "encode_inputs",
+__all__ = ["GenerationConfig", "generate", "generate_ids", "generate_stream", "encode_inputs",
            "build_batch", "banned_ids", "cut_at_stop"]
 
 PAD_SPAN = 1  # span id of the padding between prompt and text
@@ -453,19 +453,10 @@ def _resolve(config: Union[GenerationConfig, Mapping[str, Any], None], overrides
     return GenerationConfig.from_params(overrides, base=config) if overrides else config
 
 
-def generation_precision(setting: str, device: Union[str, torch.device] = "cpu") -> str:
-    """The precision decoding runs in (fp32 or bf16): `auto` is fp32 on the CPU (decoding is faster there in fp32,
-    figures in the module docstring) and `cpmant.precision.resolve_precision` elsewhere (bf16 where native)."""
-    resolved = resolve_precision(setting, device)  # also rejects an unknown setting
-    if setting == "auto" and torch.device(device).type == "cpu":
-        return "fp32"
-    return resolved
-
-
 def _decoding_context(model, cfg: GenerationConfig, device):
     """A factory of the context every decoding computation runs in: inference mode, the generation precision and
     the int8 kernel for int8 models (`cpmant.modules.quant.int8_kernel`)."""
-    precision = generation_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, decoding=True)  # auto: fp32 on the CPU (docstring)
 
     @contextlib.contextmanager
     def ctx():
@@ -486,7 +477,7 @@ def generate_ids(model, tokenizer, texts: list[str],
     """Continue each text; per text the generated ids (no prompt, no </s>), at most max_new_tokens of them.
 
     `config` (default GenerationConfig()) with `overrides` (its field names) replaced. Greedy when temperature 0;
-    num_beams > 1 runs beam search. The forward passes run in `generation_precision(cfg.precision, device)`, under
+    num_beams > 1 runs beam search. The forward passes run in `resolve_precision(cfg.precision, device, decoding=True)`, under
     torch.inference_mode. With `stop` strings, a greedy or sampled row ends with the token whose text completes
     the first stop string (the ids keep that token; `generate` cuts the text before the stop string).
     """

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional
 
 from .errors import CpmantError
+from .precision import PRECISIONS, Precision
 
 MAX_SEED = 2**63 - 1  # MLflow's `long`; torch.Generator.manual_seed takes it
-PRECISIONS = ("auto", "fp32", "bf16")  # = cpmant.precision.PRECISIONS (repeated here: this module imports no torch)
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: beam search (deterministic; temperature, top_k and top_p stay at their defaults)
     repetition_penalty: float = 1.2  # CTRL penalty on tokens already generated; 1 = off, < 1 favours repeats
     seed: Optional[int] = 0  # seed of the sampling generator; None = torch's global generator
-    precision: str = "auto"  # compute precision of the forward passes: auto | fp32 | bf16 (see cpmant.generate)
+    precision: Precision = "auto"  # compute precision of the forward passes: auto | fp32 | bf16 (see cpmant.generate)
     stop: tuple[str, ...] = ()  # a row ends once its decoded text contains one of these; the text is cut before it
 
     # field -> (kind, allowed range in words, check)

@@ -20,15 +20,13 @@ measurements compare only when it is the same.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-# HeldOutSpec lives with the lineage it is recorded in (re-exported here)
-from .lineage import HeldOutSpec, load_lineage_data, read_lineage  # noqa: F401
+from .hashing import sha256_file, sha256_json
+from .lineage import HeldOutSpec, load_lineage_data, read_lineage
 
 PRECISION = "fp32"  # the measure's precision, whatever the stage's own (bf16 autocast changes the loss)
 HALF = "valid[1::2]"  # the documents measured (named in the identity)
@@ -52,7 +50,7 @@ def heldout_sha256(data_sha256: str, vocab_sha256: str, spec: HeldOutSpec, seed:
     obj = {"data_sha256": data_sha256, "vocab_sha256": vocab_sha256, "spec": spec.to_meta(), "seed": seed,
            "min_piece_tokens": min_piece_tokens, "max_piece_tokens": max_piece_tokens, "half": HALF,
            "precision": PRECISION, "version": VERSION}
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return sha256_json(obj)
 
 
 @dataclass
@@ -76,8 +74,6 @@ class HeldOutRows:
     @classmethod
     def from_lineage_data(cls, d) -> "HeldOutRows":
         """The rows of a cpmant.lineage.LineageData (its held-out split, its recorded spec, its vocab)."""
-        from .checkpoint import sha256_file
-
         lin = d.lineage
         return cls(measured_docs(d.valid), lin.heldout, lin.seed, lin.min_piece_tokens, lin.max_piece_tokens,
                    lin.data_sha256, sha256_file(d.vocab_path))
@@ -117,7 +113,7 @@ def heldout_loss(model, source) -> dict:
 
 def folder_heldout_sha256(model_dir: str | Path) -> str:
     """heldout_sha256 of the rows a model folder's lineage names (its metadata and vocab; no data is read)."""
-    from .checkpoint import VOCAB_FILE, sha256_file
+    from .checkpoint import VOCAB_FILE
 
     lin = read_lineage(model_dir)
     return heldout_sha256(lin.data_sha256, sha256_file(Path(model_dir) / VOCAB_FILE), lin.heldout, lin.seed,

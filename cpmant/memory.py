@@ -1,4 +1,8 @@
-"""Peak memory of a block of code: the process's resident set above its baseline, and CUDA's allocator peak.
+"""Memory: the budget a user gives (`MemoryBudget`, parsed once where it is given) and the peak memory of a block of
+code (`PeakMemory`: the process's resident set above its baseline, and CUDA's allocator peak).
+
+    MemoryBudget.parse("64MB")  -> MemoryBudget(bytes=67108864, text="64MB");  MemoryBudget.parse(None) -> None
+                                   (None is "no budget": every layer resident)
 
     with PeakMemory() as pm:
         generate(...)
@@ -18,10 +22,30 @@ sampled peak of a code block: `resource.getrusage` only has the process-lifetime
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import psutil
 
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A memory budget in bytes (positive), with the text it was given as (for messages). Made once at the edge
+    (`cpmant generate --memory-budget`); below it code takes `budget.bytes` or None for no budget."""
+
+    bytes: int
+    text: str
+
+    @classmethod
+    def parse(cls, text: str | int | None) -> "MemoryBudget | None":
+        """`64MB`, `1.5GB`, `512KiB` or a number of bytes (binary units, cpmant.offload.sizes.parse_size); None for
+        None (no budget). A bad or non-positive size is one CpmantError naming it and the form to write."""
+        if text is None:
+            return None
+        from .offload.sizes import parse_size
+
+        return cls(parse_size(text), str(text))
 
 
 _primed = False

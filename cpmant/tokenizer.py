@@ -8,7 +8,6 @@ never inject control ids); it equals transformers with `split_special_tokens=Tru
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -23,6 +22,7 @@ with warnings.catch_warnings():  # jieba 0.42 imports pkg_resources, which setup
 
 from .errors import CpmantError
 from .fsutil import atomic_write_text
+from .hashing import sha256_file
 
 jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict..." noise
 
@@ -48,10 +48,6 @@ def _jieba() -> jieba.Tokenizer:
 def jieba_cut(text: str) -> list[str]:
     """jieba's accurate mode with HMM, exactly `list(jieba.cut(text, cut_all=False))`."""
     return list(_jieba().cut(text, cut_all=False, HMM=True))
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class CPMAntTokenizer:
@@ -89,7 +85,7 @@ class CPMAntTokenizer:
         self.encoder[" "] = self.encoder.pop("</_>")
         self.encoder["\n"] = self.encoder.pop("</n>")
         self.max_token_chars = max(len(t) for t in self.encoder)
-        self.vocab_sha256 = _file_sha256(self.vocab_path)
+        self.vocab_sha256 = sha256_file(self.vocab_path)
         self.pad_id, self.unk_id, self.mask_id, self.sep_id = PAD_ID, UNK_ID, MASK_ID, SEP_ID
         self.newline_id, self.space_id, self.bos_id, self.eos_id = 4, 5, BOS_ID, EOS_ID
         self.bod_id, self.eod_id = 8, 9

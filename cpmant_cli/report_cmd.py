@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import warnings
 
+from .common import nonempty, run_flow
+
 
 def cmd_report(args) -> int:
-    from flows.report import report_flow
-
     from cpmant.fsutil import check_writable
-
-    from .main import _run_flow
+    from flows.report import report_flow
 
     if args.out:
         check_writable(args.out, "--out")  # before the report is built, not after
-    out = _run_flow(report_flow, None, args.out)
+    out = run_flow(report_flow, None, args.out)
     missing = [k for k, v in out["sections"].items() if not v]
     if args.json:
         print(json.dumps({k: out[k] for k in ("path", "run_id", "sections")}, indent=2))
@@ -45,12 +44,11 @@ def format_rerun(res: dict) -> str:
 
 
 def cmd_rerun(args) -> int:
-    from .main import _run_flow
     from .rerun import rerun
 
     with warnings.catch_warnings():  # the code-version warning: printed below as one `warning:` line
         warnings.filterwarnings("ignore", message="the run ", category=UserWarning)
-        res = _run_flow(rerun, args.run, args.home, strict=args.strict)
+        res = run_flow(rerun, args.run, args.home, strict=args.strict)
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
@@ -61,11 +59,9 @@ def cmd_rerun(args) -> int:
 
 
 def add_verbs(sub) -> None:
-    from .main import _nonempty
-
     p = sub.add_parser("report", help="write the lifecycle report: one self-contained HTML page (also logged to "
                                       "MLflow and Prefect)")
-    p.add_argument("--out", type=_nonempty, default=None,
+    p.add_argument("--out", type=nonempty, default=None,
                    help="the HTML file (default: $CPMANT_HOME/reports/report.html)")
     p.add_argument("--json", action="store_true", help="print the path, run id and sections as JSON")
     p.set_defaults(fn=cmd_report)
@@ -74,7 +70,7 @@ def add_verbs(sub) -> None:
                                      "and compare every metric")
     p.add_argument("run", metavar="RUN_ID", help="a run id of the current tracking store, or a model URI "
                                                  "(models:/NAME/VERSION, models:/NAME@ALIAS)")
-    p.add_argument("--home", required=True, type=_nonempty,
+    p.add_argument("--home", required=True, type=nonempty,
                    help="a new or empty folder: the rerun's CPMANT_HOME, with its own MLflow store")
     p.add_argument("--strict", action="store_true",
                    help="refuse when the code version differs from the recorded one (default: warn)")

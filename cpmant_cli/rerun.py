@@ -5,40 +5,17 @@ reproducible metric to the last digit.
     rerun(ref, home, strict=False, progress=print) -> dict
 
 The recorded runs are read from the current store first (registry.rerun); then CPMANT_HOME points at `home` (its
-own MLflow store, corpus cache, runs; MLFLOW_TRACKING_URI unset for the duration) and the stage flows run there
-with `force` (nothing reused). The environment is restored afterwards.
+own MLflow store, corpus cache, runs; MLFLOW_TRACKING_URI unset for the duration: registry.rerun.in_home) and the
+stage flows run there with `force` (nothing reused). The environment is restored afterwards. Every MLflow call is
+registry/'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 from pathlib import Path
 
 from cpmant.errors import CpmantError
-
-
-@contextlib.contextmanager
-def _home(home: Path):
-    """CPMANT_HOME = home and the default store under it, for the duration."""
-    import mlflow
-
-    saved = {k: os.environ.get(k) for k in ("CPMANT_HOME", "MLFLOW_TRACKING_URI")}
-    saved_uri, saved_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    os.environ["CPMANT_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    mlflow.set_tracking_uri(None)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        mlflow.set_tracking_uri(saved_uri)
-        mlflow.set_registry_uri(saved_registry)
 
 
 def _fresh(home: str | Path) -> Path:
@@ -50,11 +27,13 @@ def _fresh(home: str | Path) -> Path:
     return p
 
 
-def code_check(recorded_sha: str, strict: bool) -> str | None:
-    """A warning when the code version differs from the recorded one (a CpmantError with `strict`)."""
-    from cpmant.checkpoint import git_sha
+def code_check(recorded_sha: str, strict: bool, now: str | None = None) -> str | None:
+    """A warning when the code version differs from the recorded one (a CpmantError with `strict`). `now`: this
+    checkout's version (cpmant.checkpoint.git_sha() when None)."""
+    if now is None:
+        from cpmant.checkpoint import git_sha
 
-    now = git_sha()
+        now = git_sha()
     if not recorded_sha:
         msg = f"the run records no code version; this checkout is {now}"
     elif recorded_sha != now:
@@ -107,7 +86,7 @@ def rerun(ref: str, home: str | Path, strict: bool = False, progress=print) -> d
 
     Returns {"home", "code_warning", "stages": [{"stage", "recorded_run", "new_run", "model", "config_source",
     "missing", "compared", "skipped", "differences"}], "equal": bool}."""
-    from registry.rerun import compare_metrics, metric_histories, recorded_chain
+    from registry.rerun import compare_metrics, in_home, metric_histories, recorded_chain, version_record
 
     chain = recorded_chain(ref)
     recorded = {rec.run_id: metric_histories(rec.run_id) for rec in chain}  # read before the store changes
@@ -116,7 +95,7 @@ def rerun(ref: str, home: str | Path, strict: bool = False, progress=print) -> d
         warning = code_check(rec.git_sha, strict) or warning
     target = _fresh(home)
     results = []
-    with _home(target):
+    with in_home(target):
         from flows.compress import compress_flow
         from flows.pretrain import pretrain_flow
 
@@ -125,7 +104,7 @@ def rerun(ref: str, home: str | Path, strict: bool = False, progress=print) -> d
             progress(f"rerun {rec.stage} run {rec.run_id} ({rec.run_name}) into {target}")
             if rec.stage == "pretrain":
                 out = pretrain_flow(_pretrain_config(rec), force=True)
-                new_run, model = out["run_id"], out["model_uri"]
+                model = out["model_uri"]
             else:
                 cfg = _compress_config(rec)
                 if rec.parent not in new_uri:
@@ -133,11 +112,8 @@ def rerun(ref: str, home: str | Path, strict: bool = False, progress=print) -> d
                                       "rerun the pretraining run that made it, or pass the variant's model URI")
                 out = compress_flow(new_uri[rec.parent], _recipe_file(rec.recipe, target), cfg, force=True)
                 model = out["variants"][0]
-                from mlflow.tracking import MlflowClient
-
-                name, version = model[len("models:/"):].rsplit("/", 1)
-                new_run = MlflowClient().get_model_version(name, version).run_id
-            new_data = _data_sha(model)
+            registered_by, new_data = version_record(model)
+            new_run = out["run_id"] if rec.stage == "pretrain" else registered_by
             if rec.data_sha256 and new_data and new_data != rec.data_sha256:
                 raise CpmantError(f"the rerun's data hash {new_data[:16]} differs from the recorded "
                                   f"{rec.data_sha256[:16]}: the corpus changed",
@@ -146,7 +122,7 @@ def rerun(ref: str, home: str | Path, strict: bool = False, progress=print) -> d
             results.append({"stage": rec.stage, "recorded_run": rec.run_id, "new_run": new_run, "model": model,
                             "config_source": rec.config_source, "missing": rec.missing})
     # compare: the recorded runs (read from the current store above) with the new ones in the new home's store
-    with _home(target):
+    with in_home(target):
         from registry.tracking import setup_tracking
 
         setup_tracking()
@@ -155,12 +131,3 @@ def rerun(ref: str, home: str | Path, strict: bool = False, progress=print) -> d
         r.update(compare_metrics(recorded[r["recorded_run"]], new[r["new_run"]]))
     return {"home": str(target), "code_warning": warning, "stages": results,
             "equal": all(not r["differences"] for r in results)}
-
-
-def _data_sha(uri: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    from registry.tags import DATA_SHA256
-
-    name, version = uri[len("models:/"):].rsplit("/", 1)
-    return (MlflowClient().get_model_version(name, version).tags or {}).get(DATA_SHA256, "")

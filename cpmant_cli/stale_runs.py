@@ -77,11 +77,9 @@ def mark_killed_runs(say=lambda line: print(line, file=sys.stderr)) -> list[str]
     found = orphaned_runs(Path(uri[len("sqlite:///"):].split("?", 1)[0]))
     if not found:
         return []
-    from mlflow.tracking import MlflowClient
+    from registry.runs import end_runs
 
-    client = MlflowClient(tracking_uri=uri)
-    for run_id, _ in found:
-        client.set_terminated(run_id, status="KILLED")
+    end_runs([run_id for run_id, _ in found], "KILLED", tracking_uri=uri)
     pids = ", ".join(sorted({pid for _, pid in found}))
     say(f"note: marked {len(found)} run(s) left RUNNING by a killed command (pid {pids}) as KILLED")
     return [r for r, _ in found]

@@ -1,12 +1,13 @@
 """The lifecycle config: one YAML file (a saved `LifecycleConfig`, see configs/) with a section per stage plus
-tracking. Flows read it; each task takes only its sections."""
+tracking. Flows read it; each task takes only its sections. Also `force` as the set of stages to rerun
+(`check_force`, made once where a flow is entered; `forced(force, stage)` below)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from tasks.config import (CompressConfig, FrozenModel, OrchestrationConfig, PretrainConfig, TrackingConfig, TuneConfig,
-                          ValidateConfig)
+from tasks.config import (CompressConfig, CpmantError, FrozenModel, OrchestrationConfig, PretrainConfig,
+                          TrackingConfig, TuneConfig, ValidateConfig)
 
 
 class LifecycleConfig(FrozenModel):
@@ -20,22 +21,24 @@ class LifecycleConfig(FrozenModel):
 
 STAGES = ("pretrain", "compress", "tune", "validate", "report")
 
+# what a caller may pass as `force`: a CLI flag or a Prefect deployment's parameter (True = every stage, False or
+# None = none, a stage name, or a list / tuple / set of them)
+ForceInput = bool | str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
 
-def check_force(force: bool | list[str] | tuple[str, ...] | str | None) -> bool | tuple[str, ...]:
-    """`force` as given to a flow: True/False, or the stages to rerun (a list, or one name)."""
+
+def check_force(force: ForceInput) -> frozenset[str]:
+    """`force` as the set of stages to rerun, made once at the edge (the CLI, a flow's entry point): True = every
+    stage. An unknown stage name is one CpmantError naming it and the stages."""
     if force is None or isinstance(force, bool):
-        return bool(force)
+        return frozenset(STAGES) if force else frozenset()
     names = (force,) if isinstance(force, str) else tuple(force)
     bad = [n for n in names if n not in STAGES]
     if bad:
-        from cpmant.errors import CpmantError
-
-        raise CpmantError(f"--force {' '.join(bad)}: no such stage", f"name stages among {', '.join(STAGES)} "
-                          "(or give --force alone to rerun every stage)")
-    return names
+        raise CpmantError(f"--force {' '.join(map(str, bad))}: no such stage",
+                          f"name stages among {', '.join(STAGES)} (or give --force alone to rerun every stage)")
+    return frozenset(names)
 
 
-def forced(force: bool | list[str] | tuple[str, ...] | str | None, stage: str) -> bool:
-    """Whether `stage` reruns under `force` (True = every stage; a list = those stages)."""
-    f = check_force(force)
-    return f if isinstance(f, bool) else stage in f
+def forced(force: ForceInput, stage: str) -> bool:
+    """Whether `stage` reruns under `force` (a set from check_force, or anything it accepts)."""
+    return stage in (force if isinstance(force, frozenset) else check_force(force))

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow
 
-from tasks.caching import cached, was_cached
-from tasks.pretrain import find_pretrained, model_name, prepare_corpus, register_model, run_folder, train_model
+from tasks.pretrain import (find_pretrained, model_name, prepare_corpus, register_model, reused_pretrained,
+                            run_folder, train_model)
 
 from .config import LifecycleConfig, forced
 from .summary import summary_row
+
+RESULT_KEYS = ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps", "model_dir", "precision")
 
 
 @flow(name="pretrain", log_prints=True)
@@ -20,36 +21,31 @@ def pretrain_flow(config: dict | None = None, force: bool | list[str] = False) -
 
     Steps:
       1. prepare-corpus: fetch/read the corpus, clean and deduplicate, build the vocab, encode (cached)
-      2. find: a version of `cpm-ant-<preset>` made from the same config, data and code is returned as it is
-         (no run, no training); `force` skips this
-      3. pretrain: train, tracked in MLflow (loss, throughput, MFU, energy, cost); its result is cached by Prefect
-         (tasks/caching.py: config, data and code hashes), so a finished training whose registration failed is
-         registered without training again
-      4. register-model: register `cpm-ant-<preset>` in the training run with the contract's tags and alias
-         `candidate` (first version, or inside the lifecycle) or `challenger` (tasks/aliases.py)
+      2. find: the stage's reuse key (resolved settings, data and vocab hashes, code version) is looked up once
+         among the versions of `cpm-ant-<preset>`; a version made with it is returned as it is (no run, no
+         training) and the reason printed ("pretrain: reused models:/cpm-ant-tiny/1: same key ..."); `force` skips it
+      3. pretrain: train, tracked in MLflow (loss, throughput, MFU, energy, cost); the key is written beside the
+         run's model, so a finished training whose registration failed is registered without training again
+      4. register-model: register `cpm-ant-<preset>` in the training run with the contract's tags, the key and
+         alias `candidate` (first version, or inside the lifecycle) or `challenger` (tasks/aliases.py)
     """
     cfg = LifecycleConfig.model_validate(config or {})
     force = forced(force, "pretrain")
     t0 = time.perf_counter()
     data = prepare_corpus(cfg.pretrain)
-    found = None if force else find_pretrained(cfg.pretrain, cfg.tracking, data)
-    if found is not None:
-        out = found
+    reuse = find_pretrained(cfg.pretrain, cfg.tracking, data, force)
+    if reuse.reused:
+        # a `Reused` state (its message the reason): its result is the version's row
+        out = dict(reused_pretrained(reuse, cfg.pretrain, cfg.tracking, return_state=True).result())
     else:
-        train = cached(train_model, force=force)
-        state = train(cfg.pretrain, cfg.tracking, data, force=force, return_state=True)
-        trained = state.result()
-        if was_cached(state) and not Path(trained["result"]["model_dir"]).is_dir():
-            # the cached result's checkpoint is gone: train again (and replace the cached result)
-            trained = cached(train_model, force=True)(cfg.pretrain, cfg.tracking, data, force=force)
-        uri = register_model(trained, model_name(cfg.pretrain), stage="pretrain", tracking=cfg.tracking)
+        trained = train_model(cfg.pretrain, cfg.tracking, data, reuse.key, force=force)
+        uri = register_model(trained, model_name(cfg.pretrain), reuse.key, stage="pretrain", tracking=cfg.tracking)
         res = trained["result"]
         out = {"model_uri": uri, "run_id": trained["run_id"], "reused": False,
-               **{k: res[k] for k in ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu", "steps",
-                                      "model_dir", "precision")}}
+               "reason": trained.get("reason") or reuse.reason, **{k: res[k] for k in RESULT_KEYS}}
     out["seconds"] = time.perf_counter() - t0
     out["summary"] = [summary_row("pretrain", out["model_uri"], "valid_loss", out.get("valid_loss_end"),
-                                  out["seconds"], out["reused"],
+                                  out["seconds"], out["reused"], reason=out["reason"],
                                   note=f"precision {out['precision']}" if out.get("precision") else "")]
     return out
 

@@ -1,4 +1,4 @@
-"""The report as a Prefect flow: one self-contained HTML page read from MLflow (tasks/report.py)."""
+"""The report as a Prefect flow: one self-contained HTML page read from MLflow (the package tasks/report/)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from prefect import flow
 from tasks.report import write_report
 
 from .config import LifecycleConfig
+
+REASON = "report: made anew: the page is read from the tracking store each time"  # never reused
 
 
 @flow(name="report", log_prints=True)
@@ -28,6 +30,6 @@ def report_flow(config: dict | None = None, out: str | None = None) -> dict:
     t0 = time.perf_counter()
     out_ = write_report(cfg.tracking, out)
     print(f"report written to {out_['path']}")
-    out_["summary"] = [summary_row("report", out_["path"], "sections",
-                                   float(sum(out_["sections"].values())), time.perf_counter() - t0, False)]
+    out_["summary"] = [summary_row("report", out_["path"], "sections", float(sum(out_["sections"].values())),
+                                   time.perf_counter() - t0, False, reason=REASON)]
     return out_

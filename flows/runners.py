@@ -1,95 +1,31 @@
-"""The flows' task runner, chosen in config (`orchestration`) or on the CLI (`--task-runner`, `--dask-address`):
+"""A flow with the task runner its config chooses (tasks/runners.py builds it):
 
-    task_runner(orch: OrchestrationConfig)     Prefect's ThreadPoolTaskRunner (default) or prefect-dask's
-                                               DaskTaskRunner: a local cluster of `dask_workers` processes with one
-                                               thread each, or the existing scheduler at `dask_address`
-    with_runner(flow, config: dict | None)     flow.with_options(task_runner=...) for the config's orchestration
+    with_runner(flow, orchestration)   flow.with_options(task_runner=...) for an OrchestrationConfig, a
+                                       LifecycleConfig, or a config dict (the CLI's; its `orchestration` section)
 
 Tasks are submitted (`.submit()`) and waited for in the flows, so independent ones (the compression rungs) run at
-the same time on either runner. Processes on a Dask cluster need this repository importable and the same
-CPMANT_HOME / MLFLOW_TRACKING_URI as the flow: a local cluster inherits them; start remote workers from the
-repository root with those variables set (README: Dask)."""
+the same time on either runner."""
 
 from __future__ import annotations
 
 from tasks.config import OrchestrationConfig
+from tasks.runners import check_dask_address, task_runner
+
+__all__ = ["check_dask_address", "task_runner", "with_runner"]
 
 
-def task_runner(orch: OrchestrationConfig):
-    if orch.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as e:  # pragma: no cover (a pinned dependency)
-            from cpmant.errors import CpmantError
-
-            raise CpmantError(f"--task-runner dask needs prefect-dask ({e})", "pip install prefect-dask") from None
-        if orch.dask_address:
-            _check_address(orch.dask_address)
-            return DaskTaskRunner(address=orch.dask_address)
-        # processes, not threads: each rung trains in its own interpreter (torch's threads and the GIL apart)
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+def _orchestration(config) -> OrchestrationConfig:
+    """The orchestration section of what a caller holds (a dict is read once here: the CLI's dumped config)."""
+    if isinstance(config, OrchestrationConfig):
+        return config
+    if config is None or isinstance(config, dict):
+        return OrchestrationConfig.model_validate((config or {}).get("orchestration") or {})
+    return config.orchestration  # a LifecycleConfig
 
 
-def _check_address(address: str) -> None:
-    from cpmant.errors import CpmantError
-
-    if not address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-        raise CpmantError(f"--dask-address {address!r} is not a Dask scheduler address",
-                          "give the scheduler's address, e.g. tcp://127.0.0.1:8786 (`dask scheduler` prints it)")
-
-
-def check_dask_address(address: str, timeout: float = 3.0) -> None:
-    """A Dask scheduler address that is well formed, answers a TCP connect and Dask's handshake within `timeout`
-    seconds (an unreachable one made distributed retry for about 50 s and print nine tracebacks). The CLI and
-    `with_runner` ask it before a flow starts."""
-    import asyncio
-    import socket
-    from urllib.parse import urlsplit
-
-    from cpmant.errors import CpmantError
-
-    _check_address(address)
-    fix = "give the scheduler's address, e.g. tcp://127.0.0.1:8786 (`dask scheduler` prints it)"
-    if not address.startswith(("tcp://", "tls://")):
-        return  # in-process and UCX addresses are not TCP endpoints
-    try:
-        parts = urlsplit(address)
-        host, port = parts.hostname, parts.port or 8786
-    except ValueError as e:
-        raise CpmantError(f"--dask-address {address!r} is not a Dask scheduler address ({e})", fix) from None
-    if not host:
-        raise CpmantError(f"--dask-address {address!r} names no host", fix)
-    fix = ("start it (`dask scheduler`) or check the address; leave out --dask-address to run on a local "
-           "cluster")
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise CpmantError(f"the Dask scheduler at {address} is unreachable ({e.strerror or e})", fix) from None
-    try:  # something listens: it must speak Dask's protocol (a proxy or another server accepts connects too)
-        asyncio.run(asyncio.wait_for(_handshake(address, timeout), timeout))  # connect() alone waits on a mute peer
-    except Exception as e:  # any failure of the handshake means no scheduler answers there
-        why = (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)[:160]
-        raise CpmantError(f"the Dask scheduler at {address} is unreachable: something listens there but does "
-                          f"not answer as a Dask scheduler within {timeout:g} s ({why})", fix) from None
-
-
-async def _handshake(address: str, timeout: float) -> None:
-    from distributed.comm import connect
-
-    comm = await connect(address, timeout=timeout)
-    await comm.close()
-
-
-def with_runner(flow, config: dict | None):
+def with_runner(flow, config=None):
     """The flow with the task runner of `config`'s orchestration section."""
-    from .config import LifecycleConfig
-
-    cfg = LifecycleConfig.model_validate(config or {})
-    if cfg.orchestration.task_runner == "dask" and cfg.orchestration.dask_address:
-        check_dask_address(cfg.orchestration.dask_address)  # one error in seconds, not retries for a minute
-    return flow.with_options(task_runner=task_runner(cfg.orchestration))
+    orch = _orchestration(config)
+    if orch.task_runner == "dask" and orch.dask_address:
+        check_dask_address(orch.dask_address)  # one error in seconds, not retries for a minute
+    return flow.with_options(task_runner=task_runner(orch))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def summary_row(stage: str, model_uri: str, metric: str, value: float | None, seconds: float, reused: bool,
-                note: str = "") -> dict:
-    """stage, model URI, key metric (name and value), wall time and whether an existing version was reused."""
+                note: str = "", reason: str = "") -> dict:
+    """stage, model URI, key metric (name and value), wall time, whether an existing version was reused and why
+    (`reason`: the line `tasks.reuse.decide` printed, e.g. "pretrain: reused models:/cpm-ant-tiny/3: same key ...")."""
     return {"stage": stage, "model": model_uri, "metric": metric, "value": value, "seconds": round(seconds, 1),
-            "reused": bool(reused), "note": note}
+            "reused": bool(reused), "note": note, "reason": reason}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.validate import validate_version
+from tasks.validate import champions, validate_version
 
 from .config import LifecycleConfig, forced
 from .summary import summary_row
@@ -35,8 +35,8 @@ def validate_flow(uris: list[str], config: dict | None = None, force: bool | lis
       3. record: an MLflow run (tag cpmant.stage=validate) with the metrics, a markdown report and the tables; the
          decision on the version (tags cpmant.validation, cpmant.validation_run_id); a Prefect markdown artifact
       4. promote: `champion` -> the version when every gate passed
-    A validation of the same version with the same settings and gates, against the same champion, is reused unless
-    `force`.
+    A validation of the same version with the same reuse key (weights, settings, held-out rows, gates, code),
+    against the same champion, is reused unless `force`; each summary row carries the reason (`reason`).
 
     Returns {"results": [{"model", "passed", "promoted", "failures", "run_id", ...}], "summary": [rows]}.
     """
@@ -52,7 +52,7 @@ def validate_flow(uris: list[str], config: dict | None = None, force: bool | lis
         results.append(res)
         key = "task_score" if res["metrics"].get("task_score") is not None else "perplexity"  # a delta: its task
         summary.append(summary_row("validate", res["model"], key, res["metrics"].get(key), res["seconds"],
-                                   res["reused"], note=_note(res)))
+                                   res["reused"], note=_note(res), reason=res.get("reason", "")))
     return {"results": results, "summary": summary}
 
 
@@ -61,8 +61,6 @@ def validate_champions_flow(config: dict | None = None, force: bool = True) -> d
     """Validate the current `champion` of every registered model (the nightly deployment): the same measurements
     and gates, with the champion's earlier validation as its reference; nothing is promoted. `force` (default)
     measures again even when an identical validation exists (the point of a nightly check)."""
-    from registry.promotion import champions
-
     uris = champions()
     if not uris:
         print("no registered model has a champion yet: nothing to validate")

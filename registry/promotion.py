@@ -5,7 +5,7 @@ move `champion` (after validation, or by hand with a reason).
     record_validation(uri, passed, run_id, failures, evidence)  # version tags cpmant.validation=passed|failed, ...
     promote_version(uri, by, reason, run_id="") -> dict        # champion -> uri, who and why on the version
     promote_by_hand(uri, reason, user=None) -> dict            # `cpmant promote`: an MLflow run records it too
-    recorded_validation(uri, settings_sha256) -> dict | None   # the latest validation run of a version
+(the validation stage's queries: registry/validation_records.py)
 """
 
 from __future__ import annotations
@@ -17,20 +17,17 @@ from cpmant.errors import CpmantError
 
 from . import tags as T
 from .aliases import get_alias, set_alias
-from .limits import param_value
+from .limits import param_value, version_tag_value
+from .runs import NOTE
 from .tracking import setup_tracking
 
 # the tags beyond the contract's live in registry/tags.py with the others
 from .tags import (MODEL, PREVIOUS_CHAMPION, PROMOTED_AT, PROMOTED_BY, PROMOTION_REASON, PROMOTION_RUN,  # noqa: F401
-                   VALIDATION, VALIDATION_EVIDENCE, VALIDATION_FAILURES, VALIDATION_KEY, VALIDATION_RUN,
+                   VALIDATION, VALIDATION_EVIDENCE, VALIDATION_FAILURES, VALIDATION_RUN,
                    VALIDATION_SETTINGS)
 
 PASSED, FAILED = "passed", "failed"
-TAG_MAX = 4000  # MLflow tag values are limited (5000 characters on SQL stores)
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= TAG_MAX else text[: TAG_MAX - 3] + "..."
+_clip = version_tag_value  # a version tag's value, cut to MLflow's limit (registry/limits.py)
 
 
 def decide(checks) -> list[dict]:
@@ -126,35 +123,13 @@ def promote_by_hand(uri: str, reason: str, user: str | None = None) -> dict:
         mlflow.log_params({"model": vuri, "user": user, "reason": param_value(reason),
                            "previous_champion": "" if previous is None else f"models:/{name}/{previous}",
                            "validation": _client().get_model_version(name, str(version)).tags.get(VALIDATION, "none")})
-        mlflow.set_tag("mlflow.note.content", f"{user} promoted {vuri} to champion: {reason}")
+        mlflow.set_tag(NOTE, f"{user} promoted {vuri} to champion: {reason}")
         rec = promote_version(vuri, user, reason, run.info.run_id)
     c = _client()
     mv = c.get_model_version(name, str(version))
     line = f"Promoted to champion by {user} on {rec['at']}: {reason}"
     c.update_model_version(name, str(version), description=((mv.description or "").rstrip() + "\n\n" + line).strip())
     return {**rec, "run_id": run.info.run_id}
-
-
-def recorded_validation(uri: str, settings_sha256: str | None = None, key: str | None = None) -> dict | None:
-    """The newest finished validation run of `uri`'s version (with these measurement settings, or this full reuse
-    key): {"run_id", "metrics", "tags"}; None when there is none."""
-    from mlflow.entities import ViewType
-
-    name, version, vuri = _version_uri(uri)
-    c = _client()
-    exps = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    if not exps:
-        return None
-    flt = f"tags.`{T.STAGE}` = 'validate' and tags.`{MODEL}` = '{vuri}' and attributes.status = 'FINISHED'"
-    if settings_sha256:
-        flt += f" and tags.`{VALIDATION_SETTINGS}` = '{settings_sha256}'"
-    if key:
-        flt += f" and tags.`{VALIDATION_KEY}` = '{key}'"
-    runs = c.search_runs(exps, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    r = runs[0]
-    return {"run_id": r.info.run_id, "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
 
 
 def champions() -> list[str]:

@@ -8,6 +8,8 @@ then comparing two runs' metrics.
                                                  a lifecycle or stage run stands for the training runs under it
     metric_histories(run_id) -> {name: [(step, value), ...]}
     compare_metrics(histories_a, histories_b) -> dict   every reproducible metric, equal to the last digit or listed
+    in_home(home)                           a context: CPMANT_HOME = home and its own default store, then restored
+    version_record(uri) -> (run id, data sha256)   of a version the rerun registered
 
 Where a config comes from, best first: the run's `config.json` artifact (the whole resolved LifecycleConfig, when a
 stage logs it); else a pretraining run's `config/config.yaml` (its PretrainConfig as the loop ran it) or a
@@ -17,8 +19,11 @@ from the `tracking.*` params and the experiment's name.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cpmant.errors import CpmantError
 
@@ -279,3 +284,35 @@ def compare_metrics(a: dict[str, list[tuple[int, float]]], b: dict[str, list[tup
                 diffs.append(f"{name}: step {s}: {va!r} != {vb!r}")
                 break
     return {"compared": compared, "skipped": skipped, "differences": diffs}
+
+
+@contextlib.contextmanager
+def in_home(home: Path):
+    """CPMANT_HOME = home and the default store under it (MLFLOW_TRACKING_URI unset), for the duration; the
+    environment and MLflow's tracking and registry URIs are restored afterwards."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("CPMANT_HOME", "MLFLOW_TRACKING_URI")}
+    saved_uri, saved_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    os.environ["CPMANT_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow.set_tracking_uri(None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mlflow.set_tracking_uri(saved_uri)
+        mlflow.set_registry_uri(saved_registry)
+
+
+def version_record(uri: str) -> tuple[str, str]:
+    """(the run that registered it, its data sha256 tag or '') of models:/NAME/VERSION in the current store."""
+    from .runs import model_version
+
+    name, version = uri[len("models:/"):].rsplit("/", 1)
+    mv = model_version(name, version)
+    return mv.run_id, (mv.tags or {}).get(T.DATA_SHA256, "")

@@ -12,7 +12,9 @@ On the active run (mlflow's fluent API; a task opens it with tasks.tracking.trac
 On any run (MlflowClient):
     run_tags(run_id) / run_params(run_id) / run_metrics(run_id) -> dict
     load_dict(run_id, path) / load_text(run_id, path)
-    find_runs(tags, order="start_time DESC", max_results=100) -> [Run]   runs whose tags equal `tags`, newest first
+    find_runs(tags, order="start_time DESC", max_results=100, experiment=None) -> [Run]   runs whose tags equal
+                                                                          `tags`, newest first
+    model_version(name, version)                                          a registered version
     version_tags(uri_or_name, version=None) -> dict                       a registered version's tags
 """
 
@@ -113,13 +115,13 @@ def _quote(v: str) -> str:
 
 
 def find_runs(tags: dict[str, str], order: str = "start_time DESC", max_results: int = 100,
-              status: str | None = "FINISHED") -> list:
-    """Runs of the project's experiment whose tags equal every key/value of `tags` (and whose status is `status`,
-    unless None), newest first."""
+              status: str | None = "FINISHED", experiment: str | None = None) -> list:
+    """Runs of `experiment` (default: the project's) whose tags equal every key/value of `tags` (and whose status
+    is `status`, unless None), newest first."""
     from .tracking import EXPERIMENT
 
     client = _client()
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp = client.get_experiment_by_name(experiment or EXPERIMENT)
     if exp is None:
         return []
     clauses = [f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()]
@@ -127,6 +129,19 @@ def find_runs(tags: dict[str, str], order: str = "start_time DESC", max_results:
         clauses.append(f"attributes.status = '{status}'")
     return client.search_runs([exp.experiment_id], " and ".join(clauses), order_by=[f"attributes.{order}"],
                               max_results=max_results)
+
+
+def end_runs(run_ids: list[str], status: str, tracking_uri: str | None = None) -> None:
+    """End runs with `status` (e.g. KILLED: runs a killed command left RUNNING) in the store at `tracking_uri`
+    (default: this home's)."""
+    client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else _client()
+    for run_id in run_ids:
+        client.set_terminated(run_id, status=status)
+
+
+def model_version(name: str, version: str | int):
+    """A registered version (mlflow's ModelVersion: run_id, description, tags, aliases)."""
+    return _client().get_model_version(name, str(version))
 
 
 def version_tags(name: str, version: str | int) -> dict[str, str]:

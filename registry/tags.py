@@ -26,7 +26,6 @@ MODEL = "cpmant.model"  # run tag: the models:/NAME/VERSION a validation or prom
 VALIDATION = "cpmant.validation"  # version and run tag: passed | failed
 VALIDATION_RUN = "cpmant.validation_run_id"  # version tag: the run that decided
 VALIDATION_FAILURES = "cpmant.validation_failures"  # version and run tag: the failed gates, "; "-separated
-VALIDATION_KEY = "cpmant.validation_key"  # run tag: version + settings + gates + code + champion (reuse key)
 VALIDATION_SETTINGS = "cpmant.validation_settings_sha256"  # run tag: the measurement settings only
 VALIDATION_EVIDENCE = "cpmant.validation_evidence"  # version and run tag: the interval gates' intervals and decisions
 PROMOTED_BY = "cpmant.promoted_by"  # version tag: a user name, or "validation"
@@ -57,7 +56,7 @@ GATE_PREFIX = "cpmant.gate."  # + "<metric>.<against>": run tag of a validation,
 # stage run
 LIFECYCLE = "cpmant.lifecycle"
 
-# delta tuning runs (tasks/tune.py)
+# delta tuning runs and versions (tasks/tune/, registry/tune_records.py)
 TUNE_KIND = "cpmant.tune.kind"  # run tag: zero-shot | delta | comparison
 TASK_DATA_SHA256 = "cpmant.task_data_sha256"  # the task's examples (train, valid, test) as loaded
 

@@ -39,24 +39,3 @@ def pin_candidates(tracking: TrackingConfig, uris: list[str]) -> list[str]:
         set_alias(uri, ALIAS_CANDIDATE)
         out.append(uri)
     return out
-
-
-@task(name="check-versions", task_run_name="check-versions", cache_policy=NONE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_transient)
-def missing_versions(tracking: TrackingConfig, uris: list[str]) -> list[str]:
-    """The URIs among `uris` that no longer name a registered version (a cached result must not point at a deleted
-    one: the flow makes those again)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from registry.tracking import setup_tracking
-
-    setup_tracking(tracking.experiment)
-    client, out = MlflowClient(), []
-    for uri in uris:
-        name, version = uri.removeprefix("models:/").rsplit("/", 1)
-        try:
-            client.get_model_version(name, version)
-        except MlflowException:
-            out.append(uri)
-    return out

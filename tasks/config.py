@@ -10,6 +10,7 @@ from pydantic import Field
 
 from cpmant.compress.config import CompressConfig  # noqa: F401  (the compress tasks' section)
 from cpmant.configio import FrozenModel  # noqa: F401  (the base of every config section)
+from cpmant.errors import CpmantError  # noqa: F401  (bad input, for flows/config.py: flows import only tasks)
 from cpmant.delta.config import TuneConfig  # noqa: F401  (the delta-tuning tasks' section)
 from cpmant.training.config import PretrainConfig  # noqa: F401  (the pretrain tasks' section)
 from cpmant.validation.config import ValidateConfig  # noqa: F401  (the validation tasks' section)
@@ -30,7 +31,7 @@ class TrackingConfig(FrozenModel):
     electricity_rmb_per_kwh: float = Field(0.0, ge=0, description="added per kWh (0 when the hour price has it)")
     metric_flush_steps: int = Field(50, ge=1, description="per-step metrics are sent to MLflow in batches")
     # set by the lifecycle, not by users: they shape where runs are filed and which alias a new version gets, never
-    # a result, so the caches leave them out (tasks/caching.py)
+    # a result, so reuse keys and recorded configs leave them out
     parent_run_id: str | None = Field(None, description="MLflow run the stage's runs nest under (the lifecycle's "
                                       "stage run); None = top-level runs")
     register_alias: str | None = Field(None, description="alias a new version gets; None = `candidate` when the "

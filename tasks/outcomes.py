@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from registry.limits import STATE_MESSAGE, cut
+
 REJECTED = "Rejected"  # the state name of a validation whose gate failed
 
 
@@ -53,7 +55,7 @@ def validation_lines(res: dict) -> list[str]:
     metrics = {k: v for k, v in (res.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_ci_low", "_ci_high"))}
     how = "reused validation run" if res.get("reused") else "validation run"
-    lines = [f"{res.get('model')}: {how} {res.get('run_id')}",
+    lines = [f"{res.get('model')}: {how} {res.get('run_id')}", *([res["reason"]] if res.get("reason") else []),
              "metrics: " + (", ".join(f"{k} {_fmt(v)}" for k, v in sorted(metrics.items())) or "none")]
     if res.get("passed"):
         lines.append("decision: every gate passed" + (", now champion" if res.get("promoted") else ""))
@@ -73,4 +75,4 @@ def validation_outcome(res: dict):
 
     failures = res.get("failures") or ["a gate failed"]
     message = f"{res.get('model', '')} rejected: " + "; ".join(failures)
-    return Completed(name=REJECTED, message=message[:2000], data=res)
+    return Completed(name=REJECTED, message=cut(message, STATE_MESSAGE), data=res)

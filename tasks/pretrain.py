@@ -1,10 +1,11 @@
-"""Prefect tasks of the pretraining stage: prepare the corpus, find an identical earlier result, train (tracked),
-register the model inside its training run."""
+"""Prefect tasks of the pretraining stage: prepare the corpus, decide reuse by the stage's one key (tasks/reuse.py:
+cpmant.training.runs.reuse_key over the resolved settings, the data and vocab hashes and the code version), train
+(tracked) unless the run folder holds the finished training of that key, register the model inside its training
+run with the key. MLflow is reached through registry/ (runs.py, stage_records.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,17 +14,23 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
+from cpmant.checkpoint import git_sha
 from cpmant.configio import dump_config
 from cpmant.errors import CpmantError
 from cpmant.threads import worker_env
 from cpmant.training.loop import TrainResult, config_sha256, resolve_run_dir
 from cpmant.training.loop import pretrain as pretrain_fn
 from cpmant.training.prepare import PreparedData, prepare_data
+from cpmant.training.runs import finished, reuse_key, write_finished
+from registry import runs, stage_records
+from registry.tags import CONFIG_SHA256, DATA_SHA256, GIT_SHA, HELDOUT_SHA256, INPUTS_SHA256, PRESET, STAGE
+from registry.tracking import setup_tracking
 
-from .caching import ContentHash
+from .aliases import new_version_alias
 from .config import PretrainConfig, TrackingConfig
 from .outcomes import log_lines, pretrain_lines
 from .plots import plot_loss
+from .reuse import SHORT, Reuse, decide, reused_state
 from .tracking import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
                        tracked_stage)
 from .tracking import recorded_tracking as _recorded_tracking
@@ -34,13 +41,14 @@ SUMMARY_KEYS = ("valid_loss_start", "valid_loss_end", "tokens_per_second", "mfu"
 
 
 def _flat_params(prefix: str, d: dict) -> dict[str, str]:
+    """Nested settings as flat `a.b` params (registry.runs.log_params cuts them to MLflow's limit)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(_flat_params(key + ".", v))
         else:
-            out[key] = str(v)[:6000]
+            out[key] = str(v)
     return out
 
 
@@ -64,38 +72,27 @@ def prepare_corpus(pretrain: PretrainConfig) -> PreparedData:
                             pretrain.seed, pretrain.encode_workers)
 
 
-def reuse_match(pretrain: PretrainConfig, data: PreparedData) -> dict[str, str]:
-    """The version tags that identify a pretraining result: its config hash (the fields that affect weights or
-    metrics), its data hash and the code version."""
-    from cpmant.checkpoint import git_sha
-    from registry.tags import CONFIG_SHA256, DATA_SHA256, GIT_SHA
-
-    return {CONFIG_SHA256: config_sha256(pretrain), DATA_SHA256: data.data_sha256, GIT_SHA: git_sha()}
-
-
 @task(name="find-pretrained", task_run_name="find-{pretrain.preset}", cache_policy=NONE, retries=1,
       retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def find_pretrained(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData) -> dict | None:
-    """The registered version of `cpm-ant-<preset>` made from the same config, data and code, with its run's
-    summary metrics; None when there is none."""
-    from mlflow.tracking import MlflowClient
-
-    from registry.register import find_version
-    from registry.tracking import setup_tracking
-
+def find_pretrained(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData,
+                    force: bool = False) -> Reuse:
+    """The stage's one reuse decision: the newest version of `cpm-ant-<preset>` registered with this reuse key
+    (tag cpmant.inputs_sha256), unless `force`. Prints why (tasks/reuse.py)."""
     setup_tracking(tracking.experiment)
-    uri = find_version(model_name(pretrain), reuse_match(pretrain, data))
-    if uri is None:
-        return None
-    client = MlflowClient()
-    name, version = uri.removeprefix("models:/").rsplit("/", 1)
-    mv = client.get_model_version(name, version)
-    data_ = client.get_run(mv.run_id).data if mv.run_id else None
-    metrics = data_.metrics if data_ else {}
-    print(f"reusing {uri}: same config, data and code (pass --force to train again)")
-    return {"model_uri": uri, "run_id": mv.run_id, "reused": True, "steps": pretrain.max_steps,
-            "model_dir": None, "precision": (data_.params if data_ else {}).get("precision"),
-            **{k: metrics.get(k) for k in SUMMARY_KEYS if k in metrics}}
+    key = reuse_key(pretrain, data.data_sha256, data.vocab_sha256)
+    name = model_name(pretrain)
+    return decide("pretrain", key, None if force else stage_records.find_by_key(name, key), name, force)
+
+
+@task(name="reuse-pretrained", task_run_name="reuse-{pretrain.preset}", cache_policy=NONE, retries=1,
+      retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def reused_pretrained(reuse: Reuse, pretrain: PretrainConfig, tracking: TrackingConfig):
+    """The reused version's result (its run's summary metrics), as a `Reused` state whose message is the reason."""
+    setup_tracking(tracking.experiment)
+    s = stage_records.version_summary(reuse.found, SUMMARY_KEYS)
+    return reused_state(reuse, {"model_uri": reuse.found, "run_id": s["run_id"], "reused": True,
+                                "reason": reuse.reason, "steps": pretrain.max_steps, "model_dir": None,
+                                "precision": s["params"].get("precision"), **s["metrics"]})
 
 
 def torchrun_args(cfg: PretrainConfig) -> list[str]:
@@ -152,26 +149,60 @@ def resolved_params(pretrain: PretrainConfig, data: PreparedData) -> dict[str, s
     return {**_flat_params("", resolved), **_flat_params("data.", data.summary())}
 
 
-@task(name="pretrain", task_run_name="pretrain-{pretrain.preset}", cache_policy=ContentHash(),
+def _recorded_training(run_dir: Path, key: str) -> dict | None:
+    """The finished training of `key` in the run folder (its MLflow run still there), e.g. one whose registration
+    failed: registered without training again."""
+    rec = finished(run_dir, key)
+    if rec is None or not stage_records.run_exists(rec.get("run_id")):
+        return None
+    reason = (f"pretrain: registering the finished training in {run_dir} (MLflow run {rec['run_id']}): same key "
+              f"{key[:SHORT]}")
+    log_lines(reason)
+    result = {**rec["result"], "run_dir": str(run_dir), "model_dir": str(Path(run_dir) / "model")}  # a moved home
+    return {"result": result, "run_id": rec["run_id"], "reason": reason}
+
+
+def _record_result(run, res: TrainResult, data: PreparedData, preset: str) -> None:
+    """The training's summary metrics at its final step, its identity tags, its config, log and loss plot."""
+    run.final_step = res.steps
+    run.log_final({
+        "tokens_per_second": res.tokens_per_second, "mfu": res.mfu, "peak_flops": res.peak_flops,
+        "valid_loss_start": res.valid_loss_start, "valid_loss_end": res.valid_loss_end,
+        "final_loss": res.final_loss, "num_parameters": res.num_parameters, "tokens_seen": res.tokens_seen,
+        "train_seconds": res.train_seconds,
+    })
+    runs.set_tags({DATA_SHA256: data.data_sha256, CONFIG_SHA256: res.config_sha256, PRESET: preset,
+                   # the rows valid_loss_* were measured on (cpmant/heldout.py): validation's are the same
+                   HELDOUT_SHA256: res.heldout_sha256})
+    runs.log_artifact(str(res.run_dir / "config.yaml"), "config")
+    runs.log_artifact(str(res.run_dir / "model_config.json"), "config")
+    log = res.run_dir / "train_log.jsonl"
+    runs.log_artifact(str(log), "logs")
+    png = plot_loss(log, res.run_dir / "loss.png")
+    if png:
+        runs.log_artifact(str(png), "plots")
+
+
+@task(name="pretrain", task_run_name="pretrain-{pretrain.preset}", cache_policy=NONE,
       tags=[TRAINING_TAG], retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
-def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData, force: bool = False) -> dict:
-    """Pretrain inside a tracked MLflow run; returns the result and the run id. The summary metrics are logged at
-    the final step, beside the last loss, where the registered model reads them. `force`: start from step 0 even
-    when the run folder holds checkpoints of this config (`resume: auto` would return the finished model)."""
-    import mlflow
-
-    from cpmant.checkpoint import git_sha
-    from registry.tags import CONFIG_SHA256, DATA_SHA256, GIT_SHA, PRESET, STAGE
-
+def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: PreparedData, key: str,
+                force: bool = False) -> dict:
+    """Pretrain inside a tracked MLflow run; returns the result and the run id, and writes them with the reuse
+    `key` beside the run's model (cpmant.training.runs.write_finished). The run folder's finished training of the
+    same key is returned as it is (no run, no training) unless `force`. The summary metrics are logged at the final
+    step, beside the last loss, where the registered model reads them. `force`: start from step 0 even when the
+    run folder holds checkpoints of this config (`resume: auto` would return the finished model)."""
     p = pretrain
+    if not force and (done := _recorded_training(run_folder(p), key)):
+        return done
     if force and p.resume == "auto":
         p = p.model_copy(update={"resume": "never"})
     with tracked_stage(tracking, f"pretrain-{p.preset}", tags={STAGE: "pretrain"}) as run:
-        mlflow.log_params(resolved_params(p, data))
+        runs.log_params(resolved_params(p, data))
         # the whole resolved config and the code version, for `cpmant rerun` (where runs nest is not an input)
-        mlflow.log_dict({"pretrain": p.model_dump(mode="json"), "tracking": _recorded_tracking(tracking)},
-                        "config.json")
-        mlflow.set_tag(GIT_SHA, git_sha())
+        runs.log_dict({"pretrain": p.model_dump(mode="json"), "tracking": _recorded_tracking(tracking)},
+                      "config.json")
+        runs.set_tags({GIT_SHA: git_sha(), INPUTS_SHA256: key})
         logger = AsyncMetricLogger(run.info.run_id, tracking.metric_flush_steps)
         try:
             if p.nproc > 1 or int(getattr(p, "nnodes", 1) or 1) > 1:
@@ -180,25 +211,11 @@ def train_model(pretrain: PretrainConfig, tracking: TrackingConfig, data: Prepar
                 res = pretrain_fn(p, MlflowCallbacks(logger), prepared=data)
         finally:
             logger.close()
-        run.final_step = res.steps
-        run.log_final({
-            "tokens_per_second": res.tokens_per_second, "mfu": res.mfu, "peak_flops": res.peak_flops,
-            "valid_loss_start": res.valid_loss_start, "valid_loss_end": res.valid_loss_end,
-            "final_loss": res.final_loss, "num_parameters": res.num_parameters, "tokens_seen": res.tokens_seen,
-            "train_seconds": res.train_seconds,
-        })
-        mlflow.set_tags({DATA_SHA256: data.data_sha256, CONFIG_SHA256: res.config_sha256, PRESET: p.preset,
-                         # the rows valid_loss_* were measured on (cpmant/heldout.py): validation's are the same
-                         "cpmant.heldout_sha256": res.heldout_sha256})
-        mlflow.log_artifact(str(res.run_dir / "config.yaml"), artifact_path="config")
-        mlflow.log_artifact(str(res.run_dir / "model_config.json"), artifact_path="config")
-        log = res.run_dir / "train_log.jsonl"
-        mlflow.log_artifact(str(log), artifact_path="logs")
-        png = plot_loss(log, res.run_dir / "loss.png")
-        if png:
-            mlflow.log_artifact(str(png), artifact_path="plots")
+        _record_result(run, res, data, p.preset)
+    trained = {"result": res.to_json(), "run_id": run.info.run_id}
+    write_finished(res.run_dir, key, trained)  # the key beside the result: a failed registration retrains nothing
     log_lines(*pretrain_lines(res, run.info.run_id))  # the task run's log in Prefect
-    return {"result": res.to_json(), "run_id": run.info.run_id}
+    return trained
 
 
 def describe(result: dict) -> str:
@@ -208,34 +225,17 @@ def describe(result: dict) -> str:
             f"held-out loss {result['valid_loss_end']:.3f}")
 
 
-def _register(model_dir, name: str, stage: str, parent: str, step: int, description: str, alias: str | None):
-    """registry.register.register_checkpoint, logging the model at `step` (the training run's final step, so the
-    logged model shows the final metrics) where the registry takes a step."""
-    import inspect
-
-    from registry.register import register_checkpoint
-
-    kw = {"step": step} if "step" in inspect.signature(register_checkpoint).parameters else {}
-    return register_checkpoint(model_dir, name, stage=stage, parent=parent, description=description, alias=alias,
-                               **kw)
-
-
 @task(name="register-model", task_run_name="register-{name}", cache_policy=NONE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
-def register_model(trained: dict, name: str, stage: str = "pretrain", parent: str = "",
+def register_model(trained: dict, name: str, key: str, stage: str = "pretrain", parent: str = "",
                    tracking: TrackingConfig | None = None) -> str:
-    """Register the trained checkpoint as a new version, logged in its training run at the run's final step, with
-    alias `candidate` (the model's first version, or inside the lifecycle) or `challenger` (tasks/aliases.py)."""
-    import mlflow
-
-    from registry.tracking import setup_tracking
-
-    from .aliases import new_version_alias
-
+    """Register the trained checkpoint as a new version tagged with the reuse `key`, logged in its training run at
+    the run's final step, with alias `candidate` (the model's first version, or inside the lifecycle) or
+    `challenger` (tasks/aliases.py)."""
     tracking = tracking or TrackingConfig()
     setup_tracking(tracking.experiment)
-    alias = new_version_alias(tracking, name)
-    with mlflow.start_run(run_id=trained["run_id"]):
-        res = trained["result"]
-        reg = _register(res["model_dir"], name, stage, parent, int(res["steps"]), f"{name}: {describe(res)}", alias)
+    res = trained["result"]
+    reg = stage_records.register_in_run(trained["run_id"], res["model_dir"], name, key, stage=stage, parent=parent,
+                                        description=f"{name}: {describe(res)}",
+                                        alias=new_version_alias(tracking, name), step=int(res["steps"]))
     return reg.uri

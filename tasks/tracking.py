@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from mlflow.entities import Metric
+from registry import run_records, runs
+from registry.tracking import setup_tracking
 
 from .config import TrackingConfig
 
@@ -77,13 +78,11 @@ def cost_rmb(tracking: TrackingConfig, duration_s: float, energy_kwh: float) -> 
 
 
 class AsyncMetricLogger:
-    """Queue metrics and send them with MlflowClient.log_batch from a background thread every `flush_steps`."""
+    """Queue metrics and send them (registry.run_records.log_batch) from a background thread every `flush_steps`."""
 
     def __init__(self, run_id: str, flush_steps: int = 50):
-        from mlflow.tracking import MlflowClient
-
-        self.client, self.run_id, self.flush_steps = MlflowClient(), run_id, flush_steps
-        self.buffer: list[Metric] = []
+        self.client, self.run_id, self.flush_steps = run_records.metric_client(), run_id, flush_steps
+        self.buffer: list[tuple[str, float, int, int]] = []  # (key, value, step, timestamp ms)
         self.sent: set[tuple[str, int]] = set()
         self.q: queue.Queue = queue.Queue()
         self.errors: list[BaseException] = []
@@ -96,8 +95,9 @@ class AsyncMetricLogger:
             if batch is None:
                 return
             try:
-                for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
-                    self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=True)
+                for ts in dict.fromkeys(t for *_, t in batch):  # one call per timestamp (usually one)
+                    run_records.log_batch(self.run_id, [(k, v, step) for k, v, step, t in batch if t == ts],
+                                          timestamp_ms=ts, client=self.client)
             except Exception as e:  # keep training; report at close
                 self.errors.append(e)
 
@@ -108,7 +108,7 @@ class AsyncMetricLogger:
         for k, v in finite(metrics).items():
             if (k, step) not in self.sent:
                 self.sent.add((k, step))
-                self.buffer.append(Metric(k, v, ts, step))
+                self.buffer.append((k, v, step, ts))
         if step % self.flush_steps == 0:
             self.flush()
 
@@ -163,9 +163,7 @@ class StageRun:
 
     def log_final(self, metrics: dict[str, float]) -> None:
         """Log summary metrics at the final step (finite values only)."""
-        import mlflow
-
-        mlflow.log_metrics(finite(metrics), step=self.final_step)
+        runs.log_metrics(finite(metrics), step=self.final_step)
 
 
 def recorded_tracking(tracking: TrackingConfig) -> dict:
@@ -362,15 +360,11 @@ def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] 
     its shares: `duration_s` (wall time), `energy_kwh`, `emissions_kg_co2e`, `cost_rmb` (device-hours on the
     apportioned duration plus electricity on the apportioned energy), and `elapsed_s` (its own wall time); the
     segments its share came from as `emissions/emissions.csv`. Yields a StageRun."""
-    import mlflow
-
-    from registry.tracking import setup_tracking
-
     tags = {**tracking.parent_tags(), **(tags or {})}  # nested under the lifecycle's stage run, when there is one
     cost_rmb(tracking, 0.0, 0.0)  # an unpriced device is an error now, not after the stage has run
     setup_tracking(tracking.experiment)
     meter = meter or process_meter(tracking)
-    with mlflow.start_run(run_name=run_name, tags=tags) as mlrun:
+    with run_records.start_run(run_name, tags) as mlrun:
         run = StageRun(mlrun)
         share = meter.enter()
         t0 = time.perf_counter()
@@ -386,6 +380,6 @@ def tracked_stage(tracking: TrackingConfig, run_name: str, tags: dict[str, str] 
                 "duration_s": share.wall_s,
                 "elapsed_s": elapsed,
             })
-            mlflow.log_params({"tracking.country_iso_code": tracking.country_iso_code,
-                               "tracking.device": tracking.device, "tracking.devices": tracking.devices})
-            mlflow.log_text(share.csv(), "emissions/emissions.csv")
+            runs.log_params({"tracking.country_iso_code": tracking.country_iso_code,
+                             "tracking.device": tracking.device, "tracking.devices": tracking.devices})
+            runs.log_text(share.csv(), "emissions/emissions.csv")

@@ -1,10 +1,8 @@
 """Checkpoints: one factory for every variant, integrity (hashes recorded at save, damaged files named, the newest
-intact step found), converter errors, and an import graph with no cycle."""
+intact step found) and converter errors (the import graph: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
-import importlib
 import json
 from pathlib import Path
 
@@ -28,7 +26,6 @@ VARIANTS = {
     "int8-moe": CFG.replace(quantization="int8", moe_experts=4, moe_top_k=1, mask_modules=((False, False),
                                                                                              (False, True))),
 }
-PKG = Path(__file__).resolve().parent.parent / "cpmant"
 
 
 @pytest.fixture(scope="module")
@@ -212,94 +209,6 @@ def test_convert_missing_source_says_it_does_not_exist(tmp_path):
     with pytest.raises(CpmantError, match="does not exist") as e:
         convert(tmp_path / "nope", tmp_path / "out", "hf")
     assert "cannot tell the format" not in str(e.value)
-
-
-# ---- layers: no import cycle; checkpoints never reach into compression methods ------------------------
-def _module_name(path: Path) -> str:
-    parts = ["cpmant", *path.relative_to(PKG).with_suffix("").parts]
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under `if TYPE_CHECKING:` (imports for annotations only never run)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
-            for other in node.orelse:
-                yield from _runtime_nodes_of(other)
-            continue
-        yield from _runtime_nodes_of(node)
-
-
-def _runtime_nodes_of(node: ast.AST):
-    yield node
-    yield from _runtime_nodes(node)
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the cpmant modules it imports (anywhere in the file, function bodies included; imports under
-    `if TYPE_CHECKING:` are left out: they never run)."""
-    files = {_module_name(p): p for p in PKG.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for mod, path in files.items():
-        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        deps: set[str] = set()
-        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*up, base] if base else up)
-                deps.add(base)
-                deps |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in files}
-        graph[mod] = {d for d in deps if d in files and d != mod}
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for d in sorted(graph[n]):
-            if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
-            if d not in state and (c := visit(d)):
-                return c
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(graph):
-        if n not in state and (c := visit(n)):
-            return c
-    return None
-
-
-def test_find_cycle_finds_one():
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b"}, "b": set()}) is None
-
-
-def test_no_import_cycle_and_checkpoints_never_import_compression():
-    graph = import_graph()
-    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
-    assert {"cpmant.checkpoint", "cpmant.factory", "cpmant.compress.quantize"} <= set(graph)
-    for mod in ("cpmant.checkpoint", "cpmant.factory", "cpmant.model", "cpmant.modules.quant", "cpmant.modules.moe"):
-        assert not [d for d in graph[mod] if d.startswith("cpmant.compress")], mod
-    for mod in graph:  # the core never imports Prefect or MLflow, and every module imports on its own
-        src = (PKG / Path(*mod.split(".")[1:])).with_suffix(".py")
-        src = src if src.exists() else src.with_suffix("") / "__init__.py"
-        roots = {a.name.split(".")[0] for n in ast.walk(ast.parse(src.read_text(encoding="utf-8")))
-                 if isinstance(n, ast.Import) for a in n.names}
-        roots |= {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(src.read_text(encoding="utf-8")))
-                  if isinstance(n, ast.ImportFrom) and not n.level}
-        assert not roots & {"prefect", "mlflow"}, mod
-        if not mod.endswith("__main__"):
-            importlib.import_module(mod)
 
 
 @pytest.mark.unit

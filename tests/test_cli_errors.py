@@ -64,6 +64,13 @@ CASES = [
     ("pull-to-a-file", ["pull", "models:/cpm-ant-tiny/1", "--to", "{file}"], "", None),
     # inference, delta tuning and validation verbs
     ("memory-budget-bad", ["generate", "models:/cpm-ant-tiny/1", "hi", "--memory-budget", "12QB"], "memory size", None),
+    # issue 18: values checked once at the edge (force, precision, memory budget), each one error before any run
+    ("memory-budget-zero", ["generate", "models:/cpm-ant-tiny/1", "hi", "--memory-budget", "0"], "not positive",
+     None),
+    ("lifecycle-force-unknown-stage", ["lifecycle", "--force", "pretrain", "nope"], "'nope'", None),
+    ("pretrain-precision-fp16", ["pretrain", "--set", "pretrain.precision=fp16"], "pretrain.precision", None),
+    ("lifecycle-precision-fp16", ["lifecycle", "--set", "compress.precision=half"], "compress.precision", None),
+    ("tune-empty-task-list", ["tune", "models:/cpm-ant-tiny/1", "--task", ","], "no task given", None),
     ("device-cuda-without-cuda", ["generate", "models:/cpm-ant-tiny/1", "hi", "--device", "cuda"], "no cuda", None),
     ("device-tpu", ["generate", "models:/cpm-ant-tiny/1", "hi", "--device", "tpu"], "--device 'tpu'", None),
     ("bminf-without-cuda", ["generate", "models:/cpm-ant-tiny/1", "hi", "--backend", "bminf"], "CUDA", None),
@@ -147,6 +154,61 @@ def test_cli_choices_come_from_the_registries(capsys):
         BACKENDS["train"].pop("test-only-backend", None)
 
 
+def test_force_is_a_set_of_stages_made_once_at_the_edge():
+    """`--force` becomes the set of stages to rerun in one place (common.force_of -> flows.config.check_force)."""
+    from cpmant.errors import CpmantError
+    from cpmant_cli.common import force_of
+    from cpmant_cli.main import build_parser
+    from flows.config import STAGES, check_force, forced
+
+    def force(*argv):
+        return force_of(build_parser().parse_args(list(argv)))
+
+    assert force("lifecycle") == frozenset()
+    assert force("lifecycle", "--force") == frozenset(STAGES)  # alone: every stage
+    assert force("lifecycle", "--force", "tune", "compress", "tune") == {"compress", "tune"}
+    assert force("pretrain", "--force") == frozenset(STAGES) and force("pretrain") == frozenset()
+    # what a flow's entry point accepts (the CLI's list, a deployment's bool or list, a set)
+    assert check_force(["tune"]) == check_force({"tune"}) == check_force("tune") == frozenset({"tune"})
+    assert check_force(None) == check_force(False) == frozenset()
+    assert forced(frozenset({"tune"}), "tune") and not forced(frozenset({"tune"}), "compress")
+    with pytest.raises(CpmantError, match="--force nope: no such stage") as e:
+        check_force(["tune", "nope"])
+    assert all(s in e.value.fix for s in STAGES)
+
+
+def test_memory_budget_is_parsed_once_into_a_type():
+    from cpmant.errors import CpmantError
+    from cpmant.memory import MemoryBudget
+
+    assert MemoryBudget.parse(None) is None  # no budget: every layer resident
+    assert MemoryBudget.parse("64MB") == MemoryBudget(64 * 2**20, "64MB")
+    assert MemoryBudget.parse("1.5GB").bytes == 3 * 2**29 and MemoryBudget.parse(4096).bytes == 4096
+    for bad, why in (("12QB", "cannot read the memory size '12QB'"), ("0", "not positive")):
+        with pytest.raises(CpmantError, match=why) as e:
+            MemoryBudget.parse(bad)
+        assert e.value.fix
+
+
+def test_verb_modules_never_import_main():
+    """No cycle main <-> verb modules: a verb module takes the shared steps from common.py."""
+    import ast
+    from pathlib import Path
+
+    import cpmant_cli
+
+    for path in Path(cpmant_cli.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.level == 1 and node.module == "main"), path.name
+                assert node.module != "cpmant_cli.main", path.name
+            if isinstance(node, ast.Import):
+                assert all(a.name not in ("mlflow", "cpmant_cli.main") and not a.name.startswith("mlflow.")
+                           for a in node.names), path.name
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] != "mlflow", path.name
+
+
 def test_generate_defaults_come_from_generation_config():
     from cpmant.generation_config import GenerationConfig
     from cpmant_cli.generate_cmd import _generation_config
@@ -160,10 +222,11 @@ def test_generate_defaults_come_from_generation_config():
 
 def test_max_steps_reaches_the_config():
     """`--max-steps 1` used to be dropped only when 0 (falsy); every given flag now reaches the config."""
-    from cpmant_cli.main import _stage_overrides, build_parser
+    from cpmant_cli.common import stage_overrides
+    from cpmant_cli.main import build_parser
 
     args = build_parser().parse_args(["pretrain", "--max-steps", "1", "--nproc", "1", "--resume", "never"])
-    assert _stage_overrides(args)["pretrain"] == {"max_steps": 1, "nproc": 1, "resume": "never"}
+    assert stage_overrides(args)["pretrain"] == {"max_steps": 1, "nproc": 1, "resume": "never"}
 
 
 def test_deterministic_errors_are_not_retried():
@@ -216,7 +279,7 @@ def test_prefect_console_hides_cpmant_errors_only():
 
 
 def test_summary_table():
-    from cpmant_cli.main import format_summary
+    from cpmant_cli.common import format_summary
 
     text = format_summary([
         {"stage": "pretrain", "model": "models:/cpm-ant-tiny/1", "metric": "valid_loss", "value": 3.1234,
@@ -251,23 +314,22 @@ def test_ctrl_c_names_the_running_lifecycle_stage(capsys):
     assert "during the validate stage" in err and "/runs/r1/checkpoints" not in err
 
 
-def test_the_lifecycle_records_its_running_stage(monkeypatch):
+def test_the_lifecycle_records_its_running_stage():
     """The stage `cpmant lifecycle` reports on Ctrl+C is the one whose flow was interrupted."""
-    import flows.lifecycle as lc
+    from flows.config import LifecycleConfig
+    from flows.lifecycle import StageFlows, run_lifecycle, running_stage
 
-    monkeypatch.setattr(lc, "open_run", lambda *a, **k: "run-id")
-    monkeypatch.setattr(lc, "close_run", lambda *a, **k: None)
+    class NoRecord:  # no MLflow runs, no pins
+        open = staticmethod(lambda *a, **k: "run-id")
+        close = pin = staticmethod(lambda *a, **k: None)
 
-    done = {"model_uri": "models:/m/1", "variants": [], "summary": []}
+    def done(*a, **k):
+        return {"model_uri": "models:/m/1", "variants": [], "summary": []}
 
-    def stage(flow, cfg):  # pretrain and compress finish; Ctrl+C arrives during tune
-        if getattr(flow, "name", "").startswith("tune"):
-            def interrupted(*a, **k):
-                raise KeyboardInterrupt
-            return interrupted
-        return lambda *a, **k: done
+    def interrupted(*a, **k):  # pretrain and compress finish; Ctrl+C arrives during tune
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(lc, "with_runner", stage)
+    flows = StageFlows(pretrain=done, compress=done, tune=interrupted, validate=done, report=done)
     with pytest.raises(KeyboardInterrupt):
-        lc.lifecycle_flow.fn({})
-    assert lc.running_stage() == "tune"
+        run_lifecycle(LifecycleConfig(), False, flows, NoRecord(), runner=lambda flow, orch: flow)
+    assert running_stage() == "tune"

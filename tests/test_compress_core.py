@@ -7,16 +7,17 @@ import torch
 from cpmant.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from cpmant.compress.importance import (head_importance, lm_loss, neuron_importance, sublayer_importance,
                                         taylor_importance)
-from cpmant.compress.moefy import MoEFeedForward, balanced_kmeans, build_moe_skeleton, moefy
-from cpmant.compress.prune import align_heads, prune, slice_model
-from cpmant.compress.quantize import (QATLinear, QuantLinear, build_quantized_skeleton, disable_qat, enable_qat,
-                                      fake_quant_int8, quantize_model)
 from cpmant.compress.methods import PruneConfig
+from cpmant.compress.methods.moefy import balanced_kmeans, moefy
+from cpmant.compress.methods.prune import align_heads, prune, slice_model
+from cpmant.compress.methods.quantize import quantize_model
 from cpmant.config import ModelConfig
 from cpmant.convert import to_cpm_live, to_hf_config
 from cpmant.errors import CpmantError
 from cpmant.factory import build_model
 from cpmant.model import CPMAnt, Linear
+from cpmant.modules.moe import MoEFeedForward
+from cpmant.modules.quant import QATLinear, QuantLinear, disable_qat, enable_qat, fake_quant_int8
 from cpmant.training.data import PretrainStream
 
 pytestmark = pytest.mark.unit
@@ -218,7 +219,7 @@ def test_quantize_close_and_round_trip(batches, tmp_path):
     a = save_model_dir(tmp_path / "fp", m.state_dict(), m.config, None)
     b = save_model_dir(tmp_path / "q", sd, q.config, None)
     config, sd2, _, _ = load_model_dir(b)
-    r = build_quantized_skeleton(config)
+    r = build_model(config)
     r.load_state_dict(sd2, strict=True)
     assert torch.equal(logits(r, batches), out)
     lin = [k for k in sd if k.endswith(".weight") and k.startswith("encoder.layers.") and "layernorm" not in k]
@@ -289,7 +290,7 @@ def test_moefy_top_k_sparse_and_round_trip(batches, tmp_path):
     assert torch.equal(w0.sort(0).values, m.state_dict()[FFN.format(0) + "w_in.w_0.weight"].sort(0).values)
     d = save_model_dir(tmp_path / "moe", e.state_dict(), e.config, None)
     config, sd, _, _ = load_model_dir(d)
-    r = build_moe_skeleton(config)
+    r = build_model(config)
     r.load_state_dict(sd, strict=True)
     assert torch.equal(logits(r, batches), logits(e, batches))
     with pytest.raises(CpmantError):
@@ -304,7 +305,7 @@ def test_quantized_moe_round_trip(batches, tmp_path):
         assert model.config.quantization == "int8" and model.config.moe_experts == 4
         d = save_model_dir(tmp_path / f"m{id(model)}", model.state_dict(), model.config, None)
         config, sd, _, _ = load_model_dir(d)
-        r = build_quantized_skeleton(config)
+        r = build_model(config)
         r.load_state_dict(sd, strict=True)
         assert torch.equal(logits(r, batches), logits(model, batches))
 

@@ -1,7 +1,8 @@
 """The compression stage end to end: `compress --recipe all,int8` on a registered micro base registers the
 variants with lineage and a description, their sizes follow their recipes, losses are measured (metrics at the last
 distillation step; the published figure a param), the ladder table is written, the int8 variant generates through
-the CLI, and a rerun returns the existing versions unless an input changed or `force` is given."""
+the CLI, and a rerun returns the existing versions unless an input changed or `force` is given: one reuse key per
+variant decides, and the summary says why."""
 
 from __future__ import annotations
 
@@ -115,12 +116,40 @@ def test_compress_all_and_int8(prefect_harness, base):
     def runs(name):
         return len(mlflow.search_runs(filter_string=f"attributes.run_name = '{name}'", output_format="list"))
 
+    # the one reuse key: on the version, in the variant's metadata, computed from the parent's recorded sha256
+    from cpmant.compress.config import CompressConfig
+    from cpmant.compress.pipeline import variant_key
+
+    key = client.get_model_version("cpm-ant-tiny-3b", "1").tags["cpmant.inputs_sha256"]
+    parent_sha = client.get_model_version("cpm-ant-tiny", "1").tags["cpmant.checkpoint_sha256"]
+    assert load_model_dir(checkpoint_dir("models:/cpm-ant-tiny-3b/1"))[3]["config_sha256"] == key
+    parent_dir, settings = checkpoint_dir(base["uri"]), CompressConfig(**cfg["compress"])
+    assert variant_key(parent_dir, RECIPES["3b"], settings, parent_uri=base["uri"],
+                       parent_checkpoint_sha256=parent_sha).config_sha256 == key
+    for other in ({"parent_uri": "models:/cpm-ant-tiny/2", "parent_checkpoint_sha256": parent_sha},
+                  {"parent_uri": base["uri"], "parent_checkpoint_sha256": "0" * 64}):
+        assert variant_key(parent_dir, RECIPES["3b"], settings, **other).config_sha256 != key, other
+
     before = runs("compress-3b")
     again = compress_flow("models:/cpm-ant-tiny@candidate", "3b", cfg)
     assert again["variants"] == ["models:/cpm-ant-tiny-3b/1"] and runs("compress-3b") == before
     assert again["ladder"][1]["lm_loss"] == pytest.approx(ladder["models:/cpm-ant-tiny-3b/1"]["lm_loss"])
+    assert again["summary"][0]["reused"] is True
+    assert again["summary"][0]["reason"] == f"compress 3b: reused models:/cpm-ant-tiny-3b/1: same key {key[:12]}"
+    # a deleted version is not found: made anew, from the finished variant on disk (same key: not measured again)
+    client.delete_model_version("cpm-ant-tiny-3b", "1")
+    remade = compress_flow("models:/cpm-ant-tiny@candidate", "3b", cfg)
+    assert remade["variants"] == ["models:/cpm-ant-tiny-3b/2"] and runs("compress-3b") == before + 1
+    assert remade["summary"][0]["reason"] == f"compress 3b: made anew: no result of cpm-ant-tiny-3b has key {key[:12]}"
+    first_3b = ladder["models:/cpm-ant-tiny-3b/1"]
+    assert remade["ladder"][1]["generation_tokens_per_second"] == first_3b["generation_tokens_per_second"]  # a timing
+    assert client.get_model_version("cpm-ant-tiny-3b", "2").tags["cpmant.inputs_sha256"] == key
     # an input that changes only the reported numbers (generation speed's length) makes a new version, as does force
     cfg2 = {**cfg, "compress": {**cfg["compress"], "gen_tokens": cfg["compress"].get("gen_tokens", 32) + 1}}
-    assert compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2)["variants"] == ["models:/cpm-ant-tiny-int8/2"]
+    changed = compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2)
+    assert changed["variants"] == ["models:/cpm-ant-tiny-int8/2"]
+    assert changed["summary"][0]["reason"].startswith(
+        "compress int8: made anew: no result of cpm-ant-tiny-int8 has key")
     forced = compress_flow("models:/cpm-ant-tiny@candidate", "int8", cfg2, force=True)
     assert forced["variants"] == ["models:/cpm-ant-tiny-int8/3"]
+    assert forced["summary"][0]["reason"].startswith("compress int8: made anew: --force compress")

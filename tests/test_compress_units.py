@@ -1,7 +1,7 @@
 """Compression pieces the core tests do not cover: distillation lowers the student's held-out loss, recipes
 (published ladder, user YAML with QAT), methods and backends that register themselves, data lineage (the parent's
 corpus, split and vocab; a changed corpus is refused; no held-out document in distillation rows), the reuse key,
-what is a metric and what a param, generation speed in generated ids, the bmcook backend's clear refusal."""
+what is a metric and what a param, generation speed in generated ids, an unbuilt backend's clear refusal."""
 
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ def test_recipe_errors(tmp_path):
 
 def test_distillation_lowers_the_students_loss(parent, fixture_corpus, tmp_path):
     from cpmant.checkpoint import load_pretrained
-    from cpmant.compress.distill import distill
+    from cpmant.compress.methods.distill import distill
     from cpmant.compress.importance import lm_loss
     from cpmant.compress.pipeline import build_streams, load_data
-    from cpmant.compress.prune import prune
+    from cpmant.compress.methods.prune import prune
 
     teacher, _ = load_pretrained(parent)
     data = load_data(parent, progress=False)
@@ -119,37 +119,19 @@ def test_user_recipe_with_qat_gives_an_int8_variant(parent, fixture_corpus, tmp_
     assert isinstance(generate(model, tok, ["床前明月光"], max_new_tokens=3)[0], str)
 
 
-def test_bmcook_backend_without_cuda(parent, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the bmcook path belongs to the gpu tier")
-    from cpmant.compress.pipeline import compress_checkpoint
-
-    with pytest.raises(CpmantError, match="needs CUDA") as e:
-        compress_checkpoint(parent, RECIPES["3b"], CompressConfig(backend="bmcook"), tmp_path / "x")
-    assert "--backend torch" in str(e.value)
+def test_a_backend_that_is_not_built_is_refused():
+    """bmcook is not built: it is not registered, so a config naming it is refused with the built choices."""
+    with pytest.raises(CpmantError, match="unknown compress backend 'bmcook'; choose one of: torch\n"):
+        build_config(CompressConfig, None, {"backend": "bmcook"})
 
 
 # ---- methods and backends register themselves ---------------------------------------------------------
-def test_methods_and_recipes_come_from_registries(parent, tmp_path, monkeypatch):
-    import inspect
+@pytest.fixture
+def scale_method():
+    """A method `scale` registered as a new method module would register it; unregistered after the test."""
     from typing import Literal
 
-    from cpmant.compress import METHODS, RECIPES as R, recipe_names
-    from cpmant.compress import pipeline
-    from cpmant.compress.methods import MethodConfig, register_method
-    from cpmant.compress.methods import base
-
-    assert list(METHODS) == ["prune", "distill", "quantize", "moefy"] and R is RECIPES
-    assert recipe_names() == ["7b", "3b", "1b", "300m", "int8", "moe", "all"]
-    assert "method ==" not in inspect.getsource(pipeline)  # dispatch through the registry, no if-chain
-    assert set(Recipe.model_fields) == {"name", "methods", "published_loss_increase"}  # no method's fields
-
-    # a new method is one registration: recipes accept it and the pipeline calls it
-    monkeypatch.setattr(base, "METHODS", dict(METHODS))
-    import cpmant.compress.methods as methods_pkg
-
-    monkeypatch.setattr(methods_pkg, "METHODS", base.METHODS)
-    monkeypatch.setattr(pipeline, "METHODS", base.METHODS)
+    from cpmant.compress.methods import METHODS, MethodConfig, register_method
 
     class ScaleConfig(MethodConfig):
         name: Literal["scale"] = "scale"
@@ -162,6 +144,29 @@ def test_methods_and_recipes_come_from_registries(parent, tmp_path, monkeypatch)
         calls.append(cfg.factor)
         return ctx.student
 
+    try:
+        yield calls
+    finally:
+        METHODS.pop("scale")
+
+
+def test_methods_and_recipes_come_from_registries(parent, tmp_path):
+    import inspect
+
+    from cpmant.compress import METHODS, RECIPES as R, recipe_names
+    from cpmant.compress import pipeline
+
+    assert list(METHODS) == ["prune", "distill", "quantize", "moefy"] and R is RECIPES
+    assert recipe_names() == ["7b", "3b", "1b", "300m", "int8", "moe", "all"]
+    assert "method ==" not in inspect.getsource(pipeline)  # dispatch through the registry, no if-chain
+    assert set(Recipe.model_fields) == {"name", "methods", "published_loss_increase"}  # no method's fields
+
+    assert "DistillConfig" not in inspect.getsource(pipeline)  # no method is special-cased
+
+
+def test_a_new_method_is_one_registration(parent, tmp_path, scale_method):
+    """Recipes accept a newly registered method and the pipeline calls it."""
+    calls = scale_method
     r = build_config(Recipe, None, {"name": "s", "methods": [{"name": "scale", "factor": 2.0}]})
     assert r.method("scale").factor == 2.0 and r.model_dump()["methods"] == [{"name": "scale", "factor": 2.0}]
     from cpmant.compress.pipeline import compress_checkpoint
@@ -174,14 +179,13 @@ def test_methods_and_recipes_come_from_registries(parent, tmp_path, monkeypatch)
 def test_backends_registry():
     from cpmant.backends import BACKENDS, backend_names, get_backend, register_backend
 
-    assert backend_names("train") == ("torch", "bmtrain")
-    assert backend_names("compress") == ("torch", "bmcook")
-    assert backend_names("generate") == ("torch", "bminf")
+    assert backend_names("train") == backend_names("compress") == backend_names("generate") == ("torch",)
+    assert backend_names("infer") == ("torch", "bminf")  # the built ones only (cpmant.offload.bminf_backend)
     assert get_backend("compress", "torch") == "torch"
     with pytest.raises(CpmantError, match="unknown compress backend 'nope'") as e:
         get_backend("compress", "nope")
-    assert "torch, bmcook" in str(e.value)
-    with pytest.raises(CpmantError, match="invalid CompressConfig: backend: .*choose one of: torch, bmcook"):
+    assert "choose one of: torch" in str(e.value)
+    with pytest.raises(CpmantError, match="invalid CompressConfig: backend: .*choose one of: torch"):
         build_config(CompressConfig, None, {"backend": "nope"})
     try:
         register_backend("compress", "fake", "a test backend")(lambda: None)
@@ -262,7 +266,7 @@ def test_a_changed_or_moved_corpus_is_refused(parent, fixture_corpus, tmp_path):
     # (its held-out measure: the default spec, as its old variants, which record none)
     from dataclasses import replace
 
-    from cpmant.heldout import HeldOutSpec
+    from cpmant.lineage import HeldOutSpec
 
     assert read_lineage(model) == replace(read_lineage(parent), heldout=HeldOutSpec())
 
@@ -317,7 +321,7 @@ def test_published_figure_is_a_param_not_a_metric(parent, tmp_path):
     assert f"{rep['params'] / 1e6:.2f} M parameters, loss {rep['loss_increase']:+.1%}" in text
 
 
-def test_generation_speed_counts_generated_ids_over_several_calls(monkeypatch):
+def test_generation_speed_counts_generated_ids_over_several_calls():
     import time
 
     from cpmant.compress import pipeline
@@ -329,9 +333,8 @@ def test_generation_speed_counts_generated_ids_over_several_calls(monkeypatch):
         time.sleep(0.02)
         return [[9] * 3 for _ in prompts]  # 3 ids per prompt, whatever they decode to
 
-    monkeypatch.setattr(pipeline, "_generated_ids", fake)
     model = torch.nn.Linear(1, 1)
-    speed = pipeline.generation_speed(model, None, 5, repeats=3)
+    speed = pipeline.generation_speed(model, None, 5, repeats=3, generate=fake)
     assert calls == [(1, 2)] + [(4, 5)] * 3  # one warm-up, then three timed calls of the four prompts
     assert 0.7 * 36 / 0.06 < speed <= 36 / 0.06  # 36 ids in about 3 x 20 ms
 

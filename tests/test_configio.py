@@ -48,3 +48,23 @@ def test_yaml_problems_are_one_clear_error(tmp_path):
     lst.write_text("- 1\n- 2\n", encoding="utf-8")
     with pytest.raises(CpmantError, match="mapping at top level"):
         build_config(lifecycle_config(), lst)
+
+
+def test_tune_tasks_and_methods_are_lists_checked_once():
+    """`tune.tasks` / `tune.methods`: a comma list (YAML, flags) or a list give the same list; an unknown name is one
+    CpmantError naming it, with the known names as the fix."""
+    from cpmant.delta.config import TuneConfig
+
+    assert TuneConfig(tasks="demo-ccpm, demo-c3").tasks == TuneConfig(tasks=["demo-ccpm", "demo-c3"]).tasks == [
+        "demo-ccpm", "demo-c3"]
+    assert TuneConfig(methods="lora,full,lora").methods == ["lora", "full"]  # the first of repeats
+    assert TuneConfig().model_dump(mode="json")["methods"] == ["lora", "full"]  # a list in the saved config
+    cfg = build_config(lifecycle_config(), None, {"tune": {"tasks": "demo-c3,demo-ccpm", "methods": "full"}})
+    assert cfg.tune.tasks == ["demo-c3", "demo-ccpm"] and cfg.tune.methods == ["full"]
+    for field, value, known in (("tasks", "demo-ccpm,nope", "demo-ccpm"), ("methods", ["lora", "nope"], "bitfit")):
+        with pytest.raises(CpmantError) as e:
+            TuneConfig(**{field: value})
+        assert e.value.problem.startswith("unknown ") and "'nope'" in e.value.problem
+        assert f"tune.{field}" in e.value.problem and known in e.value.fix
+    with pytest.raises(CpmantError, match="no task given"):
+        TuneConfig(tasks=" , ")

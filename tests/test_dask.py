@@ -23,3 +23,21 @@ def test_runner_choice():
     assert remote.address == "tcp://127.0.0.1:8786"
     with pytest.raises(CpmantError):
         task_runner(OrchestrationConfig(task_runner="dask", dask_address="127.0.0.1:8786"))
+
+
+def test_with_runner_reads_the_orchestration_section_of_any_config():
+    """The CLI hands a config dict, the lifecycle its validated config's section: the same runner either way."""
+    from prefect import flow
+
+    from flows.config import LifecycleConfig
+    from flows.runners import with_runner
+
+    @flow
+    def noop() -> None:
+        return None
+
+    dask = {"orchestration": {"task_runner": "dask", "dask_workers": 3}}
+    for given in (dask, LifecycleConfig.model_validate(dask), LifecycleConfig.model_validate(dask).orchestration):
+        runner = with_runner(noop, given).task_runner
+        assert type(runner).__name__ == "DaskTaskRunner" and runner.cluster_kwargs["n_workers"] == 3
+    assert type(with_runner(noop, None).task_runner).__name__ == "ThreadPoolTaskRunner"

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpmant import decode
 from cpmant.config import ModelConfig
 from cpmant.factory import build_model
 from cpmant.generate import banned_ids, build_batch, cut_at_stop, generate, generate_ids, generate_stream
@@ -148,8 +149,8 @@ INT8_TOL = 0.03  # |kernel - dequantized| / max|dequantized|: activations quanti
 
 
 @pytest.mark.skipif(not quant._KERNEL_OK, reason="this torch has no fbgemm dynamic quantized linear")
-def test_int8_kernel_close_to_dequantized_and_repacks_on_change(monkeypatch):
-    monkeypatch.setattr(quant, "KERNEL_MIN_WEIGHTS", 0)  # every matrix through the kernel, however small
+def test_int8_kernel_close_to_dequantized_and_repacks_on_change():
+    every = quant.int8_kernel(min_weights=0)  # every matrix through the kernel, however small
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 160, bias=False)
     from cpmant.model import Linear
@@ -162,49 +163,48 @@ def test_int8_kernel_close_to_dequantized_and_repacks_on_change(monkeypatch):
     with torch.inference_mode():
         assert torch.allclose(q(x), F.linear(x, q.dequantized()) * q.scale, atol=1e-5)  # off outside int8_kernel()
         assert "_packed" not in q.__dict__
-    with torch.inference_mode(), quant.int8_kernel():
+    with torch.inference_mode(), every:
         y = q(x)
         ref = F.linear(x, q.dequantized()) * q.scale
         assert "_packed" in q.__dict__  # the kernel ran (a pack is cached)
         err = ((y - ref).abs().max() / ref.abs().max()).item()
         assert 0 < err < INT8_TOL
         xg = x.clone().requires_grad_(True)
-    with quant.int8_kernel():
+    with quant.int8_kernel(min_weights=0):
         y_grad = q(xg)  # a gradient wanted: the dequantizing path, exact
     assert torch.allclose(y_grad, ref, atol=1e-5)
     q.weight.mul_(-1)  # in place: the pack is rebuilt
-    with torch.inference_mode(), quant.int8_kernel():
+    with torch.inference_mode(), quant.int8_kernel(min_weights=0):
         assert ((q(x) + ref).abs().max() / ref.abs().max()).item() < INT8_TOL
     assert set(q.state_dict()) == {"weight", "weight_scale"} and q.weight.dtype == torch.int8
     c = copy.deepcopy(q)  # the pack is a cache: copies go without it
     assert "_packed" not in c.__dict__ and torch.equal(c.weight, q.weight)
     assert quant.drop_packs(q) == 1 and "_packed" not in q.__dict__
-    monkeypatch.setattr(quant, "KERNEL_MIN_WEIGHTS", 1 << 17)  # a small matrix: fp32 from a float copy made once
-    with torch.inference_mode(), quant.int8_kernel():
+    assert quant.kernel_min_weights() == quant.KERNEL_MIN_WEIGHTS == 1 << 17  # the default, outside any context
+    with torch.inference_mode(), quant.int8_kernel():  # a small matrix: fp32 from a float copy made once
         assert torch.allclose(q(x), -ref, atol=1e-5) and "_float" in q.__dict__ and "_packed" not in q.__dict__
 
 
 @pytest.mark.skipif(not quant._KERNEL_OK, reason="this torch has no fbgemm dynamic quantized linear")
-def test_int8_model_generates_close_to_dequantized(model, tok, monkeypatch):
-    from cpmant.compress.quantize import quantize_model
-
-    monkeypatch.setattr(quant, "KERNEL_MIN_WEIGHTS", 0)  # the micro model's matrices through the kernel
+def test_int8_model_generates_close_to_dequantized(model, tok):
+    from cpmant.compress.methods.quantize import quantize_model
 
     q = quantize_model(model).eval()
     batch = build_batch([[tok.bos_id, *tok.encode(p)] for p in PROMPTS], model.config, "cpu")
-    with torch.inference_mode(), quant.int8_kernel():
+    with torch.inference_mode(), quant.int8_kernel(min_weights=0):  # the micro model's matrices through the kernel
         kern = q.inference(**batch)[0][:, -1].log_softmax(-1)
     with torch.inference_mode():
         deq = q.inference(**batch)[0][:, -1].log_softmax(-1)
     assert "_packed" in q.encoder.layers[0].self_att.self_attention.project_q.__dict__
     assert (kern - deq).abs().max().item() < 0.1  # log-probs over the whole vocab
-    assert len(generate(q, tok, PROMPTS, max_new_tokens=4)) == 3
+    with quant.int8_kernel(min_weights=0):  # generate's own int8_kernel() keeps the enclosing threshold
+        assert len(generate(q, tok, PROMPTS, max_new_tokens=4)) == 3
     assert "_fused" in q.encoder.layers[0].self_att.self_attention.project_q.__dict__  # decoding: fused q/k/v
 
 
 # ---- MoE: only the routed experts ----------------------------------------------------------------------------------
 def moe_model(tok, quantized: bool):
-    from cpmant.compress.quantize import quantize_model
+    from cpmant.compress.methods.quantize import quantize_model
 
     torch.manual_seed(1)
     m = build_model(micro_config(tok.vocab_size))
@@ -265,17 +265,15 @@ def test_wrapped_project_q_v_go_through_generate(model, tok):
     assert generate_ids(m, tok, PROMPTS, max_new_tokens=8) != base
 
 
-# ---- the one-token decoding step (CPMAnt._decode_one) equals the module path ----------------------------------------
+# ---- the one-token decoding step (cpmant.decode) equals the module path ----------------------------------------
 @pytest.mark.parametrize("kind", ["plain", "plain-large", "int8", "int8-small", "moe", "wrapped"])
-def test_one_token_step_equals_the_module_path(model, tok, kind, monkeypatch):
+def test_one_token_step_equals_the_module_path(model, tok, kind):
     """int8: outside int8_kernel() (exact); int8-small: inside it, the micro model's matrices are under
     KERNEL_MIN_WEIGHTS, so the step multiplies float copies taken once per generation."""
     import contextlib
 
-    from cpmant.compress.quantize import quantize_model
+    from cpmant.compress.methods.quantize import quantize_model
 
-    if kind == "plain-large":  # as if the matrices were large: their own weights, no stacked copies
-        monkeypatch.setattr(quant, "KERNEL_MIN_WEIGHTS", 0)
     m = {"plain": lambda: model, "plain-large": lambda: model, "int8": lambda: quantize_model(model).eval(),
          "int8-small": lambda: quantize_model(model).eval(),
          "moe": lambda: moe_model(tok, False)}.get(kind, lambda: copy.deepcopy(model))()
@@ -288,16 +286,21 @@ def test_one_token_step_equals_the_module_path(model, tok, kind, monkeypatch):
              if k not in ("input", "length")}
     state["length"] = torch.full((3,), T + 1)
     new = torch.tensor([[20], [21], [22]])
-    with torch.inference_mode(), quant.int8_kernel() if kind == "int8-small" else contextlib.nullcontext():
+    # plain-large: as if the matrices were large (a threshold of 0): their own weights, no stacked copies
+    kernel = {"int8-small": quant.int8_kernel(), "plain-large": quant.int8_kernel(min_weights=0)}
+    with torch.inference_mode(), kernel.get(kind, contextlib.nullcontext()):
         outs = []
         for fast in (True, False):
             _, cache = m.inference(**batch, max_length=T + 1)
             bias = m.attention_bias(state["length"], state["context"], state["position"], state["segment"],
                                     state["span"], T) if fast else None
             outs.append(m.inference(new, past_key_values=cache, **state, bias=bias)[0])
-            if fast:
-                want = {"plain": "float", "int8-small": "float", "plain-large": "plain"}.get(kind)
-                assert want is None or cache._plan[1][0][0][0 if want == "float" else slice(None)] == want
+            if fast:  # layer 0's plan: how its attention and FFN were computed
+                plan = cache.step_plan.layers[0]
+                want = {"plain": (decode.FloatCopies, decode.FloatCopies), "plain-large": (decode.Plain, decode.Plain),
+                        "int8": (decode.Int8, decode.Int8), "int8-small": (decode.FloatCopies, decode.FloatCopies),
+                        "moe": (decode.FloatCopies, decode.Modules), "wrapped": (decode.Modules, decode.FloatCopies)}
+                assert (type(plan.attention), type(plan.ffn)) == want[kind]
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 

@@ -77,6 +77,11 @@ def test_pretrain_flow_tracks_and_registers(prefect_harness, mlflow_store, fixtu
     assert mv.tags["cpmant.checkpoint_sha256"] == sha256_file(tmp_path / "run" / "model" / "model.safetensors")
     assert len(mv.tags["cpmant.data_sha256"]) == 64 and len(mv.tags["cpmant.config_sha256"]) == 64
     assert mv.tags["cpmant.git_sha"]
+    # the reuse key: on the version, on its run and beside the result in the run folder; the decision says why
+    key = json.loads((tmp_path / "run" / "inputs.json").read_text())["inputs_sha256"]
+    assert mv.tags["cpmant.inputs_sha256"] == run.data.tags["cpmant.inputs_sha256"] == key and len(key) == 64
+    assert out["reason"] == f"pretrain: made anew: no result of cpm-ant-tiny has key {key[:12]}"
+    assert out["summary"][0]["reason"] == out["reason"]
 
     # the user's path: the console script in a new process, on the same store (CPMANT_HOME is inherited)
     proc = subprocess.run([str(Path(sys.executable).with_name("cpmant")), "generate", "models:/cpm-ant-tiny@candidate",
@@ -126,8 +131,63 @@ def test_cli_rerun_reuses_and_prints_a_summary(prefect_harness, mlflow_store, fi
     again = json.loads(capsys.readouterr().out)
     assert again["model_uri"] == "models:/cpm-ant-tiny/1" and again["reused"] is True
     assert again["valid_loss_end"] is not None
+    key = MlflowClient().get_model_version("cpm-ant-tiny", "1").tags["cpmant.inputs_sha256"]
+    assert again["reason"] == again["summary"][0]["reason"] == (
+        f"pretrain: reused models:/cpm-ant-tiny/1: same key {key[:12]}")
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs  # no new run, no training
     assert [int(v.version) for v in MlflowClient().search_model_versions("name = 'cpm-ant-tiny'")] == [1]
+
+
+def test_one_reuse_key_decides_pretraining_reuse(prefect_harness, mlflow_store, fixture_corpus, tmp_path):
+    """The key alone decides: a training whose registration failed is registered (in its run) without training
+    again, a rerun reuses the version, a deleted version is made anew (from the finished training on disk), and
+    another seed misses."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cpmant.errors import CpmantError
+    from flows.pretrain import pretrain_flow
+
+    def mlflow_runs():
+        return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+    def runs():
+        return len(mlflow_runs())
+
+    cfg = _config(fixture_corpus, tmp_path / "run", steps=4)
+    refused = {**cfg, "tracking": {**cfg["tracking"], "register_alias": "champion"}}  # refused at registration
+    with pytest.raises(CpmantError, match="champion"):
+        pretrain_flow(refused)
+    (trained,) = mlflow_runs()
+    client = MlflowClient()  # on the store the flow set up
+    key = json.loads((tmp_path / "run" / "inputs.json").read_text())["inputs_sha256"]
+    assert not client.search_model_versions("name = 'cpm-ant-tiny'")
+
+    first = pretrain_flow(cfg)
+    assert first["model_uri"] == "models:/cpm-ant-tiny/1" and first["run_id"] == trained.info.run_id
+    assert runs() == 1  # no training, no new run
+    assert first["reason"] == (f"pretrain: registering the finished training in {tmp_path / 'run'} (MLflow run "
+                               f"{trained.info.run_id}): same key {key[:12]}")
+    mv = client.get_model_version("cpm-ant-tiny", "1")
+    assert mv.run_id == trained.info.run_id and mv.tags["cpmant.inputs_sha256"] == key
+    assert len(client.get_metric_history(trained.info.run_id, "loss")) == 4  # trained once
+
+    again = pretrain_flow(cfg)
+    assert (again["model_uri"], again["reused"]) == ("models:/cpm-ant-tiny/1", True)
+    assert again["reason"] == f"pretrain: reused models:/cpm-ant-tiny/1: same key {key[:12]}"
+
+    client.delete_model_version("cpm-ant-tiny", "1")
+    remade = pretrain_flow(cfg)
+    assert (remade["model_uri"], remade["reused"]) == ("models:/cpm-ant-tiny/2", False)
+    assert "same key" in remade["reason"] and runs() == 1
+
+    seed = _config(fixture_corpus, tmp_path / "run-seed", steps=4)
+    seed["pretrain"]["seed"] = 7
+    other = pretrain_flow(seed)
+    other_key = json.loads((tmp_path / "run-seed" / "inputs.json").read_text())["inputs_sha256"]
+    assert other_key != key and runs() == 2
+    assert (other["model_uri"], other["reused"]) == ("models:/cpm-ant-tiny/3", False)
+    assert other["reason"] == f"pretrain: made anew: no result of cpm-ant-tiny has key {other_key[:12]}"
 
 
 def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_resume(fixture_corpus, tmp_path):

@@ -49,7 +49,7 @@ def test_cuda_layer_scheduler_generates_the_unconstrained_models_tokens(tmp_path
     del full  # cuBLAS's workspace stays allocated: part of the baseline, as it would be in a serving process
     torch.cuda.empty_cache()
     weights = (folder / "model.safetensors").stat().st_size
-    budget = int(weights * 0.6)
+    budget = int(weights * 0.85)  # the plan's headroom (activations, KV cache, RUNTIME_SLACK) is about 12 MiB here
     with PeakMemory() as pm:
         model, tok = load_with_budget(folder, budget, device="cuda")
         out = _greedy_gpu(model, tok)

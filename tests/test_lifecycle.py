@@ -1,7 +1,7 @@
 """The lifecycle end to end on a micro model (tune, validate and report as stand-ins where their flows have not
 landed): one MLflow parent run with a nested run per stage, the stages' runs under theirs, `candidate` pinned on
 what it validates; a rerun reuses every stage and registers nothing; `--force STAGE` reruns that stage only; the
-Prefect cache key misses when one input (a config value, a code file) changes. The Dask task runner's rungs give
+pretraining's reuse key misses when one input (a setting, the data) changes. The Dask task runner's rungs give
 the serial run's numbers."""
 
 from __future__ import annotations
@@ -30,46 +30,55 @@ def _config(corpus, out):
 CALLS: dict[str, list] = {"tune": [], "validate": [], "report": []}
 
 
-@flow(name="tune")
-def fake_tune(model_uri: str, tasks=None, methods=None, config=None, force=False) -> dict:
+def _row(stage: str, model: str, metric: str, value, reused: bool) -> dict:
+    """A stand-in stage's summary row with the reason tasks.reuse.decide would give."""
     from flows.summary import summary_row
 
+    why = f"{stage}: reused {model}: same key 0123456789ab" if reused else f"{stage}: made anew: stand-in"
+    return summary_row(stage, model, metric, value, 0.0, reused, reason=why)
+
+
+@flow(name="tune")
+def fake_tune(model_uri: str, tasks=None, methods=None, config=None, force=False) -> dict:
     CALLS["tune"].append((model_uri, force))
-    return {"deltas": [], "tables": {}, "summary": [summary_row("tune demo", model_uri, "acc", 0.5, 0.0,
-                                                                len(CALLS["tune"]) > 1 and not force)]}
+    return {"deltas": [], "tables": {}, "summary": [_row("tune demo", model_uri, "acc", 0.5,
+                                                         len(CALLS["tune"]) > 1 and not force)]}
 
 
 @flow(name="validate")
 def fake_validate(uris: list[str], config=None, force=False, promote=None) -> dict:
-    from flows.summary import summary_row
-
     CALLS["validate"].append((list(uris), force, promote, config["tracking"]["parent_run_id"]))
     again = len(CALLS["validate"]) > 1 and not force
     return {"results": [{"model": u, "passed": True, "promoted": False, "failures": [], "run_id": ""} for u in uris],
-            "summary": [summary_row("validate", u, "passed", 1.0, 0.0, again) for u in uris]}
+            "summary": [_row("validate", u, "passed", 1.0, again) for u in uris]}
 
 
 @flow(name="report")
 def fake_report(config=None, out=None) -> dict:
-    from flows.summary import summary_row
-
     CALLS["report"].append(out)
-    return {"path": "/tmp/report.html", "summary": [summary_row("report", "/tmp/report.html", "page", None, 0.0,
-                                                                len(CALLS["report"]) > 1)]}
+    return {"path": "/tmp/report.html", "summary": [_row("report", "/tmp/report.html", "page", None,
+                                                         len(CALLS["report"]) > 1)]}
 
 
-def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflow_store, fixture_corpus, tmp_path,
-                                                          monkeypatch):
+@flow(name="lifecycle", log_prints=True)
+def stand_in_lifecycle(config: dict, force=False) -> dict:
+    """lifecycle_flow with the real pretrain and compress flows and stand-ins for tune, validate and report."""
+    from flows.compress import compress_flow
+    from flows.config import LifecycleConfig, check_force
+    from flows.lifecycle import StageFlows, run_lifecycle
+    from flows.pretrain import pretrain_flow
+
+    flows = StageFlows(pretrain_flow, compress_flow, fake_tune, fake_validate, fake_report)
+    return run_lifecycle(LifecycleConfig.model_validate(config), check_force(force), flows)
+
+
+def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflow_store, fixture_corpus, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    import flows.lifecycle as lc
-
-    fakes = {"tune": fake_tune, "validate": fake_validate, "report": fake_report}
-    monkeypatch.setattr(lc, "_stage_flow", lambda module, name: fakes[module])
     cfg = _config(fixture_corpus, tmp_path / "run")
 
-    out = lc.lifecycle_flow(cfg)
+    out = stand_in_lifecycle(cfg)
     assert out["pretrain"]["model_uri"] == "models:/cpm-ant-tiny/1"
     assert out["compress"]["variants"] == ["models:/cpm-ant-tiny-3b/1", "models:/cpm-ant-tiny-int8/1"]
     assert out["reused_stages"] == []
@@ -111,7 +120,7 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
     # a rerun: every stage reused, nothing registered; the compress rung came from Prefect's cache
     versions = lambda: sorted((v.name, int(v.version)) for v in client.search_model_versions())  # noqa: E731
     before = versions()
-    again = lc.lifecycle_flow(cfg)
+    again = stand_in_lifecycle(cfg)
     assert again["reused_stages"] == ["pretrain", "compress", "tune", "validate", "report"]
     assert versions() == before
     assert again["compress"]["summary"][0]["reused"] is True
@@ -126,11 +135,19 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
     assert first.data.tags["cpmant.models"] == ", ".join(uris)
 
     assert all(r["reused"] for r in again["compress"]["summary"])
+    # one reuse line per stage, with its rows' reasons, printed and kept as the stage run's description
+    assert [ln.split(" (")[0] for ln in again["reuse_lines"]] == list(again["stages"])
+    assert all(ln.startswith(f"{s} (reused): ") for s, ln in zip(again["stages"], again["reuse_lines"]))
+    assert again["reuse_lines"][2] == "tune (reused): tune demo: reused models:/cpm-ant-tiny/1: same key 0123456789ab"
+    rerun_stages = {r.info.run_name: r for r in mlflow.search_runs(
+        search_all_experiments=True, output_format="list",
+        filter_string=f"tags.`mlflow.parentRunId` = '{again['lifecycle_run_id']}'")}
+    assert rerun_stages["tune"].data.tags["mlflow.note.content"] == again["reuse_lines"][2]
 
     # --force compress, on a 2-worker local Dask cluster (processes, one thread each): only that stage reruns
     # (new versions; pretrain reused) and its rungs give the serial run's numbers
     dask_cfg = {**cfg, "orchestration": {"task_runner": "dask", "dask_workers": 2}}
-    forced = lc.lifecycle_flow(dask_cfg, force=["compress"])
+    forced = stand_in_lifecycle(dask_cfg, force=["compress"])
     assert forced["compress"]["variants"] == ["models:/cpm-ant-tiny-3b/2", "models:/cpm-ant-tiny-int8/2"]
     assert "pretrain" in forced["reused_stages"] and "compress" not in forced["reused_stages"]
     for a, b in zip(out["compress"]["ladder"][1:], forced["compress"]["ladder"][1:]):
@@ -141,50 +158,90 @@ def test_lifecycle_nests_runs_reuses_and_forces_one_stage(prefect_harness, mlflo
     assert int(client.get_model_version_by_alias("cpm-ant-tiny-int8", "candidate").version) == 2
 
 @pytest.mark.unit
-def test_cache_key_misses_when_any_input_changes(tmp_path, monkeypatch):
-    """The Prefect cache key of a task: the same inputs and code give the same key; one config value, one byte of
-    a core module the task calls, or the data hash each give another; where runs are filed and `force` do not."""
-    from types import SimpleNamespace
+def test_lifecycle_prints_one_reuse_line_per_stage_with_its_reasons(capsys):
+    """Each stage prints whether it was reused (all rows), partly reused or ran, and why (its rows' reasons); the
+    lines are the stage runs' descriptions and, together, the parent run's."""
+    from flows.config import LifecycleConfig
+    from flows.lifecycle import StageFlows, run_lifecycle
 
-    import tasks.caching as caching
-    from cpmant.compress.config import CompressConfig
-    from tasks.config import TrackingConfig
+    closed: dict[str, dict] = {}
 
-    for rel in ("cpmant/__init__.py", "cpmant/model.py", "registry/__init__.py", "tasks/__init__.py",
-                "tasks/tracking.py", "tasks/config.py", "tasks/plots.py", "tasks/caching.py", "tasks/compress.py"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(f"# {rel}\n")
-    monkeypatch.setattr(caching, "ROOT", tmp_path)
-    ctx = SimpleNamespace(task=SimpleNamespace(name="compress-variant",
-                                               fn=SimpleNamespace(__module__="tasks.compress")))
-    policy = caching.ContentHash()
+    class Record:  # where the runs would be recorded: kept here
+        def open(self, name, parent_run_id=None, tags=None):
+            return name
 
-    def key(compress=CompressConfig(), tracking=TrackingConfig(), **extra):
-        return policy.compute_key(ctx, {"compress": compress, "tracking": tracking, "recipe": "int8", **extra}, {})
+        def close(self, run_id, summary, **kw):
+            closed[run_id] = kw
 
-    k = key()
-    assert k == key() and k.startswith("compress-variant-")
-    # not results: the parent run, the alias rule, metric batching, force
-    assert key(tracking=TrackingConfig(parent_run_id="abc", register_alias="candidate", metric_flush_steps=7),
-               force=True) == k
-    assert key(compress=CompressConfig(importance_rows=63)) != k  # a config value
-    assert key(tracking=TrackingConfig(country_iso_code="FRA")) != k  # the grid shapes the emissions reported
-    (tmp_path / "cpmant" / "model.py").write_text("# cpmant/model.py, edited\n")  # the core code the task runs
-    k2 = key()
-    assert k2 != k
-    (tmp_path / "tasks" / "compress.py").write_text("# the task's own module, edited\n")
-    assert key() != k2
-    from cpmant.training.prepare import PreparedData
+        def pin(self, candidates):
+            closed["pins"] = {"candidates": candidates}
 
-    data = lambda sha: PreparedData("c", sha, tmp_path, "v", {}, [], [])  # noqa: E731
-    assert key(data=data("a" * 64)) == key(data=data("a" * 64)) != key(data=data("b" * 64))  # the data
+    def row(stage, model, reused):
+        return _row(stage, model, "m", 1.0, reused)
+
+    flows = StageFlows(
+        pretrain=lambda config, force: {"model_uri": "models:/m/1", "summary": [row("pretrain", "models:/m/1", True)]},
+        compress=lambda uri, recipes, config, force: {"variants": ["models:/m-3b/2"], "summary": [
+            row("compress 3b", "models:/m-3b/2", False)]},
+        tune=lambda uri, tasks, methods, config, force: {"deltas": ["models:/d/1"], "summary": [
+            row("tune c3 lora", "models:/d/1", True), {**row("tune c3 bitfit", "models:/e/1", False), "reason": ""}]},
+        validate=lambda uris, config, force, promote: {"summary": [row("validate", u, True) for u in uris]},
+        report=lambda config: {"summary": []})
+    out = run_lifecycle(LifecycleConfig(), False, flows, Record(), runner=lambda flow, orch: flow)
+    printed = capsys.readouterr().out.splitlines()
+    key = "same key 0123456789ab"
+    assert printed == out["reuse_lines"] == [
+        f"pretrain (reused): reused models:/m/1: {key}",
+        "compress (ran): compress 3b: made anew: stand-in",
+        f"tune (partly reused): tune c3 lora: reused models:/d/1: {key} | models:/e/1: made (no reason recorded)",
+        "validate (reused): " + " | ".join(f"reused {u}: {key}"
+                                           for u in ("models:/m/1", "models:/m-3b/2", "models:/d/1")),
+        "report (ran): no rows"]
+    assert out["reused_stages"] == ["pretrain", "validate"]
+    assert closed["pins"]["candidates"] == ["models:/m/1", "models:/m-3b/2", "models:/d/1"]
+    assert closed["tune"]["note"] == printed[2] and closed["tune"]["status"] == "FINISHED"
+    assert closed[out["lifecycle_run_id"]]["note"] == "\n\n".join(printed)
+    assert closed[out["lifecycle_run_id"]]["reused_stages"] == ["pretrain", "validate"]
+
+
+@pytest.mark.unit
+def test_pretrain_reuse_key_misses_when_any_input_changes(micro_pretrain_cfg, tmp_path):
+    """The pretraining stage's one reuse key: the same inputs give the same key; a setting that shapes the weights
+    or the reported numbers, the data or the vocab each give another; where it writes, threads, checkpoint cadence
+    and how it resumes do not. The key is written beside the finished training, which is found by it."""
+    from cpmant.checkpoint import META_FILE, git_sha
+    from cpmant.hashing import sha256_json
+    from cpmant.training.runs import finished, reuse_key, settings, write_finished
+
+    cfg = micro_pretrain_cfg()
+    data, vocab = "a" * 64, "b" * 64
+    k = reuse_key(cfg, data, vocab)
+    assert k == reuse_key(cfg, data, vocab) and len(k) == 64
+    for same in ({"output_dir": str(tmp_path / "elsewhere")}, {"num_threads": 3}, {"resume": "never"},
+                 {"save_interval": 2}):
+        assert reuse_key(cfg.model_copy(update=same), data, vocab) == k, same
+    for change in ({"seed": 7}, {"lr": 0.01}, {"max_steps": 13}, {"eval_rows": 4}):
+        assert reuse_key(cfg.model_copy(update=change), data, vocab) != k, change
+    assert reuse_key(cfg, "c" * 64, vocab) != k and reuse_key(cfg, data, "c" * 64) != k
+    # the recipe: the hashed settings, the data and vocab hashes and the code version, in the one canonical form
+    assert k == sha256_json({"stage": "pretrain", "settings": settings(cfg), "data_sha256": data,
+                             "vocab_sha256": vocab, "git_sha": git_sha()})
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    write_finished(run, k, {"run_id": "r1", "result": {"steps": 12}})
+    assert finished(run, k) is None  # no finished model folder: nothing to register
+    (run / "model" / META_FILE).write_text("{}")
+    assert finished(run, k) == {"inputs_sha256": k, "run_id": "r1", "result": {"steps": 12}}
+    assert finished(run, reuse_key(cfg.model_copy(update={"seed": 7}), data, vocab)) is None
 
 
 @pytest.mark.unit
 def test_cli_force_stage_and_runner_flags(capsys):
     """`--force STAGE` names stages; a bad stage or Dask address is one error and one fix, exit 2, before any run."""
     from cpmant.errors import CpmantError
-    from cpmant_cli.main import build_parser, main, runner_overrides
+    from cpmant_cli.common import runner_overrides
+    from cpmant_cli.main import build_parser, main
 
     args = build_parser().parse_args(["lifecycle", "--force", "compress", "tune", "--dask-address", "tcp://h:8786"])
     assert args.force == ["compress", "tune"]

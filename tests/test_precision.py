@@ -21,17 +21,18 @@ TRAIN_TOL = 0.01  # |valid loss bf16 - fp32| / fp32 after 30 steps (measured 0.0
 EVAL_TOL = 0.01  # |eval in bf16 - eval in fp32| / fp32 on one fp32 model
 
 
-def _flags(monkeypatch, flags: set[str]) -> None:
-    monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset(flags))
+def _other(precision: str) -> str:
+    return {"fp32": "bf16", "bf16": "fp32"}[precision]
 
 
-def test_resolve_precision(monkeypatch):
+def test_resolve_precision():
     for native in (True, False):
-        _flags(monkeypatch, {"avx512_bf16"} if native else {"avx2"})
-        assert P.resolve_precision("fp32") == "fp32" and P.resolve_precision("bf16") == "bf16"
-        assert P.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
-    _flags(monkeypatch, {"amx_bf16"})
-    assert P.resolve_precision("auto") == "bf16"
+        flags = frozenset({"avx512_bf16"} if native else {"avx2"})
+        assert P.resolve_precision("fp32", flags=flags) == "fp32" and P.resolve_precision("bf16", flags=flags) == "bf16"
+        assert P.resolve_precision("auto", "cpu", flags=flags) == ("bf16" if native else "fp32")
+        assert P.bf16_native("cpu", flags=flags) is native
+    assert P.resolve_precision("auto", flags=frozenset({"amx_bf16"})) == "bf16"
+    assert P.PRECISIONS == ("auto", "fp32", "bf16")  # the one Literal's values
     with pytest.raises(CpmantError, match="unknown precision 'fp16'") as e:
         P.resolve_precision("fp16")
     assert "auto, fp32, bf16" in e.value.fix
@@ -39,7 +40,7 @@ def test_resolve_precision(monkeypatch):
         P.autocast("auto")
 
 
-def test_old_bf16_configs_load_and_the_run_identity_hashes_the_resolved_precision(micro_pretrain_cfg, monkeypatch):
+def test_old_bf16_configs_load_and_the_run_identity_hashes_the_resolved_precision(micro_pretrain_cfg):
     from pydantic import ValidationError
 
     from cpmant.training.config import PretrainConfig
@@ -52,10 +53,9 @@ def test_old_bf16_configs_load_and_the_run_identity_hashes_the_resolved_precisio
         PretrainConfig(precision="fp16")
     auto, fp32, bf16 = (micro_pretrain_cfg(precision=p, device="cpu") for p in ("auto", "fp32", "bf16"))
     assert config_sha256(fp32) != config_sha256(bf16) and run_key(fp32) != run_key(bf16)
-    _flags(monkeypatch, {"avx512_bf16"})
-    assert config_sha256(auto) == config_sha256(bf16)
-    _flags(monkeypatch, {"avx2"})
-    assert config_sha256(auto) == config_sha256(fp32)
+    here = P.resolve_precision("auto", "cpu")  # what auto is on this machine
+    same, other = {"fp32": fp32, "bf16": bf16}[here], {"fp32": fp32, "bf16": bf16}[_other(here)]
+    assert config_sha256(auto) == config_sha256(same) != config_sha256(other)
     # a saved config with the old field compares equal to the same precision, and differs from the other
     old = {k: v for k, v in fp32.model_dump(mode="json").items() if k != "precision"}
     assert changed_settings({**old, "bf16": False}, fp32) == []
@@ -115,11 +115,10 @@ def test_held_out_evaluation_agrees_in_bf16_and_fp32(trained):
     assert e16["valid_tokens"] == e32["valid_tokens"]
     assert e16["valid_loss"] != e32["valid_loss"]  # bf16 did run (the products are rounded)
     assert abs(e16["valid_loss"] - e32["valid_loss"]) / e32["valid_loss"] < EVAL_TOL
-    assert evaluate(model, valid, 32, 8, bf16=True) == e16  # the old keyword still works
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never casts the model
 
 
-def test_compress_precision_is_in_the_variant_key_and_params(trained, monkeypatch):
+def test_compress_precision_is_in_the_variant_key_and_params(trained):
     from cpmant.compress.config import CompressConfig
     from cpmant.compress.pipeline import recipe_params, variant_key
     from cpmant.compress.recipe import RECIPES
@@ -130,19 +129,17 @@ def test_compress_precision_is_in_the_variant_key_and_params(trained, monkeypatc
     k = {p: variant_key(parent, RECIPES["3b"], cfg.model_copy(update={"precision": p})) for p in ("fp32", "bf16")}
     assert k["fp32"].config_sha256 != k["bf16"].config_sha256
     assert k["fp32"].weights_sha256 != k["bf16"].weights_sha256  # distillation in bf16 makes other weights
-    for flags, same in (({"avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")):
-        _flags(monkeypatch, flags)
-        assert variant_key(parent, RECIPES["3b"], cfg) == k[same]  # auto hashes as what it resolves to
-        params = recipe_params(RECIPES["3b"], cfg)
-        assert (params["precision"], params["precision_setting"], params["compress.precision"]) == (
-            same, "auto", same)
+    same = P.resolve_precision("auto", "cpu")  # what auto is on this machine
+    assert variant_key(parent, RECIPES["3b"], cfg) == k[same] != k[_other(same)]  # auto hashes as it resolves
+    params = recipe_params(RECIPES["3b"], cfg)
+    assert (params["precision"], params["precision_setting"], params["compress.precision"]) == (same, "auto", same)
 
 
 def test_distillation_loss_in_bf16_is_close_to_fp32(trained):
     import copy
 
     from cpmant import checkpoint as ckpt
-    from cpmant.compress.distill import distill_loss
+    from cpmant.compress.methods.distill import distill_loss
     from cpmant.compress.methods import DistillConfig
     from cpmant.compress.pipeline import build_streams, load_data
 
@@ -156,3 +153,23 @@ def test_distillation_loss_in_bf16_is_close_to_fp32(trained):
     l16, p16 = distill_loss(student, teacher, batch, DistillConfig(), "bf16")
     assert l16.dtype == l32.dtype == __import__("torch").float32 and p16.keys() == p32.keys()
     assert l16.item() != l32.item() and l16.item() == pytest.approx(l32.item(), rel=0.01)
+
+
+def test_one_precision_literal_for_every_config():
+    """`auto | fp32 | bf16` is written once (cpmant/precision.py); the configs take `Precision` from there."""
+    import re
+    from pathlib import Path
+
+    from cpmant.compress.config import CompressConfig
+    from cpmant.delta.config import TuneConfig
+    from cpmant.training.config import PretrainConfig
+
+    root = Path(P.__file__).resolve().parent.parent
+    copies = [str(f.relative_to(root)) for d in ("cpmant", "tasks", "flows", "cpmant_cli", "registry")
+              for f in (root / d).rglob("*.py")
+              if re.search(r"""["']auto["'],\s*["']fp32["'],\s*["']bf16["']""", f.read_text(encoding="utf-8"))]
+    assert copies == ["cpmant/precision.py"]
+    for cls in (PretrainConfig, CompressConfig, TuneConfig):
+        assert cls().precision == "auto"
+        with pytest.raises(ValueError, match="precision"):
+            cls(precision="fp16")

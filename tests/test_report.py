@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from _micro_lifecycle import build
+from registry import tags as T
 
 pytestmark = pytest.mark.flow
 
@@ -75,7 +76,7 @@ def test_the_figures_are_mlflows(report):
         assert "models:/cpm-ant-tiny-3b/1" in page and "published LM loss (CPM-Ant)" in page and "2.603" in page
         # lineage: corpus -> base -> variant, with the data hash of the base version
         base = client.get_model_version("cpm-ant-tiny", "1")
-        assert (f"corpus data:{base.tags['cpmant.data_sha256'][:16]} &rarr; <code>models:/cpm-ant-tiny/1</code>"
+        assert (f"corpus data:{base.tags[T.DATA_SHA256][:16]} &rarr; <code>models:/cpm-ant-tiny/1</code>"
                 in page)
         assert "&rarr; <code>models:/cpm-ant-tiny-3b/1</code>" in page
         # the measured input of the projection is the pretraining run's throughput
@@ -83,7 +84,7 @@ def test_the_figures_are_mlflows(report):
         assert report["measured"]["run_id"] == pre_run and report["measured"]["tokens_per_second"] == tps
         # the report run: the page and the projection as artifacts, published figures as params, no metrics
         run = client.get_run(report["run_id"])
-        assert run.data.tags["cpmant.stage"] == "report" and run.info.run_name == "report"
+        assert run.data.tags[T.STAGE] == "report" and run.info.run_name == "report"
         assert run.data.metrics == {}
         assert run.data.params["published.cpm_ant_cost_rmb"] == "430000.0"
         arts = {a.path for a in client.list_artifacts(report["run_id"], "report")}
@@ -137,7 +138,7 @@ def test_the_projection_and_both_emission_readings_are_on_the_page(report):
     assert "this machine, measured" in page and report["measured"]["flops_per_token"] > 0
     assert "circular" in page  # the published-throughput check says it reproduces the hours by construction
     # the text's second emissions reading is the table's first row, formatted once
-    from tasks.report_scores import fmt
+    from tasks.report.scores import fmt
 
     assert f"emits <b>{fmt(check['emissions_kg_co2e'])} kg" in page
     assert "NVIDIA H200 datasheet" in page and "Uptime Institute" in page  # each figure names its source
@@ -202,11 +203,11 @@ def test_sections_appear_as_their_stages_land(mlflow_store):
         path, data, page = build_report(out=mlflow_store / "empty.html")
         assert page.count("not run yet") >= 5 and "CPM-Ant's own figures" in page
         assert data["measured"] is None and len(data["projection"]) == 4
-        with mlflow.start_run(run_name="compare-demo_cls", tags={"cpmant.stage": "delta", "cpmant.task": "demo_cls"}):
+        with mlflow.start_run(run_name="compare-demo_cls", tags={T.STAGE: "delta", T.TASK: "demo_cls"}):
             mlflow.log_table({"task": ["demo_cls"] * 2, "method": ["lora", "full"], "score": [0.625, 0.75],
                               "vs_full": [0.8333, 1.0], "trainable_params": [16384, 1200000]},
                              "comparison-demo_cls.json")
-        with mlflow.start_run(run_name="validate-cpm-ant-tiny", tags={"cpmant.stage": "validate",
+        with mlflow.start_run(run_name="validate-cpm-ant-tiny", tags={T.STAGE: "validate",
                                                                       "cpmant.gate.perplexity": "pass",
                                                                       "cpmant.decision": "champion"}):
             mlflow.log_metrics({"perplexity": 123.5, "energy_kwh": 1e-5})
@@ -237,8 +238,8 @@ BASE = "models:/cpm-ant-tiny/1"
 def _tuning_run(task, method, metrics, kind=None):
     import mlflow
 
-    tags = {"cpmant.stage": "delta", "cpmant.task": task, "cpmant.method": method, "cpmant.parent": BASE,
-            "cpmant.tune.kind": kind or ("zero-shot" if method == "zero-shot" else "delta")}
+    tags = {T.STAGE: "delta", T.TASK: task, T.METHOD: method, T.PARENT: BASE,
+            T.TUNE_KIND: kind or ("zero-shot" if method == "zero-shot" else "delta")}
     with mlflow.start_run(run_name=f"tune-{task}-{method}", tags=tags) as run:
         mlflow.log_metrics(metrics)
     return run.info.run_id
@@ -281,8 +282,8 @@ def explained(tmp_path_factory):
         _tuning_run("demo-ccpm", "full", {**_ci("test_f1", 20.0, 11.5, 29.0), "trainable_ratio": 1.0,
                                           **_ci("vs_zero_shot_f1", -10.5, -18.25, -2.75)})
         # a task known only from its comparison table (tasks/tune.py's columns): read with its intervals
-        with mlflow.start_run(run_name="compare-demo-lcsts", tags={"cpmant.stage": "delta", "cpmant.task": "demo-lcsts",
-                                                                   "cpmant.tune.kind": "comparison"}):
+        with mlflow.start_run(run_name="compare-demo-lcsts", tags={T.STAGE: "delta", T.TASK: "demo-lcsts",
+                                                                   T.TUNE_KIND: "comparison"}):
             mlflow.log_table({"task": ["demo-lcsts"] * 2, "method": ["zero-shot", "lora"], "metric": ["rouge_l"] * 2,
                               "score": [12.5, 14.0], "score_ci_low": [10.0, 11.5], "score_ci_high": [15.0, 16.5],
                               "vs_zero_shot": [None, 1.5], "vs_zero_shot_ci_low": [None, 0.25],
@@ -291,23 +292,23 @@ def explained(tmp_path_factory):
         _tuning_run("c3", "zero-shot", {"test_accuracy": 40.0})
         _tuning_run("c3", "lora", {"test_accuracy": 35.0})
         with mlflow.start_run(run_name="validate-demo-delta", tags={
-                "cpmant.stage": "validate", "cpmant.model": "models:/cpm-ant-tiny-demo-ccpm-lora/1",
-                "cpmant.task": "demo-ccpm", "cpmant.validation": "failed"}):
+                T.STAGE: "validate", T.MODEL: "models:/cpm-ant-tiny-demo-ccpm-lora/1",
+                T.TASK: "demo-ccpm", T.VALIDATION: "failed"}):
             mlflow.log_metrics({**_ci("task_score", 21.0, 12.5, 30.25), **_ci("task_vs_zero_shot", -9.5, -21.5, 2.25),
                                 **_ci("task_vs_champion", -3.0, -5.5, -0.5), "lm_loss": 3.2})
         # the ladder: base (pretraining run, valid_loss_end 3.02), one rung logging parent_lm_loss 3.68 and a loss
         # below it, the ladder table, and a validation of the base at 3.155
-        with mlflow.start_run(run_name="pretrain", tags={"cpmant.stage": "pretrain"}) as pre:
+        with mlflow.start_run(run_name="pretrain", tags={T.STAGE: "pretrain"}) as pre:
             mlflow.log_metrics({"valid_loss_end": 3.02})
-        _version("cpm-ant-tiny", pre.info.run_id, **{"cpmant.stage": "pretrain", "cpmant.parent": ""})
-        with mlflow.start_run(run_name="compress-3b", tags={"cpmant.stage": "compress", "cpmant.parent": BASE}) as rung:
+        _version("cpm-ant-tiny", pre.info.run_id, **{T.STAGE: "pretrain", T.PARENT: ""})
+        with mlflow.start_run(run_name="compress-3b", tags={T.STAGE: "compress", T.PARENT: BASE}) as rung:
             mlflow.log_metrics({"lm_loss": 3.5, "parent_lm_loss": 3.68, "eval_tokens": 4096})
-        _version("cpm-ant-tiny-3b", rung.info.run_id, **{"cpmant.stage": "compress", "cpmant.parent": BASE})
-        with mlflow.start_run(run_name="compress-ladder", tags={"cpmant.stage": "compress"}):
+        _version("cpm-ant-tiny-3b", rung.info.run_id, **{T.STAGE: "compress", T.PARENT: BASE})
+        with mlflow.start_run(run_name="compress-ladder", tags={T.STAGE: "compress"}):
             mlflow.log_table({"model": [BASE, "models:/cpm-ant-tiny-3b/1"], "params": [2000, 1000],
                               "lm_loss": [3.68, 3.5], "loss_increase": [0.0, 3.5 / 3.68 - 1]}, "ladder.json")
-        with mlflow.start_run(run_name="validate-cpm-ant-tiny-v1", tags={"cpmant.stage": "validate",
-                                                                         "cpmant.model": BASE}):
+        with mlflow.start_run(run_name="validate-cpm-ant-tiny-v1", tags={T.STAGE: "validate",
+                                                                         T.MODEL: BASE}):
             mlflow.log_metrics({"lm_loss": 3.155, "perplexity": 23.45})
         path, data, page = build_report(out=home / "report.html")
     finally:
@@ -408,7 +409,7 @@ def test_a_rung_below_its_parent_and_disagreeing_heldout_losses_are_said(explain
 
 
 def test_heldout_losses_within_the_tolerance_agree():
-    from tasks.report_scores import heldout, rung_reading
+    from tasks.report.scores import heldout, rung_reading
 
     ok = heldout(BASE, 3.02, 3.02005, 3.02)
     assert ok["agree"] and "agree" in ok["message"] and ok["spread"] == pytest.approx(5e-5)
@@ -436,10 +437,10 @@ DATA_SHA = "ab" * 32
 def _registered(name: str, stage: str, parent: str = "", **tags) -> str:
     import mlflow
 
-    with mlflow.start_run(run_name=f"make-{name}", tags={"cpmant.stage": stage}) as run:
+    with mlflow.start_run(run_name=f"make-{name}", tags={T.STAGE: stage}) as run:
         pass
-    _version(name, run.info.run_id, **{"cpmant.stage": stage, "cpmant.parent": parent, "cpmant.data_sha256": DATA_SHA,
-                                       "cpmant.git_sha": "c0de" * 10, **tags})
+    _version(name, run.info.run_id, **{T.STAGE: stage, T.PARENT: parent, T.DATA_SHA256: DATA_SHA,
+                                       T.GIT_SHA: "c0de" * 10, **tags})
     return f"models:/{name}/1"
 
 
@@ -447,8 +448,8 @@ def _validation(model: str, verdict: str, failures: str = "") -> None:
     import mlflow
 
     with mlflow.start_run(run_name=f"validate-{model.split('/')[1]}-v1", tags={
-            "cpmant.stage": "validate", "cpmant.model": model, "cpmant.parent": BASE, "cpmant.validation": verdict,
-            "cpmant.validation_failures": failures, "cpmant.promoted": "false"}):
+            T.STAGE: "validate", T.MODEL: model, T.PARENT: BASE, T.VALIDATION: verdict,
+            T.VALIDATION_FAILURES: failures, T.PROMOTED: "false"}):
         mlflow.log_params({"model": model, "promote": "True"})
         mlflow.log_metrics({"lm_loss": 3.2})
 
@@ -478,7 +479,7 @@ def labelled(tmp_path_factory):
         for task in ("demo-ccpm", "demo-c3", "demo-lcsts", "demo-math23k"):
             for method in ("lora", "full"):
                 uris.append(_registered(f"cpm-ant-tiny-{task}-{method}", "delta", BASE,
-                                        **{"cpmant.task": task, "cpmant.method": method}))
+                                        **{T.TASK: task, T.METHOD: method}))
         delta = "cpm-ant-tiny-demo-ccpm-lora"
         for alias in ("candidate", "champion"):
             client.set_registered_model_alias(delta, alias, "1")
@@ -488,7 +489,7 @@ def labelled(tmp_path_factory):
             else:
                 _validation(uri, "passed")
         ladder = [BASE] + [f"models:/cpm-ant-tiny-{r}/1" for r in ("7b", "3b", "1b", "300m", "int8")]
-        with mlflow.start_run(run_name="compress-ladder", tags={"cpmant.stage": "compress"}):
+        with mlflow.start_run(run_name="compress-ladder", tags={T.STAGE: "compress"}):
             mlflow.log_table({"model": ladder, "num_heads": [None, 32, 20, 16, 4, 32],
                               "dim_ff": [None, 384, 140, 26, 13, 384],
                               "params": [41000, 36000, 20000, 9000, 4000, 41000],
@@ -599,3 +600,43 @@ def test_the_validation_description_is_markdown_mlflow_shows_well():
     for i, ln in enumerate(lines):  # a bold heading line is followed by a blank line, then its list
         if ln.startswith("**") and ln.endswith("**"):
             assert lines[i + 1] == ""
+
+
+def test_report_queries_read_plain_records_and_survive_a_lost_table(mlflow_store):
+    """registry/report_queries.py, the report's only door to MLflow: runs come back as plain RunRecords newest
+    first (filtered by stage), a metric history by step, a table the artifact store lost is left out, a deleted
+    run's metrics are {}, and the `report` run's params are cut to MLflow's limit with the mark."""
+    import mlflow
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from registry import report_queries as Q
+    from registry.limits import MARK
+
+    try:
+        Q.open_store("cpmant")
+        with mlflow.start_run(run_name="older", tags={T.STAGE: "delta"}) as older:
+            mlflow.log_table({"a": [1, 2]}, "kept.json")
+            mlflow.log_table({"b": [3]}, "lost.json")
+            for step, v in ((2, 0.5), (0, 1.5), (1, 1.0)):
+                mlflow.log_metric("loss", v, step=step)
+        with mlflow.start_run(run_name="newer", tags={T.STAGE: "validate"}):
+            pass
+        lost = Path(mlflow.get_run(older.info.run_id).info.artifact_uri.removeprefix("file://")) / "lost.json"
+        lost.unlink()
+        runs = Q.search_runs()
+        delta = Q.search_runs("delta")
+        page = mlflow_store / "page.html"
+        page.write_text("<html></html>", encoding="utf-8")
+        run_id = Q.record_report("cpmant", {T.STAGE: "report"}, str(page), {"row": [1]},
+                                 {"long": "x" * (MAX_PARAM_VAL_LENGTH + 10)})
+        long = mlflow.get_run(run_id).data.params["long"]
+        history, tables = Q.metric_history(older.info.run_id, "loss"), Q.logged_tables(delta[0])
+        gone = Q.run_metrics("no-such-run"), Q.run_metrics(None)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [r.name for r in runs] == ["newer", "older"] and [r.name for r in delta] == ["older"]
+    assert delta[0].tags[T.STAGE] == "delta" and delta[0].status == "FINISHED"
+    assert history == [(0, 1.5), (1, 1.0), (2, 0.5)]
+    assert tables == {"kept.json": {"columns": ["a"], "data": [[1], [2]]}}
+    assert len(long) == MAX_PARAM_VAL_LENGTH and long.endswith(MARK)
+    assert gone == ({}, {})

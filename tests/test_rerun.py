@@ -55,17 +55,20 @@ def test_rerun_reproduces_every_metric_of_the_training_stages(prefect_harness, t
 
 
 @pytest.mark.unit
-def test_code_version_warns_and_strict_refuses(monkeypatch):
+def test_code_version_warns_and_strict_refuses():
+    from cpmant.checkpoint import git_sha
     from cpmant.errors import CpmantError
     from cpmant_cli import rerun as R
 
-    monkeypatch.setattr("cpmant.checkpoint.git_sha", lambda: "1111111")
-    assert R.code_check("1111111", strict=True) is None
+    assert R.code_check("1111111", strict=True, now="1111111") is None
     with pytest.warns(UserWarning, match="made by code 2222222, this checkout is 1111111"):
-        R.code_check("2222222", strict=False)
+        R.code_check("2222222", strict=False, now="1111111")
     with pytest.raises(CpmantError, match="--strict: the run was made by code 2222222") as e:
-        R.code_check("2222222", strict=True)
+        R.code_check("2222222", strict=True, now="1111111")
     assert "git checkout 2222222" in e.value.fix
+    with pytest.warns(UserWarning, match="records no code version; this checkout is 1111111"):
+        R.code_check("", strict=False, now="1111111")
+    assert R.code_check(git_sha(), strict=True) is None  # by default: this checkout's own version
 
 
 @pytest.mark.unit

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cpmant.configio import build_config
-from flows.config import LifecycleConfig
+from flows.config import LifecycleConfig, check_force
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_configs_validate(path):
     cfg = build_config(LifecycleConfig, path)
     assert cfg.pretrain.preset
+    assert isinstance(cfg.tune.tasks, list) and isinstance(cfg.tune.methods, list)  # "a,b" in YAML: read as a list
 
 
 def test_prefect_yaml_deployments():
@@ -34,6 +35,7 @@ def test_prefect_yaml_deployments():
         fl = getattr(mod, func)
         assert isinstance(fl, Flow)
         LifecycleConfig.model_validate(dep["parameters"].get("config", {}))
+        check_force(dep["parameters"].get("force", False))  # a deployment's force: what the flows accept
         assert dep["work_pool"]["name"] == "cpmant-process"
         for sched in dep.get("schedules", []):
             assert len(sched["cron"].split()) == 5

@@ -1,7 +1,8 @@
 """The delta-tuning stage end to end on a micro base: `cpmant tune` with lora and full on demo-ccpm (built from the
 fixture corpus) registers `<model>-<task>-<method>` versions tagged stage=delta with their base as parent, the lora
 version holds only the delta's weights, the runs log trainable_params / trainable_ratio / delta_bytes / eval_<metric>
-per epoch / energy, the comparison table is an MLflow table and a Prefect artifact, a rerun reuses the versions,
+per epoch / energy, the comparison table is an MLflow table and a Prefect artifact, a rerun reuses the versions
+(same reuse key: no new run or version, the reason said), another lr or other task data makes a new version,
 `cpmant lineage` shows corpus -> base -> delta, and a bad task or method is refused before any flow starts."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import pytest
 
 from conftest import registered_micro_model
+from registry import tags as T
 
 pytestmark = pytest.mark.flow
 TASK = "demo-ccpm"
@@ -132,11 +134,53 @@ def test_tune_registers_deltas_with_lineage_metrics_and_table(prefect_harness, b
     assert first == (f"corpus data:{chain[-1]['data_sha256'][:16]} -> base {base['uri']} -> delta "
                      f"{out['deltas'][0]} (task {TASK}, method lora)")
 
-    # a rerun with the same inputs returns the same versions, without new runs; MLflow pointed nowhere first, as in
-    # a fresh `cpmant tune` process (the tune tasks find the store themselves)
+    # a rerun with the same inputs returns the same versions, without new runs or versions, and says why (the one
+    # reuse rule: the same key); MLflow pointed nowhere first, as in a fresh `cpmant tune` process (the tune tasks
+    # find the store themselves)
+    n_runs = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
     mlflow.set_tracking_uri(None)
     again = _tune(base, capsys)
     assert again["deltas"] == out["deltas"] and all(r["reused"] for r in again["summary"])
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == n_runs
+    assert [len(client.search_model_versions(f"name = '{n}'")) for n in names] == [1, 1]
+    keys = [client.get_model_version(n, "1").tags[T.INPUTS_SHA256] for n in names]
+    reasons = [r["reason"] for r in again["summary"]]
+    assert reasons[0].startswith(f"tune zero-shot {TASK}: reused runs:/{zero_run.info.run_id}: same key ")
+    assert reasons[1:] == [f"tune {TASK} {m}: reused {u}: same key {k[:12]}"
+                           for m, u, k in zip(("lora", "full"), out["deltas"], keys)]
+    assert zero_run.data.tags[T.INPUTS_SHA256] and zero_run.data.tags[T.TASK_DATA_SHA256]
+
+
+def test_a_changed_lr_or_task_data_is_tuned_anew(prefect_harness, base, capsys, tmp_path):
+    """The same tune with another lr, or on other task examples, finds no version with its key: a new version."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from cpmant_cli.main import main
+
+    name = f"cpm-ant-tiny-{TASK}-lora"
+    corpus = shutil.copytree(base["corpus"], tmp_path / "corpus")
+    poems = corpus / "poems.txt"
+    poems.write_text("\n".join(poems.read_text(encoding="utf-8").splitlines()[::-1]) + "\n", encoding="utf-8")
+    made = []
+    for data, extra in ((base["corpus"], ["tune.lr.lora=2e-3"]), (str(corpus), [])):
+        before = {v.version for v in MlflowClient().search_model_versions(f"name = '{name}'")}
+        rc = main(["tune", "models:/cpm-ant-tiny@candidate", "--task", TASK, "--method", "lora", "--data", data,
+                   "--json", "--set", *SETTINGS, *extra])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        row = json.loads(out.out)["summary"][1]
+        after = {v.version for v in MlflowClient().search_model_versions(f"name = '{name}'")}
+        assert not row["reused"] and len(after - before) == 1
+        assert row["model"] == f"models:/{name}/{(after - before).pop()}"
+        assert row["reason"].startswith(f"tune {TASK} lora: made anew: no result of {name} has key ")
+        made.append(row["model"])
+    tags = [MlflowClient().get_model_version(*u[len("models:/"):].rsplit("/", 1)).tags
+            for u in (f"models:/{name}/1", *made)]
+    # the lr version was tuned on the same examples, the other on other examples
+    data = [t[T.TASK_DATA_SHA256] for t in tags]
+    assert data[0] == data[1] != data[2] and len({t[T.INPUTS_SHA256] for t in tags}) == 3
 
 
 def test_sweep_lr_records_the_grid_the_choice_and_the_sweep(prefect_harness, base, capsys):
@@ -167,12 +211,13 @@ def test_sweep_lr_records_the_grid_the_choice_and_the_sweep(prefect_harness, bas
 
 @pytest.mark.parametrize("flag,value,listed", [("--task", "demo-nope", "demo-ccpm"),
                                                ("--method", "lora,nope", "lora")])
-def test_unknown_task_or_method_lists_the_known_ones(flag, value, listed, capsys, monkeypatch):
+def test_unknown_task_or_method_lists_the_known_ones(flag, value, listed, capsys, monkeypatch, tmp_path):
     from cpmant_cli import main as cli
 
-    started = []
-    monkeypatch.setattr(cli, "_run_flow", lambda *a, **k: started.append(a))
+    monkeypatch.setenv("CPMANT_HOME", str(tmp_path / "home"))
+    # a flow that started would ask this unreachable API first and fail on it: the names are refused before
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     rc = cli.main(["tune", "models:/cpm-ant-tiny/1", flag, value])
     err = capsys.readouterr().err
-    assert rc == 2 and not started
+    assert rc == 2 and "Prefect API" not in err
     assert err.startswith("error: unknown ") and "nope" in err and listed in err.splitlines()[1]

@@ -132,9 +132,16 @@ def test_validate_promotes_passing_and_not_failing(prefect_harness, store):
     assert "PASSED" in md and "床前明月光" in md
     assert out["summary"][0]["stage"] == "validate" and out["summary"][0]["note"] == "passed, now champion"
 
-    # the same version, settings and champion: reused, no new run
-    again = validate_flow([store["uri"]], _config())["results"][0]
+    # the run carries the validation's one reuse key (sha256 over the version, weights, settings, rows, gates, code)
+    key = run.data.tags["cpmant.inputs_sha256"]
+    assert len(key) == 64 and r["reason"] == (f"validate models:/cpm-ant-tiny/1: made anew: no result of validations"
+                                              f" of models:/cpm-ant-tiny/1 against champion none has key {key[:12]}")
+    # the same version, settings and champion: reused, no new run; the reason names the run and the key
+    rerun = validate_flow([store["uri"]], _config())
+    again = rerun["results"][0]
     assert again["reused"] and again["run_id"] == r["run_id"] and again["passed"]
+    assert again["reason"] == f"validate models:/cpm-ant-tiny/1: reused runs:/{r['run_id']}: same key {key[:12]}"
+    assert rerun["summary"][0]["reason"] == again["reason"] and rerun["summary"][0]["reused"]
 
     # a second version (a "variant" of version 1) against a gate it cannot pass: champion stays
     reg2 = register_checkpoint(store["dir"], "cpm-ant-tiny", stage="compress", parent="models:/cpm-ant-tiny/1")
@@ -178,6 +185,11 @@ def test_validate_promotes_passing_and_not_failing(prefect_harness, store):
     assert [n["model"] for n in night] == ["models:/cpm-ant-tiny/1"] and not night[0]["reused"]
     assert not night[0]["promoted"] and get_alias("cpm-ant-tiny", "champion") == 1
     assert client.get_run(night[0]["run_id"]).data.params["champion_metrics_from"].startswith("validation run ")
+    # another gate is another key: measured again
+    other = validate_flow([store["uri"]], _config(gates={**FAST["gates"], "perplexity": {"threshold": 1e6}}),
+                          promote=False)["results"][0]
+    assert not other["reused"] and other["run_id"] not in (r["run_id"], night[0]["run_id"])
+    assert "made anew: no result of validations" in other["reason"]
 
 
 @pytest.mark.flow

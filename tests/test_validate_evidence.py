@@ -90,17 +90,22 @@ def test_interval_gates_decide_above_zero_and_not_worse():
 
 
 @pytest.mark.unit
-def test_timings_alternate_candidate_and_champion(monkeypatch):
+def test_timings_alternate_candidate_and_champion():
     from cpmant.validation import suite
     from cpmant.validation.config import ValidateConfig
 
     calls = []
-    monkeypatch.setattr(suite, "_timed_batch", lambda m, t, cfg: (calls.append(("batch", m)), (10, 0.5 if m == "a"
-                                                                                                else 0.25))[1])
-    monkeypatch.setattr(suite, "_first_token_seconds", lambda m, t, p, cfg: (calls.append((p, m)),
-                                                                             0.002 if m == "a" else 0.004)[1])
+
+    def timed_batch(m, t, cfg):  # a clock of our own: "a" generates 10 ids in 0.5 s, "b" in 0.25 s
+        calls.append(("batch", m))
+        return 10, 0.5 if m == "a" else 0.25
+
+    def first_token(m, t, p, cfg):
+        calls.append((p, m))
+        return 0.002 if m == "a" else 0.004
+
     cfg = ValidateConfig(prompts=["x", "y"], speed_repeats=2, latency_repeats=1)
-    out = suite.measure_timings({"candidate": ("a", None), "champion": ("b", None)}, cfg)
+    out = suite.measure_timings({"candidate": ("a", None), "champion": ("b", None)}, cfg, timed_batch, first_token)
     # warm-up of each, then candidate, champion, candidate, champion; per prompt candidate then champion
     assert calls == [("batch", "a"), ("x", "a"), ("y", "a"), ("batch", "b"), ("x", "b"), ("y", "b"),
                      ("batch", "a"), ("batch", "b"), ("batch", "a"), ("batch", "b"),
@@ -115,11 +120,44 @@ FAST = {"batch_size": 4, "prompts": ["床前明月光", "春眠不觉晓"], "max
         "task_examples": 64, "gates": {"smoke_pass_rate": None, "first_token_ms_p95": None,
                                       "tokens_per_second": {"champion": {"max_relative_regression": 1000.0}}}}
 DELTA = "cpm-ant-tiny-demo-c3-lora"
-TASK = "demo-c3"  # accuracy: its intervals are quick (macro-F1's recompute sklearn's f1 on every resample)
+TASK = "c3-scripted"  # C3's accuracy: its intervals are quick (macro-F1's recompute sklearn's f1 each resample)
+
+
+SCRIPTED = {"gold": lambda ex: [e.label for e in ex], "wrong": lambda ex: _wrong(ex), "half": lambda ex: _half(ex)}
 
 
 @pytest.fixture(scope="module")
-def delta_store(tmp_path_factory, fixture_corpus):
+def scripted_task(tmp_path_factory):
+    """A task added the way any task is (cpmant.cuge.register_task): C3's format and scoring on N hand-made
+    questions, whose predictions the test sets (`mode`: zero-shot for the base, tuned for any delta). Returns
+    (name, data folder, mode)."""
+    import dataclasses
+    import json
+
+    from cpmant.cuge import base as cuge
+    from cpmant.cuge.base import Task, register_task
+
+    mode = {"tuned": "gold", "zero_shot": "gold"}
+
+    @dataclasses.dataclass
+    class Scripted(Task):
+        def predict(self, model, tokenizer, examples, batch_size=8, generation=None, zero_shot=False):
+            return SCRIPTED[mode["zero_shot" if zero_shot else "tuned"]](examples)
+
+    c3 = cuge.get_task("c3")
+    fields = {f.name: getattr(c3, f.name) for f in dataclasses.fields(Task) if f.init}
+    register_task(TASK)(lambda: Scripted(**{**fields, "name": TASK}))
+    data = tmp_path_factory.mktemp("scripted_c3")
+    rows = [[[f"第{i}首"], [{"question": f"q{i}", "choice": ["甲", "乙", "丙", "丁"], "answer": "甲乙丙丁"[i % 4]}],
+             f"id{i}"] for i in range(N)]
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    yield TASK, str(data), mode
+    cuge.TASKS.pop(TASK)
+
+
+@pytest.fixture(scope="module")
+def delta_store(tmp_path_factory, fixture_corpus, scripted_task):
     from cpmant import checkpoint as ck
     from cpmant.delta.checkpoint import save_delta
     from cpmant.delta.methods import apply_delta
@@ -129,31 +167,21 @@ def delta_store(tmp_path_factory, fixture_corpus):
                                                valid_fraction=0.25)
     model, _ = ck.load_pretrained(base_dir)
     delta_dir = save_delta(home / "delta", apply_delta(model, "lora"), base_dir, base_uri=reg.uri, task=TASK)
-    yield {"base_uri": reg.uri, "delta_dir": delta_dir, "corpus": str(fixture_corpus)}
+    yield {"base_uri": reg.uri, "delta_dir": delta_dir, "task_data": scripted_task[1]}
     mp.undo()
 
 
 @pytest.fixture
-def stub_predict(monkeypatch):
-    """Task.predict stubbed: zero-shot (the base) and tuned (any delta) predictions set by the test."""
-    from cpmant.cuge.base import Task
+def stub_predict(scripted_task):
+    """The scripted task's predictions, set by the test (`update(tuned=..., zero_shot=...)`)."""
+    from cpmant.validation.suite import _ZERO_SHOT
 
-    mode = {"tuned": "gold", "zero_shot": "gold"}
-    make = {"gold": lambda ex: [e.label for e in ex], "wrong": lambda ex: _wrong(ex), "half": lambda ex: _half(ex)}
-
-    def predict(self, model, tokenizer, examples, batch_size=8, generation=None, zero_shot=False):
-        return make[mode["zero_shot" if zero_shot else "tuned"]](examples)
-
-    class Mode(dict):
+    class Mode:
         def update(self, **kw):  # the base's zero-shot predictions are kept per base: forget them when they change
-            from cpmant.validation.suite import _ZERO_SHOT
-
             _ZERO_SHOT.clear()
-            super().update(**kw)
+            scripted_task[2].update(**kw)
 
-    mode = Mode(mode)
-    monkeypatch.setattr(Task, "predict", predict)
-    return mode
+    return Mode()
 
 
 @pytest.mark.flow
@@ -167,7 +195,7 @@ def test_delta_promoted_only_above_zero_shot_and_not_worse(prefect_harness, delt
 
     torch.set_num_threads(1)
     client = MlflowClient()
-    config = {"validation": {**FAST, "task_data": delta_store["corpus"]}, "tracking": {"measure_power_secs": 1}}
+    config = {"validation": {**FAST, "task_data": delta_store["task_data"]}, "tracking": {"measure_power_secs": 1}}
 
     def new_version():
         return register_checkpoint(delta_store["delta_dir"], DELTA, stage="delta", parent=delta_store["base_uri"])

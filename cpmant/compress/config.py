@@ -7,11 +7,11 @@ was trained with (its metadata, see cpmant/lineage.py); the LM loss is the linea
 
 from __future__ import annotations
 
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..configio import FrozenModel
+from ..precision import Precision
 
 # fields that chose the data before compression followed its parent's data lineage
 _REMOVED = ("corpus", "valid_fraction", "seed")
@@ -25,7 +25,7 @@ class CompressConfig(FrozenModel):
     gen_repeats: int = Field(3, ge=1, description="timed generation calls (after one warm-up call)")
     distill_steps: int | None = Field(None, ge=0, description="overrides every recipe's distill.steps when set")
     distill_batch_size: int | None = Field(None, ge=1, description="overrides every recipe's distill batch size")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Precision = Field(
         "auto", description="matmul precision of distillation and importance scoring: auto = bf16 "
                             "autocast where the CPU multiplies bf16 natively, else fp32 (weights stay fp32)")
     backend: str = Field("torch", description="compression backend (cpmant.backends.backend_names('compress'))")

@@ -8,9 +8,11 @@ one half scores importance (pruning, MoEfication), the other measures loss, so n
 is judged by. The loss of the parent and of the variant is cpmant.heldout's measure (`heldout_loss`: the measured
 half, the lineage's spec, fp32), the same number pretraining's `valid_loss_end` and validation's `lm_loss` are.
 
-Reuse: a finished variant is reused only when its key matches: the recipe with every method's config, the
-CompressConfig fields the recipe uses, the parent's checkpoint sha256, the data hash, the held-out rows' identity
-(`heldout_sha256`: a changed measure is measured again) and the code version.
+Reuse: one key per variant (`variant_key`, cpmant.hashing.sha256_json): the recipe with every method's config, the
+CompressConfig fields the recipe uses, the parent's version URI and checkpoint sha256 (as its version records it),
+the data hash, the held-out rows' identity (`heldout_sha256`: a changed measure is measured again) and the code
+version. It is written in the variant's metadata (`config_sha256`) and on its registered version
+(cpmant.inputs_sha256); tasks/compress.py looks it up in the registry, `compress_checkpoint` on disk.
 
 Precision: `CompressConfig.precision` is resolved once per variant (on the CPU, where compression runs) and autocasts
 distillation (student and teacher) and importance scoring (the held-out measure is always fp32); it is part of both
@@ -21,13 +23,12 @@ as generate_ids runs it.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from .. import checkpoint as ckpt
 from ..config import ModelConfig
 from ..errors import CpmantError
 from ..generate import GenerationConfig, generate_ids
+from ..hashing import sha256_json
 from ..heldout import HeldOutRows, calibration_docs, folder_heldout_sha256, heldout_loss, measured_docs
 from ..lineage import DataLineage, load_lineage_data, read_lineage
 from ..model import CPMAnt
@@ -43,7 +45,7 @@ from ..precision import resolve_precision
 from ..tokenizer import BOS_ID, EOS_ID
 from ..training.data import PretrainStream
 from .config import CompressConfig
-from .methods import METHODS, DistillConfig, MethodContext
+from .methods import METHODS, ROW_LENGTH, MethodContext
 from .recipe import Recipe
 
 GEN_PROMPTS = ["床前明月光", "春眠不觉晓", "白日依山尽", "学而时习之"]
@@ -110,15 +112,17 @@ def _generated_ids(model: CPMAnt, tokenizer, prompts: list[str], new_tokens: int
 
 
 @torch.no_grad()
-def generation_speed(model: CPMAnt, tokenizer, new_tokens: int, repeats: int = 3) -> float:
-    """Generated ids per second: the four prompts as one batch, `repeats` timed calls after one warm-up call."""
+def generation_speed(model: CPMAnt, tokenizer, new_tokens: int, repeats: int = 3,
+                     generate: Callable[[CPMAnt, object, list[str], int], list[list[int]]] = _generated_ids) -> float:
+    """Generated ids per second: the four prompts as one batch, `repeats` timed calls after one warm-up call, each
+    `generate(model, tokenizer, prompts, new_tokens)` (ids per prompt)."""
     was = model.training
     model.eval()
     try:
-        _generated_ids(model, tokenizer, GEN_PROMPTS[:1], 2)
+        generate(model, tokenizer, GEN_PROMPTS[:1], 2)
         n, t0 = 0, time.perf_counter()
         for _ in range(repeats):
-            n += sum(len(ids) for ids in _generated_ids(model, tokenizer, GEN_PROMPTS, new_tokens))
+            n += sum(len(ids) for ids in generate(model, tokenizer, GEN_PROMPTS, new_tokens))
         dt = time.perf_counter() - t0
     finally:
         model.train(was)
@@ -155,35 +159,32 @@ def used_settings(recipe: Recipe, cfg: CompressConfig, metrics: bool = True) -> 
     return out
 
 
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class VariantKey:
-    config_sha256: str  # everything that affects the weights or the reported metrics (the reuse key)
+    config_sha256: str  # the reuse key: every input of the weights or the reported metrics (tag cpmant.inputs_sha256)
     weights_sha256: str  # everything that affects the weights (what resumable distillation state must match)
     parent_checkpoint_sha256: str
     data_sha256: str
     git_sha: str
 
 
-def variant_key(parent_dir: Path, recipe: Recipe, cfg: CompressConfig) -> VariantKey:
-    """The key of `recipe` (overrides applied) on the parent in `parent_dir` with `cfg`, under this code version."""
+def variant_key(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, parent_uri: str = "",
+                parent_checkpoint_sha256: str = "") -> VariantKey:
+    """The key of `recipe` (overrides applied) on the parent in `parent_dir` with `cfg`, under this code version:
+    the recipe and its methods' configs, the CompressConfig fields it uses (precision resolved), the parent's
+    version URI and checkpoint sha256, the data hash, the held-out rows' identity and the code version.
+    `parent_checkpoint_sha256`: the sha256 the parent's version records (cpmant.checkpoint_sha256), so that its
+    weights are not hashed again; hashed from the folder when not given."""
     recipe = apply_overrides(recipe, cfg)
-    parent_sha = ckpt.sha256_file(Path(parent_dir) / ckpt.WEIGHTS_FILE)
+    parent_sha = parent_checkpoint_sha256 or ckpt.sha256_file(Path(parent_dir) / ckpt.WEIGHTS_FILE)
     data_sha = read_lineage(parent_dir).data_sha256
     code = ckpt.git_sha()
     common = {"recipe": recipe.model_dump(mode="json"), "parent_checkpoint_sha256": parent_sha,
               "data_sha256": data_sha, "git_sha": code}
-    weights = _sha({**common, "compress": used_settings(recipe, cfg, metrics=False)})
-    full = _sha({**common, "compress": used_settings(recipe, cfg),
-                 "heldout_sha256": folder_heldout_sha256(parent_dir)})
+    weights = sha256_json({**common, "compress": used_settings(recipe, cfg, metrics=False)})
+    full = sha256_json({**common, "stage": "compress", "parent": parent_uri, "compress": used_settings(recipe, cfg),
+                        "heldout_sha256": folder_heldout_sha256(parent_dir)})
     return VariantKey(full, weights, parent_sha, data_sha, code)
-
-
-def recipe_sha256(recipe: Recipe, cfg: CompressConfig, parent_dir: Path) -> str:
-    return variant_key(parent_dir, recipe, cfg).config_sha256
 
 
 def recipe_params(recipe: Recipe, cfg: CompressConfig) -> dict[str, str]:
@@ -220,15 +221,17 @@ def describe_variant(recipe: Recipe, parent_uri: str, report: dict) -> str:
 # ---- the variant ----------------------------------------------------------------------------------------
 def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, out_dir: Path, *,
                         parent_uri: str = "", data: CompressData | None = None, callbacks=None,
-                        progress: bool = True) -> dict:
-    """Make, measure and save one variant under out_dir/model; a finished one with the same key is reused."""
+                        progress: bool = True, key: VariantKey | None = None) -> dict:
+    """Make, measure and save one variant under out_dir/model; a finished one made with the same reuse key (its
+    metadata's config_sha256) is returned as it is (a variant whose registration failed is not made again).
+    `key`: the variant's key when the caller computed it (variant_key, once per variant)."""
     from ..backends import get_backend
 
     get_backend("compress", cfg.backend)
     recipe = apply_overrides(recipe, cfg)
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     model_dir = out_dir / "model"
-    key = variant_key(parent_dir, recipe, cfg)
+    key = key or variant_key(parent_dir, recipe, cfg, parent_uri)
     if ckpt.is_complete(model_dir):
         m = ckpt.read_meta(model_dir)
         if m.get("config_sha256") == key.config_sha256 and "report" in m:
@@ -239,8 +242,8 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
     if data.data_sha256 != key.data_sha256:
         raise CpmantError(f"the data given ({data.data_sha256[:16]}...) is not the data {parent_dir} was trained "
                           f"with ({key.data_sha256[:16]}...)", "pass data=None: the parent's data is loaded")
-    distill_cfg = recipe.method("distill") or DistillConfig()
-    train_s, imp_s, _ = build_streams(teacher.config, data, distill_cfg.seq_len)
+    seq_len = next((n for m in recipe.methods if (n := m.row_length()) is not None), ROW_LENGTH)
+    train_s, imp_s, _ = build_streams(teacher.config, data, seq_len)
     precision = compress_precision(cfg)  # once per variant
     heldout = data.heldout(parent_dir)
     parent_eval = heldout_loss(teacher, heldout)
@@ -252,7 +255,7 @@ def compress_checkpoint(parent_dir: Path, recipe: Recipe, cfg: CompressConfig, o
                              for i in range(0, cfg.importance_rows, cfg.batch_size))
         return imp_cache
 
-    torch.manual_seed(distill_cfg.seed)
+    torch.manual_seed(0)  # one RNG state for every recipe (each method that draws seeds its own generator too)
     report: dict = {"recipe": recipe.name, "methods": recipe.method_names, "parent": parent_uri,
                     "precision": precision}
     ctx = MethodContext(teacher=teacher, student=copy.deepcopy(teacher), train_stream=train_s,

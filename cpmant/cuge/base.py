@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CpmantError
+from ..hashing import Sha256
 from .formatting import IGNORE, Formatter, generate_tuned
 from .rawfiles import Malformed, Row
 
@@ -202,10 +203,8 @@ class Task:
 
     def data_sha256(self, data_dir: str | Path | None = None) -> str:
         """sha256 over every split's raw files (split, file name, bytes): the task data's identity."""
-        import hashlib
-
         d = self.data_dir(data_dir)
-        h = hashlib.sha256(self.name.encode())
+        h = Sha256(self.name.encode())
         for split in SPLITS:
             for path in self.split_files(split, d):
                 data = path.read_bytes()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, PositiveFloat, field_validator
 
 from ..configio import FrozenModel
+from ..errors import CpmantError
+from ..precision import Precision
 
 
 class TuneConfig(FrozenModel):
@@ -15,9 +15,10 @@ class TuneConfig(FrozenModel):
     but peaking at `lr` itself where Noam peaks at lr / sqrt(warmup)), weight decay 0.01 and gradient clip 10 as
     CPM-Live tunes; epoch 0 (the untuned start) is scored on the valid split and kept when no epoch beats it."""
 
-    tasks: str = Field("demo-ccpm,demo-c3,demo-lcsts,demo-math23k", description="CUGE or demo task names, comma list")
-    methods: str = Field("lora,full", description="delta methods, comma list (`full` = full fine-tuning, the "
-                                                   "baseline every delta is compared with)")
+    tasks: list[str] = Field(["demo-ccpm", "demo-c3", "demo-lcsts", "demo-math23k"],
+                             description="CUGE or demo task names: a list, or a comma list in YAML and flags")
+    methods: list[str] = Field(["lora", "full"], description="delta methods: a list or a comma list (`full` = full "
+                                                              "fine-tuning, the baseline every delta is compared with)")
     data: str | None = Field(None, description="folder of a CUGE task's raw files (None: $CUGE_DATA/<task>)")
     epochs: int = Field(3, ge=1, description="passes over the training examples (at most; early stop may end sooner)")
     batch_size: int = Field(8, ge=1, description="training examples per optimizer step")
@@ -46,7 +47,37 @@ class TuneConfig(FrozenModel):
     malformed_threshold: float = Field(0.01, ge=0.0, le=1.0,
                                        description="fraction of malformed rows in a task file above which loading "
                                                    "fails (naming the file and line); below it they are counted")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where native, else fp32")
+    precision: Precision = Field("auto", description="auto: bf16 where native, else fp32")
+
+    @field_validator("tasks", "methods", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        """"a,b" (YAML, flags) or ["a", "b"]: a list of names, blanks dropped."""
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, (list, tuple)):
+            return [str(s).strip() for s in v if str(s).strip()]
+        return v
+
+    @field_validator("tasks", "methods")
+    @classmethod
+    def _registered(cls, v: list[str], info) -> list[str]:
+        """Each name checked once, here, against its registry (cpmant.cuge tasks, cpmant.delta methods); the
+        first of repeats kept. A CpmantError (not a ValueError: pydantic passes it through as it is), so that the CLI
+        prints the known names as the fix."""
+        if info.field_name == "tasks":
+            from ..cuge import task_names as known_names
+            what = "task"
+        else:
+            from .methods import method_names as known_names
+            what = "delta method"
+        known = known_names()
+        bad = [n for n in v if n not in known]
+        if bad or not v:
+            problem = f"unknown {what} {', '.join(map(repr, bad))}" if bad else f"no {what} given"
+            raise CpmantError(f"{problem} (tune.{info.field_name}, --{info.field_name[:-1]})",
+                              f"choose from: {', '.join(known)} (a comma list tunes several)")
+        return list(dict.fromkeys(v))
 
     @field_validator("lr_grid")
     @classmethod

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CpmantError
-from ..model import FeedForward, _plain
+from ..layers import FeedForward, plain_forward
 
 
 class Router(nn.Module):
@@ -63,7 +63,7 @@ class MoEFeedForward(FeedForward):
 
     def _routable(self) -> bool:
         mods = (self.w_in, self.w_in.w_0, self.w_in.w_1, self.w_out)
-        return all(hasattr(m, "forward_part") or m is self.w_in for m in mods) and _plain(*mods)
+        return all(hasattr(m, "forward_part") or m is self.w_in for m in mods) and plain_forward(*mods)
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as the dense forward, computing only the experts the tokens chose. x (..., D)."""

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from ..configio import FrozenModel
+from ..precision import Precision
 
 
 class PretrainConfig(FrozenModel):
@@ -31,7 +32,7 @@ class PretrainConfig(FrozenModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of the peak")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (CPM-Ant: 0.01)")
     clip_grad: float = Field(1.0, gt=0, description="gradient norm clip (CPM-Ant: 1.0)")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Precision = Field(
         "auto", description="matmul precision: auto = bf16 autocast where the device multiplies bf16 natively "
                             "(AVX-512 BF16/AMX, CUDA 8.0+), else fp32; weights, optimizer, checkpoints stay fp32")
     seed: int = Field(0, description="seeds model init, data order and objectives")
@@ -52,7 +53,7 @@ class PretrainConfig(FrozenModel):
     node_rank: int = Field(0, ge=0, description="this node's rank (torchrun --node-rank)")
     rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the c10d rendezvous on node 0")
     rdzv_id: str | None = Field(None, description="rendezvous id; None = cpmant-<config hash>")
-    backend: str = Field("torch", description="training backend (cpmant.backends: torch, bmtrain)")
+    backend: str = Field("torch", description="training backend (cpmant.backends.backend_names('train'))")
     num_threads: int | None = Field(None, description="torch intra-op threads per process (None = cores/procs)")
     output_dir: str | None = Field(None, description="run folder; None = $CPMANT_HOME/runs/pretrain-<preset>-<key8>")
     encode_workers: int | None = Field(None, description="processes that encode the corpus (None = all cores)")

@@ -3,7 +3,7 @@
 `loss_sums(model, batch, precision="fp32")` -> (summed token cross-entropy, {task: summed loss of that task's targets});
 `evaluate(model, stream, rows, batch_size, precision="fp32")` -> {"valid_loss", "valid_perplexity", "valid_tokens"}.
 `precision` is resolved (fp32 / bf16: cpmant.precision.resolve_precision); bf16 autocasts the forward pass, the
-cross-entropy stays fp32. The old `bf16: bool` (positional or keyword) is still accepted.
+cross-entropy stays fp32.
 """
 
 from __future__ import annotations
@@ -18,22 +18,13 @@ from ..precision import autocast
 from .data import IGNORE, TASK_LM, TASK_MASK, Batch, PretrainStream
 
 
-def _precision(precision: str | bool, bf16: bool | None) -> str:
-    if bf16 is not None:  # the old keyword
-        return "bf16" if bf16 else "fp32"
-    if isinstance(precision, bool):  # the old positional bool
-        return "bf16" if precision else "fp32"
-    return precision
-
-
-def loss_sums(model: CPMAnt, batch: Batch, precision: str = "fp32", *,
-              bf16: bool | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def loss_sums(model: CPMAnt, batch: Batch, precision: str = "fp32") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Summed token loss of a batch (with its graph) and the per-task sums (detached, on the CPU; CPM-Live logs the
     loss of each task). Logits are projected only at the positions that have a target; fp32 cross-entropy."""
     device = model.input_embedding.weight.device
     b = batch.to(device)
     sel = b.target != IGNORE  # (B, L): the positions with a target
-    with autocast(_precision(precision, bf16), device):
+    with autocast(precision, device):
         logits = model(**b.model_inputs(), logits_at=sel)  # (N, V), row-major order of sel
     tok_loss = F.cross_entropy(logits.float(), b.target[sel], reduction="none")  # (N,)
     tok_task = b.task[sel]  # (N,) the task of each target's piece
@@ -42,11 +33,9 @@ def loss_sums(model: CPMAnt, batch: Batch, precision: str = "fp32", *,
 
 
 @torch.no_grad()
-def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, precision: str = "fp32", *,
-             bf16: bool | None = None) -> dict:
+def evaluate(model: CPMAnt, stream: PretrainStream, rows: int, batch_size: int, precision: str = "fp32") -> dict:
     """Left-to-right LM loss on `rows` rows of a stream with fixed cut points (comparable over time). The rows are
     the first of the stream's seeded epoch-0 order: a fixed random sample, not the corpus's first documents."""
-    precision = _precision(precision, bf16)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

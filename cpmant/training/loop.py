@@ -29,7 +29,8 @@ from ..config import ModelConfig, get_preset
 from ..configio import dump_config
 from ..errors import CpmantError
 from ..flops import flops_per_token, measure_matmul_peak
-from ..heldout import HeldOutRows, HeldOutSpec, heldout_loss, measured_docs
+from ..heldout import HeldOutRows, heldout_loss, measured_docs
+from ..lineage import HeldOutSpec
 from ..fsutil import atomic_write_text
 from ..model import CPMAnt
 from ..precision import resolve_precision
@@ -45,8 +46,6 @@ from .runs import (RunLock, changed_settings, config_sha256, read_saved_config, 
                    unfinished_runs)
 from .schedule import SCHEDULES
 from .state import check_files, restore_state, save_state, seed_everything, set_aside
-
-_loss_sums = loss_sums  # transition: bench/ still imports the old private name; use cpmant.training.evaluate
 
 __all__ = ["Callbacks", "Pretraining", "TrainResult", "build_model_config", "config_sha256", "evaluate",
            "pretrain", "resolve_run_dir"]

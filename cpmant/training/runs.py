@@ -7,6 +7,10 @@
   with the old `bf16: bool` as bf16 / fp32). This is the run's identity for reuse (registered as
   cpmant.config_sha256).
 - `run_key(cfg)`: the same hash without max_steps, so a run that is only extended stays in its folder.
+- `reuse_key(cfg, data_sha256, vocab_sha256)`: the pretraining stage's one reuse key (tasks/reuse.py): the hashed
+  settings, the data and vocab hashes and the code version (`git_sha()`). It is written beside the result
+  (`<run>/inputs.json`, with the finished training's record: `write_finished` / `finished`) and on the registered
+  version (tag cpmant.inputs_sha256); a finished training whose registration failed is found by it on disk.
 - `resolve_run_dir(cfg)`: output_dir when given, else $CPMANT_HOME/runs/pretrain-<preset>-<run_key[:8]>.
 - `RunLock`: an exclusive, non-blocking flock on `<run>/.lock` held while a process trains there.
 """
@@ -14,7 +18,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +26,8 @@ import yaml
 
 from .. import checkpoint as ckpt
 from ..errors import CpmantError
+from ..fsutil import write_json_atomic
+from ..hashing import sha256_json
 from ..paths import subdir
 from .config import PretrainConfig, upgrade_bf16
 
@@ -30,6 +35,7 @@ from .config import PretrainConfig, upgrade_bf16
 NOT_HASHED = frozenset({"resume", "output_dir", "num_threads", "encode_workers", "save_interval", "keep_last",
                         "keep_every", "allow_changed_settings", "node_rank", "rdzv_endpoint", "rdzv_id"})
 LOCK_FILE = ".lock"
+KEY_FILE = "inputs.json"  # the reuse key of the run folder's finished training, and its record
 
 
 def configured_device(device: str) -> str:
@@ -62,18 +68,37 @@ def settings(cfg: PretrainConfig | dict, with_max_steps: bool = True) -> dict:
     return out
 
 
-def _sha(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def config_sha256(cfg: PretrainConfig) -> str:
     """Hash of every setting that affects the weights or the reported metrics (see the module doc)."""
-    return _sha(settings(cfg))
+    return sha256_json(settings(cfg))
 
 
 def run_key(cfg: PretrainConfig) -> str:
     """config_sha256 without max_steps: the run folder's key."""
-    return _sha(settings(cfg, with_max_steps=False))
+    return sha256_json(settings(cfg, with_max_steps=False))
+
+
+def reuse_key(cfg: PretrainConfig, data_sha256: str, vocab_sha256: str) -> str:
+    """The pretraining stage's reuse key: every input that shapes the weights or the reported metrics."""
+    return sha256_json({"stage": "pretrain", "settings": settings(cfg), "data_sha256": data_sha256,
+                        "vocab_sha256": vocab_sha256, "git_sha": ckpt.git_sha()})
+
+
+def write_finished(run_dir: Path, key: str, record: dict) -> None:
+    """Write `key` and the finished training's `record` (what registering it needs) beside the run's model."""
+    write_json_atomic(Path(run_dir) / KEY_FILE, {"inputs_sha256": key, **record})
+
+
+def finished(run_dir: Path, key: str) -> dict | None:
+    """The record of the run folder's finished training when it was made with `key` and its model folder is
+    complete; None otherwise."""
+    try:
+        rec = json.loads((Path(run_dir) / KEY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("inputs_sha256") != key or not ckpt.is_complete(Path(run_dir) / "model"):
+        return None
+    return rec
 
 
 def run_dir_name(cfg: PretrainConfig) -> str:

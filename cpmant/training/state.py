@@ -43,6 +43,7 @@ def set_rng_state(st: dict) -> None:
 
 def seed_for(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. run seed, step, the global index of a micro-batch's first row)."""
+    # randomness from integers, not an identity: stays a blake2b (cpmant.hashing is for identities)
     h = hashlib.blake2b(json.dumps([int(p) for p in parts]).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from ..errors import CpmantError
+from ..hashing import sha256_text
 from .checks import percentile, smoke_check, smoke_summary
 from .config import TIMED_METRICS, ValidateConfig
 
@@ -138,30 +139,33 @@ def _first_token_seconds(model, tokenizer, prompt: str, cfg: ValidateConfig) -> 
 
 
 @torch.no_grad()
-def measure_timings(models: dict[str, tuple], cfg: ValidateConfig) -> dict[str, dict]:
+def measure_timings(models: dict[str, tuple], cfg: ValidateConfig, timed_batch: Callable = _timed_batch,
+                    first_token: Callable = _first_token_seconds) -> dict[str, dict]:
     """tokens/s and first-token latency of one or more models (label -> (model, tokenizer); the candidate and the
     champion), timed in alternation so that every model runs under the same load: after an untimed batched
     generation and one untimed first token per prompt each (one-off set-up costs), `speed_repeats` rounds of one
     batched generation per model in turn (candidate, champion, candidate, champion, ...), then `latency_repeats`
     rounds over the prompts, each prompt's first token timed for every model in turn. Per label: tokens_per_second
-    (ids over seconds, summed over rounds), first_token_ms_p50/p95 (over prompts x rounds), generated_tokens."""
+    (ids over seconds, summed over rounds), first_token_ms_p50/p95 (over prompts x rounds), generated_tokens.
+    `timed_batch(model, tok, cfg) -> (ids, seconds)` and `first_token(model, tok, prompt, cfg) -> seconds` time one
+    generation (the defaults generate; a test gives its own clock)."""
     with torch.no_grad():
         for model, tok in models.values():
-            _timed_batch(model, tok, cfg)
+            timed_batch(model, tok, cfg)
             for p in cfg.prompts:
-                _first_token_seconds(model, tok, p, cfg)
+                first_token(model, tok, p, cfg)
         ids = {k: 0 for k in models}
         secs = {k: 0.0 for k in models}
         for _ in range(cfg.speed_repeats):
             for k, (model, tok) in models.items():
-                n, dt = _timed_batch(model, tok, cfg)
+                n, dt = timed_batch(model, tok, cfg)
                 ids[k] += n
                 secs[k] += dt
         ms: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(cfg.latency_repeats):
             for p in cfg.prompts:
                 for k, (model, tok) in models.items():
-                    ms[k].append(1000.0 * _first_token_seconds(model, tok, p, cfg))
+                    ms[k].append(1000.0 * first_token(model, tok, p, cfg))
     return {k: {"tokens_per_second": ids[k] / max(secs[k], 1e-9), "generated_tokens": float(ids[k]),
                 "first_token_ms_p50": percentile(ms[k], 50), "first_token_ms_p95": percentile(ms[k], 95)}
             for k in models}
@@ -246,9 +250,7 @@ def zero_shot_predictions(base_load: Callable[[], tuple], task, examples: list, 
                           base_key: str | None = None) -> list:
     """The base's zero-shot predictions of the examples (`task.predict(..., zero_shot=True)`), kept in memory per
     `base_key` for the next delta of the same base and task (a LoRA and a full fine-tune share them)."""
-    import hashlib
-
-    fp = hashlib.sha256("\x1f".join(f"{e.source}\x1e{e.input}" for e in examples).encode()).hexdigest()
+    fp = sha256_text("\x1f".join(f"{e.source}\x1e{e.input}" for e in examples))
     key = (base_key, task.name, fp, cfg.batch_size)
     if base_key is not None and key in _ZERO_SHOT:
         return _ZERO_SHOT[key]

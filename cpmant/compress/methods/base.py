@@ -5,7 +5,10 @@
 
 A recipe lists method configs (`methods: [{name: prune, heads_keep: 0.5}, {name: distill, steps: 100}]`); the
 pipeline calls `METHODS[cfg.name].apply(ctx, cfg)` for each in order. Adding a method is one new module that
-registers itself: no central if/elif, no field added to `Recipe`.
+registers itself: no central if/elif, no field added to `Recipe`. A method shapes the shared data through hooks of
+its config, never through a special case in the pipeline: `row_length()` (the corpus row length it trains on, which
+the recipe's streams then have), `check_order()` (where it may sit in a recipe), `summary()` (its words in a
+version's description).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class MethodConfig(FrozenModel):
     def summary(self) -> str:
         """A few words for version descriptions (e.g. 'int8 weights')."""
         return self.name
+
+    def row_length(self) -> int | None:
+        """The length of the corpus rows this method trains on, which the recipe's data streams then have (the
+        first method of a recipe that names one decides; None: no wish, ROW_LENGTH)."""
+        return None
 
 
 @dataclass
@@ -66,6 +74,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+ROW_LENGTH = 128  # tokens per corpus row of a recipe's data streams, unless a method asks for another (row_length)
 
 
 def register_method(name: str, config_cls: type[MethodConfig], uses: tuple[str, ...] = (), description: str = "",

@@ -1,4 +1,4 @@
-"""What the report says about its numbers (tasks/report.py renders it): every score with its 95% interval, demo
+"""What the report says about its numbers (tasks/report/page.py renders it): every score with its 95% interval, demo
 tasks labelled as such, a sentence beside each result that looks odd saying whether it is noise, and the check that
 a base's three held-out losses are one measurement. Plain data here (rows of text, sentences); no HTML.
 
@@ -8,6 +8,7 @@ a base's three held-out losses are one measurement. Plain data here (rows of tex
     ladder_readings(rows, rung_metrics) -> rows     a "reading" for each rung with lower loss than its parent
     heldout(base_uri, ladder_parent, pretrain_metrics, validate_metrics) -> dict
     metric_rows(metrics, demo) -> rows              a validation run's metrics, intervals folded into one cell
+    validation_summary(validations) -> dict         the newest validation of each model: passed / failed / other
 
 The names read are the contract's (ARCHITECTURE.md, issue 16): a tuning run's `test_<metric>` and its
 `_ci_low/_ci_high`; the paired differences `vs_zero_shot_<primary>`, `vs_full_<primary>` (points, method minus
@@ -29,7 +30,6 @@ NOISE = "within noise (interval contains 0)"
 SIGNIFICANT = "significant"
 UNKNOWN_NOISE = "no paired interval was logged (an older run), so whether it is noise is not known"
 HELDOUT_TOLERANCE = 1e-4  # the three held-out losses of one model must agree to this (issue 16, item 1)
-KIND_TAG = "cpmant.tune.kind"  # tasks/tune.py's run tag: zero-shot | delta | comparison
 ZERO_SHOT, FULL = "zero-shot", "full"
 DEMO_NOTE = "demo task built from the installed corpus: not a CUGE score"  # tasks/tune.py says the same
 # a validation metric that is a score or a paired difference of scores: shown with its interval or "(no interval)"
@@ -150,11 +150,11 @@ def primary_metric(task_name: str, metrics: list[dict], table: list[dict]) -> st
 # ---- delta tuning ------------------------------------------------------------------------------------------
 def newest_tuning_runs(runs) -> dict[str, dict]:
     """Per task: {"base", "runs": {method: run}}, the newest finished zero-shot and delta run of each method on the
-    base most recently tuned on that task (runs: newest first)."""
+    base most recently tuned on that task (runs: registry.report_queries.RunRecord, newest first)."""
     out: dict[str, dict] = {}
     for r in runs:
-        tags = r.data.tags
-        if tags.get(KIND_TAG) not in (ZERO_SHOT, "delta") or r.info.status != "FINISHED":
+        tags = r.tags
+        if tags.get(T.TUNE_KIND) not in (ZERO_SHOT, "delta") or r.status != "FINISHED":
             continue
         task_name, base, method = tags.get(T.TASK), tags.get(T.PARENT, ""), tags.get(T.METHOD)
         if not task_name or not method:
@@ -298,3 +298,15 @@ def metric_rows(metrics: dict, task_name: str = "") -> list[dict]:
             reading = f"{task_name}: {DEMO_NOTE}" + (f"; {reading}" if reading else "")
         rows.append({"metric": n, "value": shown.text(), "reading": reading})
     return rows
+
+
+def validation_summary(validations: list[dict]) -> dict:
+    """The newest validation of each model: {"passed": [...], "failed": [...], "other": [...]} (each a validation
+    as collect() gives it), newest first."""
+    newest: dict[str, dict] = {}
+    for v in validations:  # newest first already
+        newest.setdefault(v["model"], v)
+    out: dict[str, list] = {"passed": [], "failed": [], "other": []}
+    for v in newest.values():
+        out[v["verdict"] if v["verdict"] in ("passed", "failed") else "other"].append(v)
+    return out
