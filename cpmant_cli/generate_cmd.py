@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import backend_choices
+
 
 def _generation_config(args):
     """The generation settings given on the command line over GenerationConfig's defaults, checked by it."""
@@ -43,26 +45,22 @@ def _check_device(device: str) -> None:
 
 
 def _check_flags(args):
-    """The memory budget in bytes (None: none); a bad device, size or backend fails here, before the model is
-    fetched."""
-    _check_device(args.device)
-    budget = None
-    if args.memory_budget is not None:
-        from cpmant.offload import parse_size
-
-        budget = parse_size(args.memory_budget)
+    """The memory budget (a cpmant.memory.MemoryBudget, None: none), parsed here once; a bad device, size or backend
+    fails here, before the model is fetched."""
     from cpmant.backends import get_backend
+    from cpmant.memory import MemoryBudget
 
+    _check_device(args.device)
+    budget = MemoryBudget.parse(args.memory_budget)
     get_backend("infer", args.backend)  # bminf without CUDA
     return budget
 
 
-def _load(args, path=None):
+def _load(args, budget, path=None):
     """(model, tokenizer) as the flags say: the whole model, a memory budget (cpmant.offload), or BMInf. `path`: the
     checkpoint folder of `args.uri` when it was fetched already."""
     from cpmant.errors import CpmantError
 
-    budget = _check_flags(args)
     if budget is None and not args.int8 and args.backend == "torch":
         from registry.pulling import load_model  # plain or delta (composed with its base)
 
@@ -76,7 +74,11 @@ def _load(args, path=None):
         raise CpmantError(f"{args.uri} is a delta: --memory-budget, --int8 and --backend bminf stream plain "
                           "checkpoints", f"merge it first: `cpmant pull {args.uri} --to DIR --merge`, then "
                           "`cpmant generate DIR ...`")
-    return load_for_inference(path, budget, backend=args.backend, device=args.device, int8=args.int8)
+    gen = _generation_config(args)  # the headroom of the budget: rows (texts x beams) of prompt + new tokens (a
+    # token is at least one character)
+    return load_for_inference(path, budget and budget.bytes, backend=args.backend, device=args.device,
+                              int8=args.int8, rows=len(args.text) * gen.num_beams,
+                              tokens=1 + max(len(t) for t in args.text) + gen.max_new_tokens)
 
 
 def cmd_generate(args) -> int:
@@ -86,9 +88,10 @@ def cmd_generate(args) -> int:
     from cpmant.memory import PeakMemory
 
     gen = _generation_config(args)  # bad settings fail before the model is fetched
+    budget = _check_flags(args)  # and a bad device, memory budget or backend
     if args.stream and gen.num_beams > 1:
         print("note: beam search knows its answer only at the end: --stream prints it in one piece", file=sys.stderr)
-    budgeted, fetched = args.memory_budget is not None, None
+    budgeted, fetched = budget is not None, None
     if budgeted:  # jieba's dictionary (about 80 MiB, loaded at the first cut) is part of the baseline, like imports
         from cpmant.tokenizer import jieba_cut
 
@@ -96,10 +99,15 @@ def cmd_generate(args) -> int:
         # the files are fetched (and MLflow imported) before the baseline: the peak counts loading and generating
         from registry.pulling import checkpoint_dir
 
-        _check_flags(args)
         fetched = checkpoint_dir(args.uri)
-    with (PeakMemory() if budgeted else contextlib.nullcontext()) as pm:
-        model, tok = _load(args, fetched)
+        # torch's first use at the model's shapes is the baseline's too; the peak is measured as the benchmark
+        # measures it (cpmant.offload.peak)
+        from cpmant.delta.checkpoint import is_delta_checkpoint
+        from cpmant.offload.peak import budget_peak, peak_line
+
+        meter = PeakMemory() if is_delta_checkpoint(fetched) else budget_peak(fetched, args.int8)
+    with (meter if budgeted else contextlib.nullcontext()) as pm:
+        model, tok = _load(args, budget, fetched)
         if budgeted and getattr(model, "offload", None) is not None:
             print(model.offload.summary(), file=sys.stderr)
         if args.stream:
@@ -114,16 +122,14 @@ def cmd_generate(args) -> int:
             for text, out in zip(args.text, generate(model, tok, args.text, gen)):
                 print(f"{text}{out}")
     if budgeted:
-        cuda = "" if pm.cuda_peak_mb is None else f", CUDA peak {pm.cuda_peak_mb:.1f} MiB"
-        print(f"peak memory {pm.peak_mb:.1f} MiB above the baseline for loading and generating (budget "
-              f"{args.memory_budget}; the baseline is taken after the model files are fetched){cuda}",
-              file=sys.stderr)
+        print(peak_line(pm, budget.text, budget.bytes), file=sys.stderr)
     return 0
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     """One flag per GenerationConfig field, with its default; GenerationConfig checks the values and their mix."""
-    from cpmant.generation_config import PRECISIONS, GenerationConfig
+    from cpmant.generation_config import GenerationConfig
+    from cpmant.precision import PRECISIONS
 
     d = GenerationConfig()
     helps = {"max_new_tokens": "tokens to add (1 or more)", "temperature": "0 = greedy; more = more random",
@@ -150,10 +156,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                        help=f"{helps.get(name, name)} (default: {default})")
 
 
-def _backend_names() -> tuple[str, ...]:
-    from cpmant.backends import backend_names
+def _backends_help() -> str:
+    """The registered inference backends with their descriptions (only those built: cpmant.backends)."""
+    from cpmant.backends import BACKENDS
 
-    return backend_names("infer")
+    return "; ".join(f"{b.name}: {b.description}" for b in BACKENDS["infer"].values())
 
 
 def add_verbs(sub) -> None:
@@ -169,7 +176,6 @@ def add_verbs(sub) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 weights (per-row scales) for the encoder Linears: a quarter of the bytes to hold and "
                         "stream (made once, cached under CPMANT_HOME/cache/offload)")
-    p.add_argument("--backend", choices=_backend_names(), default="torch",
-                   help="torch (any machine; --memory-budget streams layers) or bminf (BMInf 2.0, CUDA only)")
+    p.add_argument("--backend", choices=backend_choices("infer"), default="torch", help=_backends_help())
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.set_defaults(fn=cmd_generate)

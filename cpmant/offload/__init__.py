@@ -6,7 +6,8 @@ budget and stream the rest, with the next layer prefetched while the current one
     generate(model, tok, ["床前明月光"])                                         # unchanged generation code
 
 The budget holds the always-resident tensors (embeddings, position bias, the final norm), the resident layers
-(the first ones), the streaming ring (two layers) and a headroom for activations and the KV cache (10% by default).
+(the first ones) with the int8 kernel's caches, the streaming ring (two layers) and a headroom for activations and the
+KV cache computed from the lengths to generate (cpmant.offload.plan says what each part counts).
 
 How a streamed layer reaches its forward: a `forward_pre_hook` on its `TransformerBlock` binds the layer's
 parameters to the weights (waiting for the prefetch of that layer if it is still running) and starts the prefetch
@@ -36,20 +37,22 @@ from ..checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, is_complete
 from ..config import ModelConfig
 from ..errors import CpmantError
 from .bminf_backend import load_with_bminf
+from .caches import plan_caches
 from .int8 import _int8_cache
 from .mapped import _MappedFile, read_safetensors_index, write_safetensors_streaming
-from .plan import DEFAULT_HEADROOM, MIN_HEADROOM, OffloadPlan, _layer_of, make_plan
+from .plan import DEFAULT_TOKENS, RUNTIME_SLACK, OffloadPlan, _layer_of, activation_bytes, make_plan
 from .sizes import format_size, parse_size
 from .stream import LayerStreamer, _CudaRingSource, _MmapSource, _assign, _owner
+from .unpacked import use_unpacked_kernel
 
-__all__ = ["DEFAULT_HEADROOM", "MIN_HEADROOM", "LayerStreamer", "OffloadPlan", "format_size", "load_for_inference",
+__all__ = ["DEFAULT_TOKENS", "RUNTIME_SLACK", "LayerStreamer", "OffloadPlan", "format_size", "load_for_inference",
            "load_with_bminf", "load_with_budget", "make_plan", "parse_size", "read_safetensors_index",
            "write_safetensors_streaming"]
 
 
 # ---- the entry point ---------------------------------------------------------------------------------------
 def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int, device: str | torch.device = "cpu",
-                     int8: bool = False, headroom: float = DEFAULT_HEADROOM):
+                     int8: bool = False, rows: int = 1, tokens: int = DEFAULT_TOKENS):
     """(model in eval mode, tokenizer) keeping within `budget_bytes` of weights memory (RAM on the CPU, GPU memory
     on CUDA): the first layers resident, the rest streamed through a ring of two with prefetch. `model.offload` is
     the OffloadPlan; `model.offload_streamer` the LayerStreamer (None when every layer fits). Generation code
@@ -79,10 +82,15 @@ def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int, device: str 
         mf = _MappedFile(path)
         config = config.replace(quantization="int8")
     int8 = config.quantization == "int8"
-    plan = make_plan(mf.index, len(config.mask_modules or [0] * config.num_layers), budget_bytes, int8=int8,
-                     device=str(device), headroom=headroom)
-    plan.source = str(mf.path)
     model = build_model(config, meta=True)
+    # the headroom: activations and KV cache of `rows` rows of `tokens` positions, and the allocator's slack; the
+    # int8 kernel's caches (packs, float copies) measured per layer shape (cpmant.offload.plan, .caches)
+    fits = mf.path.stat().st_size <= budget_bytes  # else never every layer resident: no need to measure that case
+    caches = plan_caches(model, full=fits) if int8 and device.type == "cpu" else None
+    plan = make_plan(mf.index, len(config.mask_modules or [0] * config.num_layers), budget_bytes, int8=int8,
+                     device=str(device), headroom_bytes=activation_bytes(config, rows, tokens) + RUNTIME_SLACK,
+                     caches=caches)
+    plan.source = str(mf.path)
     expected = set(model.state_dict())
     if set(mf.index) != expected:
         missing, extra = sorted(expected - set(mf.index))[:3], sorted(set(mf.index) - expected)[:3]
@@ -103,14 +111,18 @@ def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int, device: str 
         source = _MmapSource(mf, names)
     model.eval()
     streamer = LayerStreamer(model, plan, names, source, device) if plan.streamed else None
+    if int8 and device.type == "cpu":  # streamed int8 layers multiply without fbgemm's per-step packs
+        plan.extra["unpacked_linears"] = use_unpacked_kernel(model, plan)
     model.offload = plan
     model.offload_streamer = streamer
     return model, CPMAntTokenizer(vocab)
 
 
 def load_for_inference(checkpoint_dir: str | Path, budget_bytes: Optional[int] = None, *, backend: str = "torch",
-                       device: str | torch.device | None = None, int8: bool = False):
-    """The one loader behind `cpmant generate`: (model, tokenizer).
+                       device: str | torch.device | None = None, int8: bool = False, rows: int = 1,
+                       tokens: int = DEFAULT_TOKENS):
+    """The one loader behind `cpmant generate`: (model, tokenizer). rows, tokens: what will be generated (texts x
+    beams; prompt + new tokens), for the budget's headroom.
 
     backend torch: the whole model (`cpmant.checkpoint.load_pretrained`) when budget_bytes is None, else
     `load_with_budget`, on `device` (default cpu).
@@ -128,4 +140,4 @@ def load_for_inference(checkpoint_dir: str | Path, budget_bytes: Optional[int] =
         if int8:  # every layer resident, in int8
             return load_with_budget(checkpoint_dir, 2**62, device=device, int8=True)
         return load_pretrained(checkpoint_dir, device=device)
-    return load_with_budget(checkpoint_dir, budget_bytes, device=device, int8=int8)
+    return load_with_budget(checkpoint_dir, budget_bytes, device=device, int8=int8, rows=rows, tokens=tokens)

@@ -32,7 +32,7 @@ class _BlockListView(nn.Module):
 def _to_torch_linears(model: nn.Module) -> int:
     """Encoder Linears -> torch.nn.Linear with the 1/sqrt(dim_in) folded into the weight (the same function): BMInf
     quantizes only torch.nn.Linear."""
-    from ..model import Linear
+    from ..layers import Linear
 
     n = 0
     for parent in list(model.encoder.modules()):

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..hashing import sha256_json
 from .mapped import _MappedFile, write_safetensors_streaming
 
-QUANTIZER = "int8_per_row symmetric, scale = max|row| / 127 (cpmant.modules.quant), v1"
+QUANTIZER = "int8_per_row symmetric, scale = max|row| / 127 (cpmant.modules.quant), float tensors fp32, v2"
+# v2: the other float tensors (embeddings, norms, position bias) are written in fp32 whatever the source holds: a
+# CPM-Live checkpoint is fp16 (the published 10B, after `cpmant convert`), and a fp16 norm weight would turn the
+# activations fp16 against the int8 kernel's fp32 outputs (the decode step then fails on mixed dtypes)
 
 
 # ---- int8 cache -------------------------------------------------------------------------------------------
 def _int8_names(model: nn.Module) -> set[str]:
     """State-dict names of the encoder Linear weights (the tensors int8 turns into weight + weight_scale)."""
-    from ..model import Linear
+    from ..layers import Linear
 
     out = set()
     for name, mod in model.encoder.named_modules():
@@ -41,7 +43,7 @@ def _int8_cache(src: Path, mf: _MappedFile, float_model: nn.Module) -> Path:
     inputs = {"weights_sha256": recorded} if recorded else {"weights": str(src.resolve()), "bytes": st.st_size,
                                                              "mtime_ns": st.st_mtime_ns}
     inputs["quantizer"] = QUANTIZER
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    key = sha256_json(inputs)[:24]
     out = subdir("cache", "offload") / f"{key}.safetensors"
     if out.is_file():
         return out
@@ -54,13 +56,14 @@ def _int8_cache(src: Path, mf: _MappedFile, float_model: nn.Module) -> Path:
             items.append((sname, torch.float32, (e.shape[0],)))
             scale_of[sname] = name
         else:
-            items.append((name, e.dtype, e.shape))
+            items.append((name, torch.float32 if e.dtype.is_floating_point else e.dtype, e.shape))
     def produce(name: str) -> torch.Tensor:
         if name in scale_of:  # scales (fp32) are written before the int8 weights: quantize twice, hold nothing
             return int8_per_row(mf.view(scale_of[name]))[1]
         if name in lin:
             return int8_per_row(mf.view(name))[0]
-        return mf.view(name)
+        t = mf.view(name)
+        return t.float() if t.dtype.is_floating_point else t
 
     write_json_atomic(out.with_suffix(".json"), inputs)  # why this file is reused: the inputs of its key
     write_safetensors_streaming(out, items, produce, after=lambda n: mf.release([scale_of.get(n, n)]))

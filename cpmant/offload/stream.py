@@ -36,7 +36,7 @@ class LayerStreamer:
     release the previous one.
 
     The hooks sit on the first module every path through a layer calls: its first RMSNorm (the module forward and
-    the generation engine's one-token step, `CPMAnt._decode_one`, which skips the TransformerBlock's own forward
+    the generation engine's one-token step, `cpmant.decode.one_token`, which skips the TransformerBlock's own forward
     but calls a hooked norm as a module); the layer bound before is released there, and the last one at the
     encoder's output norm. A hooked norm costs the one-token step its fused norm on streamed layers only."""
 
