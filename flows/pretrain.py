@@ -7,7 +7,7 @@ import time
 from prefect import flow
 
 from tasks.pretrain import (find_pretrained, model_name, prepare_corpus, register_model, reused_pretrained,
-                            run_folder, train_model)
+                            train_model)
 
 from .config import LifecycleConfig, forced
 from .summary import summary_row
@@ -49,7 +49,3 @@ def pretrain_flow(config: dict | None = None, force: bool | list[str] = False) -
                                   note=f"precision {out['precision']}" if out.get("precision") else "")]
     return out
 
-
-def pretrain_run_folder(config: dict | None = None) -> str:
-    """Where `cpmant pretrain` with this config keeps its checkpoints (what `--resume auto` continues)."""
-    return str(run_folder(LifecycleConfig.model_validate(config or {}).pretrain))

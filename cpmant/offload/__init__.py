@@ -51,12 +51,12 @@ __all__ = ["DEFAULT_TOKENS", "RUNTIME_SLACK", "LayerStreamer", "OffloadPlan", "f
 
 
 # ---- the entry point ---------------------------------------------------------------------------------------
-def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int, device: str | torch.device = "cpu",
+def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int | None, device: str | torch.device = "cpu",
                      int8: bool = False, rows: int = 1, tokens: int = DEFAULT_TOKENS):
     """(model in eval mode, tokenizer) keeping within `budget_bytes` of weights memory (RAM on the CPU, GPU memory
     on CUDA): the first layers resident, the rest streamed through a ring of two with prefetch. `model.offload` is
     the OffloadPlan; `model.offload_streamer` the LayerStreamer (None when every layer fits). Generation code
-    (`cpmant.generate`) runs unchanged on the model."""
+    (`cpmant.generate`) runs unchanged on the model. `budget_bytes` None: no budget, every layer resident."""
     from ..factory import build_model
     from ..tokenizer import CPMAntTokenizer
 
@@ -67,7 +67,7 @@ def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int, device: str 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CpmantError("device cuda was asked for, and this machine has no CUDA device",
                           "use device cpu: memory-budget streaming runs on the CPU too")
-    if not isinstance(budget_bytes, int) or budget_bytes <= 0:
+    if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
         budget_bytes = parse_size(budget_bytes)
     config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
     vocab = folder / VOCAB_FILE
@@ -85,7 +85,7 @@ def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int, device: str 
     model = build_model(config, meta=True)
     # the headroom: activations and KV cache of `rows` rows of `tokens` positions, and the allocator's slack; the
     # int8 kernel's caches (packs, float copies) measured per layer shape (cpmant.offload.plan, .caches)
-    fits = mf.path.stat().st_size <= budget_bytes  # else never every layer resident: no need to measure that case
+    fits = budget_bytes is None or mf.path.stat().st_size <= budget_bytes  # else never every layer resident: no need to measure that case
     caches = plan_caches(model, full=fits) if int8 and device.type == "cpu" else None
     plan = make_plan(mf.index, len(config.mask_modules or [0] * config.num_layers), budget_bytes, int8=int8,
                      device=str(device), headroom_bytes=activation_bytes(config, rows, tokens) + RUNTIME_SLACK,
@@ -138,6 +138,6 @@ def load_for_inference(checkpoint_dir: str | Path, budget_bytes: Optional[int] =
         from ..checkpoint import load_pretrained
 
         if int8:  # every layer resident, in int8
-            return load_with_budget(checkpoint_dir, 2**62, device=device, int8=True)
+            return load_with_budget(checkpoint_dir, None, device=device, int8=True)
         return load_pretrained(checkpoint_dir, device=device)
     return load_with_budget(checkpoint_dir, budget_bytes, device=device, int8=int8, rows=rows, tokens=tokens)

@@ -116,12 +116,13 @@ def layer_sizes(index: dict[str, _Entry], num_layers: int) -> tuple[int, list[in
     return always, layer_bytes
 
 
-def make_plan(index: dict[str, _Entry], num_layers: int, budget: int, *, int8: bool, device: str,
+def make_plan(index: dict[str, _Entry], num_layers: int, budget: int | None, *, int8: bool, device: str,
               headroom_bytes: int, caches=None) -> OffloadPlan:
     """Keep the first layers resident while always + resident layers and their caches + ring + headroom fits.
 
     caches: the int8 kernel's caches per layer (cpmant.offload.caches.CacheSizes: all resident, resident while
-    something streams, streamed while computing); None: none (float weights, or CUDA)."""
+    something streams, streamed while computing); None: none (float weights, or CUDA). budget None: no budget,
+    every layer resident (the plan's budget is what that needs)."""
     always, layer_bytes = layer_sizes(index, num_layers)
     none = [0] * num_layers
     full_cache = list(caches.full) if caches else none
@@ -136,6 +137,8 @@ def make_plan(index: dict[str, _Entry], num_layers: int, budget: int, *, int8: b
         return (always + sum(layer_bytes[:k]) + sum(res_cache[:k]) + sum(rest) + max(stream_cache[k:])
                 + headroom_bytes)
 
+    if budget is None:
+        budget = need(num_layers)
     k = num_layers
     while k > 0 and need(k) > budget:
         k -= 1
