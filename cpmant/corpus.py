@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CpmantError
-from .hashing import Sha256, canonical_json, sha256_file
+from .hashing import Sha256, sha256_file
 from .fsutil import atomic_write_text
 from .paths import cpmant_home
 
@@ -250,13 +250,18 @@ def split_into_chunks(doc: str, size: int = SPLIT_CHUNK_CHARS) -> list[str]:
 
 
 def corpus_sha256(docs: list[str], valid_fraction: float, seed: int, split_by: str = "documents") -> str:
-    """The corpus's identity: its split settings (canonical JSON) then every document (length, bytes), streamed."""
+    """The corpus's identity: its split settings then every document (length, bytes), streamed.
+
+    The settings keep the JSON form they were first hashed in (json.dumps with sorted keys), not
+    cpmant.hashing.canonical_json: this is the contract tag `cpmant.data_sha256` on every registered version and in
+    every checkpoint's lineage, so a new form would make each model of an existing home look trained on another
+    corpus (cpmant.lineage refuses it)."""
     h = Sha256()
     params = {"valid_fraction": valid_fraction, "seed": seed, "dedup_min_chars": DEDUP_MIN_CHARS,
               "version": SPLIT_VERSION}
     if split_by != "documents":  # absent for the usual split: its hashes stay what they were
         params["split_by"] = f"{split_by}-{SPLIT_CHUNK_CHARS}"
-    h.update(canonical_json(params).encode())
+    h.update(json.dumps(params, sort_keys=True).encode())
     for d in docs:
         b = d.encode()
         h.update(len(b).to_bytes(8, "little"))

@@ -260,3 +260,15 @@ def test_one_document_corpus_pretrains(tmp_path: Path, fixture_corpus: Path, mic
     res = pretrain(micro_pretrain_cfg(corpus=str(path), max_steps=2, save_interval=2, eval_interval=2,
                                       ), progress=False)
     assert res.data["valid_docs"] >= 1 and res.valid_loss_end > 0
+
+
+def test_data_sha256_keeps_the_value_every_existing_version_records():
+    """cpmant.data_sha256 is a contract tag on every registered version: the same corpus and split settings hash to
+    the value the code has always given (computed with the code of f037be0, before the hashing was gathered in
+    cpmant/hashing.py), or every model of an existing home would look trained on another corpus."""
+    from cpmant.corpus import corpus_sha256
+
+    assert corpus_sha256(["床前明月光", "疑是地上霜"], 0.1, 0) == \
+        "48d2f2c1b5ff1a57306a10faee2156bf744a73d2d30eb0356cd2d8a494d30d86"
+    assert corpus_sha256(["床前明月光"], 0.2, 3, split_by="chunks") == \
+        "d5419b2b71932bae966c280d3b47acac965a18bc709af1b27c87c7632b6d1357"
