@@ -92,7 +92,7 @@ def folder_bytes(path: Path) -> int:
 
 def sha256_folder(path: Path) -> None:
     """Every file of the folder hashed once: the least any byte-for-byte verification can cost."""
-    from cpmant.checkpoint import sha256_file
+    from cpmant.hashing import sha256_file
 
     for p in sorted(Path(path).rglob("*")):
         if p.is_file():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -63,8 +62,23 @@ def run_benchmark(name: str, doc: str, modes: dict[str, dict], measure: Callable
         arguments(ap)
     args = ap.parse_args(argv)
 
-    # a plain `kill` should still remove the temporary home: turn SIGTERM into SystemExit so `finally` runs
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with sigterm_exits():
+        return _run(name, args, modes, counts, measure, table)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Within it a plain `kill` (SIGTERM) raises SystemExit, so that `finally` blocks run (the temporary home is
+    removed); the previous handler is put back after."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(name: str, args, modes: dict[str, dict], counts: list[str], measure: Callable,
+         table: Callable[[dict], str]) -> int:
     home, made = isolate_environment(args.home)
     mode_name = "quick" if args.quick else "full"
     mode = dict(modes[mode_name])
@@ -121,6 +135,7 @@ def cleanup_home(path: Path, made: bool) -> None:
 
 def environment_info() -> dict:
     import torch
+    from _limits import cpu_flags
     import transformers
 
     return {
@@ -132,6 +147,7 @@ def environment_info() -> dict:
         "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
                     if k in os.environ},
         "transformers": transformers.__version__,
+        "cpu_flags": cpu_flags(),  # every figure names the CPU flags it ran with (bench/_limits.py)
     }
 
 
@@ -220,18 +236,19 @@ class Peak:
     fall in a busy moment; a low peak would inflate every MFU (we saw > 100%), so MFUs use the best of all samples.
     """
 
-    def __init__(self):
+    def __init__(self, dtype: str = "fp32"):
+        self.dtype = dtype  # "fp32" or "bf16": the peak of the dtype the measured step computes in
         self.samples: list[float] = []
 
     def sample(self) -> float:
-        from cpmant.flops import measure_matmul_peak
+        from _limits import matmul_peak
 
-        self.samples.append(measure_matmul_peak(seconds=1.0))
+        self.samples.append(matmul_peak(self.dtype, seconds=1.0) or float("nan"))
         return self.samples[-1]
 
     @property
-    def best(self) -> float:
-        return max(self.samples)
+    def best(self) -> float:  # nan only when no sample could be taken (bf16 on a CPU without it)
+        return max((x for x in self.samples if x == x), default=float("nan"))
 
 
 class Phases:
@@ -380,46 +397,9 @@ def quiet_mlflow(log_path: Path):
             raise
 
 
-# ================================================================================================================
-# the core as the benchmarks use it (one place to follow it when it moves)
-# ================================================================================================================
-CORE_HOMES = ("cpmant.training.evaluate", "cpmant.training.loop")  # newest home first
-
-
-def first_module(*names: str):
-    """The first of these modules that exists (a module that moved: its new name first, then its old one)."""
-    for n in names:
-        try:
-            return importlib.import_module(n)
-        except ModuleNotFoundError as e:
-            if e.name != n:
-                raise
-    raise ImportError(f"none of the modules {list(names)} exists")
-
-
-def core(name: str, *aliases: str, modules: tuple[str, ...] = CORE_HOMES):
-    """A core function from its current home: the first of `modules` that exists and defines `name` (or one of
-    `aliases`, e.g. the private name it had before it was made public). So `core("evaluate")` and
-    `core("loss_sums", "_loss_sums")` work before and after they move to cpmant/training/evaluate.py."""
-    for module in modules:
-        try:
-            m = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        for n in (name, *aliases):
-            if hasattr(m, n):
-                return getattr(m, n)
-    raise ImportError(f"none of {list(modules)} defines {name}" + (f" (or {', '.join(aliases)})" if aliases else ""))
-
-
 def pretrain_stream(docs, model_config, seq_len: int, cfg=None, seed: int | None = None, **overrides):
     """A PretrainStream built as the pretraining loop builds its own (its <s>/</s> ids and cfg's packing settings;
-    cfg=None: PretrainConfig's defaults). Keyword arguments the current PretrainStream does not take are dropped,
-    so this follows the packing code as it changes."""
-    import inspect
-
+    cfg=None: PretrainConfig's defaults)."""
     from cpmant.tokenizer import BOS_ID, EOS_ID
     from cpmant.training.config import PretrainConfig
     from cpmant.training.data import PretrainStream
@@ -428,8 +408,7 @@ def pretrain_stream(docs, model_config, seq_len: int, cfg=None, seed: int | None
     kw = dict(bos=BOS_ID, eos=EOS_ID, min_piece_tokens=cfg.min_piece_tokens, max_piece_tokens=cfg.max_piece_tokens,
               lm_share=cfg.lm_share, mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max),
               seed=cfg.seed if seed is None else seed, **overrides)
-    accepted = inspect.signature(PretrainStream).parameters
-    return PretrainStream(docs, model_config, seq_len, **{k: v for k, v in kw.items() if k in accepted})
+    return PretrainStream(docs, model_config, seq_len, **kw)
 
 
 def prepare_default_corpus():

@@ -27,12 +27,11 @@ import argparse
 import math
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the environment must be isolated before cpmant modules are used)
-    core, markdown_table, prepare_default_corpus, recording_load, run_benchmark, verdict,
+    markdown_table, prepare_default_corpus, recording_load, run_benchmark, verdict,
 )
 
 LADDER = ("7b", "3b", "1b", "300m")
@@ -99,9 +98,9 @@ def train_scratch(config, stream, steps: int, batch: int, dcfg, lr: float) -> tu
     import torch
 
     from cpmant.model import CPMAnt
+    from cpmant.training.evaluate import loss_sums  # the pretraining loop's summed token CE (fp32 logits)
     from cpmant.training.schedule import cosine
 
-    loss_sums = core("loss_sums", "_loss_sums")  # the pretraining loop's summed token CE (fp32 logits)
     torch.manual_seed(dcfg.seed)
     model = CPMAnt(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -109,7 +108,7 @@ def train_scratch(config, stream, steps: int, batch: int, dcfg, lr: float) -> tu
     losses = []
     for step in range(steps):
         b = stream.batch(range(step * batch, (step + 1) * batch))
-        s, _ = loss_sums(model, b, False)
+        s, _ = loss_sums(model, b, "fp32")
         loss = s / max(b.num_targets, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,38 +123,29 @@ def train_scratch(config, stream, steps: int, batch: int, dcfg, lr: float) -> tu
 # 3. One rung: distilled vs scratch
 # ================================================================================================================
 def distill_of(recipe):
-    """The recipe's distillation settings (recipes list their methods; older ones held a `distill` field)."""
-    return recipe.method("distill") if hasattr(recipe, "method") else recipe.distill
+    """The recipe's distillation settings."""
+    return recipe.method("distill")
 
 
 def shortened(recipe, steps: int, batch: int):
     """The recipe with its distillation cut to `steps` steps of `batch` rows; the recipe's warmup (20 of 200
     steps) scaled to the shortened run: 10% of the steps. Everything else of the recipe is kept."""
     update = {"steps": steps, "micro_batch_size": batch, "warmup_steps": max(1, steps // 10)}
-    if hasattr(recipe, "with_method"):
-        return recipe.with_method("distill", **update)
-    return recipe.model_copy(update={"distill": recipe.distill.model_copy(update=update)})
+    return recipe.with_method("distill", **update)
 
 
-def compression_data(parent_dir: Path, ccfg):
+def compression_data(parent_dir: Path):
     """What compress_checkpoint reads: the parent's corpus and vocab, the held-out split halved."""
-    import inspect
-
-    from cpmant import checkpoint as ckpt
     from cpmant.compress import pipeline
 
-    if "parent_dir" in inspect.signature(pipeline.load_data).parameters:
-        return pipeline.load_data(parent_dir, progress=False)
-    return pipeline.load_data(ccfg, parent_dir / ckpt.VOCAB_FILE, progress=False)
+    return pipeline.load_data(parent_dir, progress=False)
 
 
-def compression_streams(parent_cfg, data, seq_len: int, ccfg):
+def compression_streams(parent_cfg, data, seq_len: int):
     """The very (train, importance, evaluation) streams compress_checkpoint builds from the parent's config."""
     from cpmant.compress import pipeline
 
-    if hasattr(pipeline, "build_streams"):
-        return pipeline.build_streams(parent_cfg, data, seq_len)
-    return pipeline._streams(types.SimpleNamespace(config=parent_cfg), data, seq_len, ccfg.seed)
+    return pipeline.build_streams(parent_cfg, data, seq_len)
 
 
 def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, scratch_lrs: dict, out_root: Path):
@@ -163,7 +153,8 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
     from cpmant.compress.pipeline import compress_checkpoint
     from cpmant.compress.recipe import RECIPES
 
-    evaluate = core("evaluate")
+    from cpmant.training.evaluate import evaluate
+
     steps, batch = mode["steps"], mode["batch"]
     recipe = shortened(RECIPES[name], steps, batch)
     dist = distill_of(recipe)
@@ -174,7 +165,7 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
     student, _ = ckpt.load_pretrained(out_root / name / "model")
 
     # the very streams compress_checkpoint trained and evaluated on (it builds them from the parent's config)
-    train_s, _, eval_s = compression_streams(parent_cfg, data, dist.seq_len, ccfg)
+    train_s, _, eval_s = compression_streams(parent_cfg, data, dist.seq_len)
     ev_d = evaluate(student, eval_s, EVAL_ROWS, ccfg.batch_size)
     t1 = time.perf_counter()
     scratch = {}
@@ -209,7 +200,7 @@ def run_rung(name: str, parent_dir: Path, parent_cfg, data, ccfg, mode: dict, sc
         "distillation_wins": d_loss < s_loss,
         "parent_loss": parent_loss,
         "loss_increase": rep["loss_increase"],  # the held-out measure's (parent and rung on the same rows)
-        "published_loss_increase": getattr(recipe, "published_loss_increase", None),  # CPM-ANT.md's 10B ladder
+        "published_loss_increase": recipe.published_loss_increase,  # CPM-ANT.md's 10B ladder
         "pruned_loss_before_distill": rep.get("prune", {}).get("loss_after"),  # on the importance rows
         "parent_loss_importance_rows": rep.get("prune", {}).get("loss_before"),
         "distill_train_loss_first_last": [rep.get("distill", {}).get("first_loss"),
@@ -266,7 +257,7 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
         else:
             lrs[f"lr={item}"] = float(item)
     ccfg = CompressConfig(gen_tokens=GEN_TOKENS)
-    data = compression_data(parent_dir, ccfg)
+    data = compression_data(parent_dir)
     report["meta"]["scratch_peak_lrs"] = lrs
     print(f"2. ladder on the parent ({parent_dir}): {mode['steps']} steps x {mode['batch']} rows per arm, "
           f"scratch peak lr {', '.join(f'{k} {v:.2e}' for k, v in lrs.items())}", flush=True)

@@ -3,10 +3,11 @@
 Run from the repository root:  .venv/bin/python bench/bench_mfu.py [--quick]
 Writes bench/results/mfu.json and prints a table; bench/README.md ("MFU") explains it.
 
-MFU = flops_per_token x tokens/s / peak. tokens/s is the tracked loop's (pretrain() with MlflowCallbacks, as
-tasks/pretrain.py runs it; tiny preset, default corpus) over its steady steps, each timed from the loop's on_step
-callback in its own spawned process (bench/_loops.py); the peak is the best of several measure_matmul_peak()
-samples taken through the run (a sample taken in a busy moment is low and would inflate the MFU).
+MFU = flops_per_token x tokens/s / peak, the peak of the dtype the loop multiplies in (bf16 where `precision: auto`
+resolves to it: a CPU with avx512_bf16 or amx_bf16; fp32 elsewhere). tokens/s is the tracked loop's (pretrain()
+with MlflowCallbacks, as tasks/pretrain.py runs it; tiny preset, default corpus) over its steady steps, each timed
+from the loop's on_step callback in its own spawned process (bench/_loops.py); the peak is the best of several
+measure_matmul_peak() samples taken through the run (a sample taken in a busy moment is low and would inflate the MFU).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
     import torch
 
     from cpmant.flops import flops_per_token
+    from cpmant.precision import resolve_precision
     from cpmant.training.loop import build_model_config
     from registry.tracking import setup_tracking
     from tasks.config import TrackingConfig
@@ -49,8 +51,10 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
     prepared = prepare_default_corpus()
     setup_tracking("cpmant-bench")
     flush_steps = TrackingConfig().metric_flush_steps
-    peak = Peak()
-    print(f"   matmul peak {peak.sample() / 1e9:,.1f} GFLOP/s", flush=True)
+    # the peak of the dtype the loop multiplies in: `precision: auto` trains in bf16 where the CPU has it natively
+    dtype = resolve_precision(loop_configs([NAME], 1, home)[NAME].precision)
+    peak = Peak(dtype)
+    print(f"   matmul peak {peak.sample() / 1e9:,.1f} GFLOP/s {dtype}", flush=True)
     steps, seconds, runs, rounds_load = mode["steps"], [], [], []
     for r in range(mode["rounds"]):
         print(f"   round {r + 1}/{mode['rounds']}: {steps} steps of the tracked loop", flush=True)
@@ -72,7 +76,7 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
     fpt = flops_per_token(mcfg, cfg.seq_len, vocab_share=share)
     fpt_all = flops_per_token(mcfg, cfg.seq_len)
     loop_tps = median(x.tokens_per_second for x in runs)
-    report["meta"].update(peak_flops=peak.best, peak_flops_samples=peak.samples)
+    report["meta"].update(peak_flops=peak.best, peak_flops_samples=peak.samples, precision=dtype)
     report["mfu"] = {
         "config": {"preset": "tiny", "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
                    "steps": steps, "rounds": mode["rounds"], "steady_steps": len(seconds)},
@@ -99,7 +103,9 @@ def table(r: dict) -> str:
     m = r["mfu"]
     rows = [
         ("MFU of our loop (tracked, tiny)", f"{m['mfu']:.1%}"),
-        ("  tokens/s / peak GFLOP/s", f"{m['tokens_per_s']:,.0f} / {m['peak_flops'] / 1e9:,.1f}"),
+        (f"  tokens/s / {r['meta'].get('precision', 'fp32')} peak GFLOP/s",
+         f"{m['tokens_per_s']:,.0f} / {m['peak_flops'] / 1e9:,.1f}"),
+        ("  CPU flags", " ".join(r["meta"].get("cpu_flags", []))),
         ("  as TrainResult.mfu reports it", f"{m['loop_result_mfu']:.1%}"),
         ("  counting the vocab projection at every position", f"{m['mfu_vocab_at_all_positions']:.1%}"),
         ("positions with a target in loop rows", f"{m['positions_with_target_share']:.1%}"),

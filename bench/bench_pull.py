@@ -14,6 +14,7 @@ temporary CPMANT_HOME, never a real one.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ from _checkpoints import (  # noqa: E402  (the environment must be isolated befo
     stored_model_dir, summarize,
 )
 from _common import (  # noqa: E402
-    Phases, breakdown, first_module, interleave, markdown_table, quiet_mlflow, recording_load, run_benchmark,
+    Phases, breakdown, interleave, markdown_table, quiet_mlflow, recording_load, run_benchmark,
     verdict,
 )
 
@@ -40,8 +41,8 @@ PULL_TREE = [
 
 
 def pull_module():
-    """registry's pull code (registry/pulling.py; registry/pull.py before it was renamed)."""
-    return first_module("registry.pulling", "registry.pull")
+    """registry's pull code (registry/pulling.py)."""
+    return importlib.import_module("registry.pulling")
 
 
 def pull_phases(ph: Phases) -> None:

@@ -13,6 +13,7 @@ real one.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from _checkpoints import (  # noqa: E402  (the environment must be isolated befo
     summarize,
 )
 from _common import (  # noqa: E402
-    Phases, breakdown, first_module, interleave, load_average, markdown_table, quiet_mlflow, recording_load,
+    Phases, breakdown, interleave, load_average, markdown_table, quiet_mlflow, recording_load,
     run_benchmark, verdict,
 )
 
@@ -61,8 +62,8 @@ def register_phases(ph: Phases) -> None:
     import cpmant.generate
     from cpmant.model import CPMAnt
 
-    register = first_module("registry.register")  # by module: the package may export a function of that name
-    lineage = first_module("registry.ancestry", "registry.lineage")  # renamed from registry/lineage.py
+    register = importlib.import_module("registry.register")  # the module (the package exports a function `register`)
+    lineage = importlib.import_module("registry.ancestry")
     ph.wrap(register, "setup_tracking", "setup_tracking (store, experiment)")
     ph.wrap(register, "version_tags", "sha256 tags (version_tags)")
     ph.wrap(register, "sha256_file", HASH_CALLS, count_bytes=True)

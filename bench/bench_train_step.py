@@ -7,6 +7,9 @@ For two model configs (tiny, d256-l4) and two batches (all-context: the same wor
 real PretrainStream rows, as each implementation trains), one fp32 step (forward, backward, AdamW) of each model
 runs in turn, round after round; the ratio is the median of per-round ratios. Both logits are compared first.
 When the ratio misses its target (or with --profile) both steps are profiled by category.
+The limit beside the peer (bench/_limits.py): MFU against the fp32 matmul peak sampled through the run, target
+>= 60% on d256 and larger; on a CPU that multiplies bf16 natively also ours under bf16 autocast (as `precision:
+auto` trains there), its MFU against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from _common import (  # noqa: E402  (the environment must be isolated before cp
 )
 
 TARGET_STEP_RATIO = 1.5  # ours >= 1.5x transformers' tokens/s
+TARGET_MFU = 0.60  # issue 19: MFU >= 60% of the peak of the dtype in use, on d256 and larger
 # rounds, and steps per round (short rounds pair the peers closely in time)
 MODES = {"full": dict(rounds=18, steps=2, quick=False), "quick": dict(rounds=6, steps=1, quick=True)}
 STEP_BATCH, STEP_SEQ = 8, 128  # 8 rows x 128 positions
@@ -124,6 +128,11 @@ class TimedStep:
         return {k: v / max(self.steps, 1) for k, v in self.parts.items()}
 
 
+def _in_bf16(autocast, loss, *args):
+    with autocast("bf16"):
+        return loss(*args)
+
+
 def profile_step(step: TimedStep, vocab_sizes: set[int], steps: int = 3) -> dict:
     """Self CPU time of one training step by category, and the top operators (with shapes).
 
@@ -165,14 +174,18 @@ def profile_step(step: TimedStep, vocab_sizes: set[int], steps: int = 3) -> dict
     }
 
 
-def measure_one(name, config, kind, make, ours, hf, mode: dict, force_profile: bool) -> dict:
+def measure_one(name, config, kind, make, ours, hf, mode: dict, force_profile: bool, bf16: bool) -> dict:
     from cpmant.flops import flops_per_token
+    from cpmant.precision import autocast
     from cpmant.training.data import IGNORE
 
     inputs, target, project, ids, labels = make()
     step_ours = TimedStep(ours, lambda: our_loss(ours, inputs, target, project))
     step_hf = TimedStep(hf, lambda: hf(input_ids=ids, labels=labels, use_cache=False).loss)
-    for s in (step_ours, step_hf):  # warm-up: AdamW state, allocator, oneDNN primitives
+    steps = {"ours": step_ours, "hf": step_hf}
+    if bf16:  # ours as `precision: auto` trains on this CPU (its own AdamW state: the fp32 step's stays as it was)
+        steps["ours_bf16"] = TimedStep(ours, lambda: _in_bf16(autocast, our_loss, ours, inputs, target, project))
+    for s in steps.values():  # warm-up: AdamW state, allocator, oneDNN primitives
         for _ in range(2):
             s()
         s.reset()
@@ -183,7 +196,7 @@ def measure_one(name, config, kind, make, ours, hf, mode: dict, force_profile: b
 
     r: dict = {"config": name, "batch_kind": kind}
     with recording_load(r):
-        secs = interleave({"ours": run(step_ours), "hf": run(step_hf)}, mode["rounds"])
+        secs = interleave({k: run(s) for k, s in steps.items()}, mode["rounds"])
     tokens = STEP_BATCH * STEP_SEQ * k
     ratio = paired_ratio(secs["hf"], secs["ours"])  # time_hf / time_ours = tokens/s ours / tokens/s hf
     share = float((target != IGNORE).float().mean())
@@ -203,9 +216,12 @@ def measure_one(name, config, kind, make, ours, hf, mode: dict, force_profile: b
         "seconds_per_step_parts": {"ours": step_ours.part_seconds(), "hf": step_hf.part_seconds()},
         "rounds_seconds": secs,
     })
+    r["fastest_round_tokens_per_s"] = {n: tokens / min(v) for n, v in secs.items()}  # what a quiet moment gives
+    if bf16:
+        r["ours_bf16_tokens_per_s"] = tokens / median(secs["ours_bf16"])
     if force_profile or (ratio < TARGET_STEP_RATIO and not mode["quick"]):  # short of the target: what dominates
         vocab_sizes = {config.vocab_size, config.vocab_size + config.prompt_types * config.prompt_length}
-        r["profile"] = {"ours": profile_step(step_ours, vocab_sizes), "hf": profile_step(step_hf, vocab_sizes)}
+        r["profile"] = {k: profile_step(s, vocab_sizes) for k, s in steps.items()}
     print(f"   {name}, {kind}: ours {r['ours_tokens_per_s']:,.0f} tok/s, transformers {r['hf_tokens_per_s']:,.0f} "
           f"tok/s, ratio {ratio:.2f}", flush=True)
     return r
@@ -217,11 +233,13 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
 
     from cpmant.convert import to_hf_config, to_hf_state_dict
     from cpmant.model import CPMAnt
+    from cpmant.precision import bf16_native
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     report["meta"]["torch_threads"] = torch.get_num_threads()
-    peak = Peak()
-    print(f"   matmul peak {peak.sample() / 1e9:,.1f} GFLOP/s", flush=True)
+    peak, peak_bf16, bf16 = Peak(), Peak("bf16"), bf16_native("cpu")
+    print(f"   matmul peak {peak.sample() / 1e9:,.1f} GFLOP/s fp32"
+          + (f", {peak_bf16.sample() / 1e9:,.1f} bf16" if bf16 else " (no native bf16)"), flush=True)
     prepared = prepare_default_corpus()
     results = []
     for name, config in step_configs().items():
@@ -238,16 +256,26 @@ def measure(args, mode: dict, home: Path, report: dict) -> None:
         print(f"   ({name}: logits rel. diff to transformers {parity:.1e})", flush=True)
         for kind, make in (("all-context", lambda: all_context_batch(config, STEP_BATCH, STEP_SEQ)),
                            ("pretrain-rows", lambda: pretrain_rows_batch(config, prepared, STEP_BATCH, STEP_SEQ))):
-            r = measure_one(name, config, kind, make, ours, hf, mode, args.profile)
+            r = measure_one(name, config, kind, make, ours, hf, mode, args.profile, bf16)
             r["logits_max_rel_diff_vs_hf"] = parity
             results.append(r)
             peak.sample()
+            if bf16:
+                peak_bf16.sample()
         del ours, hf
-    # MFU = flops_per_token x tokens/s / peak, for both, against the best peak sample
+    # MFU = flops_per_token x tokens/s / peak, for both, against the best peak sample of the dtype in use
     for s in results:
         s["ours_mfu"] = s["flops_per_token"] * s["ours_tokens_per_s"] / peak.best
         s["hf_mfu"] = s["flops_per_token"] * s["hf_tokens_per_s"] / peak.best
-    report["meta"].update(peak_flops=peak.best, peak_flops_samples=peak.samples)
+        s["ours_mfu_fastest_round"] = s["flops_per_token"] * s["fastest_round_tokens_per_s"]["ours"] / peak.best
+        if bf16:
+            s["ours_bf16_mfu"] = s["flops_per_token"] * s["ours_bf16_tokens_per_s"] / peak_bf16.best
+            s["ours_bf16_mfu_fastest_round"] = (s["flops_per_token"] * s["fastest_round_tokens_per_s"]["ours_bf16"]
+                                                / peak_bf16.best)
+        s["mfu_target"] = TARGET_MFU if s["config"] != "tiny" else None
+        s["meets_mfu_target"] = None if s["mfu_target"] is None else s["ours_mfu"] >= TARGET_MFU
+    report["meta"].update(peak_flops=peak.best, peak_flops_samples=peak.samples,
+                          peak_flops_bf16=peak_bf16.best if bf16 else None)
     report["train_step"] = results
 
 
@@ -258,9 +286,15 @@ def table(r: dict) -> str:
         rows.append((f"{s['config']}, {s['batch_kind']}",
                      f"{s['ours_tokens_per_s']:,.0f} / {s['hf_tokens_per_s']:,.0f}", f"{s['ratio']:.2f}x",
                      f">= {TARGET_STEP_RATIO}x", verdict(s["meets_target"]),
-                     f"{s['ours_mfu']:.1%} / {s['hf_mfu']:.1%}", " -> ".join(map(str, la))))
+                     f"{s['ours_mfu']:.1%} / {s['hf_mfu']:.1%}",
+                     "-" if s["mfu_target"] is None else f">= {s['mfu_target']:.0%}: {verdict(s['meets_mfu_target'])}",
+                     f"{s['ours_bf16_mfu']:.1%}" if "ours_bf16_mfu" in s else "-", " -> ".join(map(str, la))))
+    m = r["meta"]
+    bf16 = f"{m['peak_flops_bf16'] / 1e9:,.0f}" if m.get("peak_flops_bf16") else "none (no native bf16)"
     return markdown_table(("train step", "tokens/s ours / transformers", "ratio", "target", "met",
-                           "MFU ours / transformers", "load"), rows)
+                           "MFU ours / transformers (fp32 peak)", "MFU target", "MFU ours bf16 (bf16 peak)", "load"),
+                          rows) + (f"\n\npeak GFLOP/s fp32 {m['peak_flops'] / 1e9:,.0f}, bf16 {bf16}; "
+                                   f"CPU flags {' '.join(m.get('cpu_flags', []))}")
 
 
 def arguments(ap) -> None:
