@@ -54,7 +54,7 @@ def _loop_process(kind: str, name: str, cfg, prepared, flush_steps: int, sem, qu
 
         if kind == "tracked":
             from registry.tracking import setup_tracking
-            from tasks.tracking import AsyncMetricLogger  # noqa: F401
+            from tasks.metering import AsyncMetricLogger  # noqa: F401
 
             setup_tracking("cpmant-bench")
         gate = Gate(name, sem, queue)
@@ -227,7 +227,7 @@ def tracked_run(cfg, prepared, gate: Gate, name: str, flush_steps: int) -> dict:
     import mlflow
 
     from cpmant.training.loop import pretrain
-    from tasks.tracking import AsyncMetricLogger, MlflowCallbacks
+    from tasks.metering import AsyncMetricLogger, MlflowCallbacks
 
     t0 = time.perf_counter()
     with mlflow.start_run(run_name="bench-pretrain-tracking"):

@@ -27,7 +27,7 @@ def pretrain_flow(config: dict | None = None, force: bool | list[str] = False) -
       3. pretrain: train, tracked in MLflow (loss, throughput, MFU, energy, cost); the key is written beside the
          run's model, so a finished training whose registration failed is registered without training again
       4. register-model: register `cpm-ant-<preset>` in the training run with the contract's tags, the key and
-         alias `candidate` (first version, or inside the lifecycle) or `challenger` (tasks/aliases.py)
+         alias `candidate` (first version, or inside the lifecycle) or `challenger` (tasks/candidates.py)
     """
     cfg = LifecycleConfig.model_validate(config or {})
     force = forced(force, "pretrain")

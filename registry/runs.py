@@ -2,7 +2,7 @@
 tags, tables, dicts, texts, figures and files, MLflow's length limits applied here (registry/limits.py), and the few
 run queries the stages make.
 
-On the active run (mlflow's fluent API; a task opens it with tasks.tracking.tracked_stage):
+On the active run (mlflow's fluent API; a task opens it with tasks.metering.tracked_stage):
     log_params(d, prefix="")         values cut to MLflow's param limit
     log_metrics(d, step=None)        finite values only
     set_tags(d)                      values cut to the tag limit

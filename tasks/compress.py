@@ -29,12 +29,12 @@ from registry import tags as T
 from registry.pulling import checkpoint_dir, resolve_version
 from registry.tracking import setup_tracking
 
-from .aliases import new_version_alias
+from .candidates import new_version_alias
 from .config import TrackingConfig
 from .outcomes import log_lines
 from .reuse import decide, reused_state
-from .tracking import AsyncMetricLogger, MlflowCallbacks, retry_transient, tracked_stage
-from .tracking import recorded_tracking as _recorded_tracking
+from .metering import AsyncMetricLogger, MlflowCallbacks, retry_transient, tracked_stage
+from .metering import recorded_tracking as _recorded_tracking
 
 # the ladder's columns: report keys, with the published reference figure a labelled column (never a metric)
 # `name` first: the short version name (cpm-ant-tiny-3b/1), which MLflow's table view shows whole

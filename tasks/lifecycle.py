@@ -90,12 +90,12 @@ def close_run(tracking: TrackingConfig, run_id: str, summary: list[dict], status
 @dataclass(frozen=True)
 class RunRecord:
     """Where the lifecycle records its parent and stage runs (MLflow: open_run/close_run) and pins `candidate` on
-    the versions it made or reused (tasks.aliases.pin_candidates)."""
+    the versions it made or reused (tasks.candidates.pin_candidates)."""
 
     tracking: TrackingConfig
 
     def pin(self, candidates: list[str]) -> None:
-        from .aliases import pin_candidates
+        from .candidates import pin_candidates
 
         pin_candidates(self.tracking, candidates)
 

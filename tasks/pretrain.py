@@ -26,14 +26,14 @@ from registry import runs, stage_records
 from registry.tags import CONFIG_SHA256, DATA_SHA256, GIT_SHA, HELDOUT_SHA256, INPUTS_SHA256, PRESET, STAGE
 from registry.tracking import setup_tracking
 
-from .aliases import new_version_alias
+from .candidates import new_version_alias
 from .config import PretrainConfig, TrackingConfig
 from .outcomes import log_lines, pretrain_lines
 from .plots import plot_loss
 from .reuse import SHORT, Reuse, decide, reused_state
-from .tracking import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
+from .metering import (STEP_METRIC_NAMES, AsyncMetricLogger, MlflowCallbacks, default_sigterm, retry_transient,
                        tracked_stage)
-from .tracking import recorded_tracking as _recorded_tracking
+from .metering import recorded_tracking as _recorded_tracking
 
 # the tag of training tasks: a Prefect tag concurrency limit of 1 on it (infra/up.sh) runs one training at a time
 TRAINING_TAG = "cpmant-training"
@@ -231,7 +231,7 @@ def register_model(trained: dict, name: str, key: str, stage: str = "pretrain", 
                    tracking: TrackingConfig | None = None) -> str:
     """Register the trained checkpoint as a new version tagged with the reuse `key`, logged in its training run at
     the run's final step, with alias `candidate` (the model's first version, or inside the lifecycle) or
-    `challenger` (tasks/aliases.py)."""
+    `challenger` (tasks/candidates.py)."""
     tracking = tracking or TrackingConfig()
     setup_tracking(tracking.experiment)
     res = trained["result"]

@@ -40,7 +40,7 @@ from .notes import mlflow_note
 from .outcomes import validation_outcome
 from .reuse import Reuse
 from .reuse import decide as decide_reuse
-from .tracking import retry_transient, tracked_stage
+from .metering import retry_transient, tracked_stage
 from .validation_measure import heldout_id, measure, reference, reuse_key, settings_sha256
 from .validation_report import comparison_rows, evidence_lines, gate_tags, in_run_champion, render_markdown
 

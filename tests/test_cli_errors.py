@@ -235,7 +235,7 @@ def test_deterministic_errors_are_not_retried():
 
     from cpmant.errors import CpmantError
     from tasks.pretrain import prepare_corpus
-    from tasks.tracking import retry_transient
+    from tasks.metering import retry_transient
 
     assert prepare_corpus.retry_condition_fn is retry_transient
     assert retry_transient(None, None, Failed(data=CpmantError("bad corpus", "fix it"))) is False
@@ -246,7 +246,7 @@ def test_forked_workers_get_the_default_sigterm():
     """Pool workers forked during a flow must not inherit Prefect's SIGTERM bridge (TerminationSignal tracebacks)."""
     import signal
 
-    from tasks.tracking import default_sigterm
+    from tasks.metering import default_sigterm
 
     def bridge(*_):
         raise RuntimeError("bridge")

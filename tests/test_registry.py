@@ -256,7 +256,7 @@ def test_nan_metric_at_step_does_not_break_registration(store):
 
     from registry.register import register_checkpoint
     from registry.tracking import setup_tracking
-    from tasks.tracking import AsyncMetricLogger
+    from tasks.metering import AsyncMetricLogger
 
     setup_tracking()
     with mlflow.start_run() as run:

@@ -1,4 +1,4 @@
-"""Energy and time counted once (tasks/tracking.py): tracked runs that overlap in one process share one measurement,
+"""Energy and time counted once (tasks/metering.py): tracked runs that overlap in one process share one measurement,
 each gets an equal share of every segment it was active in, and the shares add up to the measurement; the lifecycle's
 runs log their wall time as `duration_s`."""
 
@@ -81,7 +81,7 @@ def _two_overlapping_runs(tracking, meter, hold_a=0.3, hold_b=0.5):
     from mlflow.tracking import MlflowClient
 
     from registry.tracking import setup_tracking
-    from tasks.tracking import tracked_stage
+    from tasks.metering import tracked_stage
 
     setup_tracking(tracking.experiment)  # a fresh store takes seconds to create: before the clocks start
     a_in, b_in, ids, errors = threading.Event(), threading.Event(), {}, []
@@ -124,7 +124,7 @@ def test_two_concurrent_runs_share_one_measurement(store):
     from mlflow.tracking import MlflowClient
 
     from tasks.config import TrackingConfig
-    from tasks.tracking import SharedMeter
+    from tasks.metering import SharedMeter
 
     tracking = TrackingConfig(experiment="energy-test", electricity_rmb_per_kwh=1.0)
     sources: list[FakeSource] = []
@@ -165,7 +165,7 @@ def test_two_concurrent_runs_share_one_measurement(store):
 
 def test_a_run_alone_gets_the_whole_measurement_and_a_new_group_starts_after(store):
     from tasks.config import TrackingConfig
-    from tasks.tracking import SharedMeter, tracked_stage
+    from tasks.metering import SharedMeter, tracked_stage
 
     tracking = TrackingConfig(experiment="energy-test")
     sources: list[FakeSource] = []
@@ -181,7 +181,7 @@ def test_a_run_alone_gets_the_whole_measurement_and_a_new_group_starts_after(sto
 def test_real_codecarbon_shares_add_up(store):
     """The same with codecarbon's offline tracker (about 3 s: its hardware detection)."""
     from tasks.config import TrackingConfig
-    from tasks.tracking import CodecarbonSource, SharedMeter
+    from tasks.metering import CodecarbonSource, SharedMeter
 
     tracking = TrackingConfig(experiment="energy-test")
     rec: list[Recording] = []

@@ -15,7 +15,7 @@ from registry import tune_records
 from registry import tags as T
 
 from ..config import TrackingConfig, TuneConfig
-from ..tracking import finite, tracked_stage
+from ..metering import finite, tracked_stage
 from .keys import load_split
 from .names import DEMO_NOTE, EVAL_SPLIT, FULL, ZERO_SHOT, get_task
 

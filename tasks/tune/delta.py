@@ -18,11 +18,11 @@ from cpmant.paths import subdir
 from registry import runs, tune_records
 from registry import tags as T
 
-from ..aliases import new_version_alias
+from ..candidates import new_version_alias
 from ..config import TrackingConfig, TuneConfig
 from ..outcomes import log_lines
 from ..reuse import decide, reused_state
-from ..tracking import AsyncMetricLogger, finite, tracked_stage
+from ..metering import AsyncMetricLogger, finite, tracked_stage
 from .keys import config_sha256, delta_key, examples_sha256, load_splits, tune_settings
 from .names import DEMO_NOTE, EVAL_SPLIT, delta_name, get_task
 from .scores import log_predictions, scored_fields, stored_predictions

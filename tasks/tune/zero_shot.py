@@ -14,7 +14,7 @@ from registry import tags as T
 from ..config import TrackingConfig, TuneConfig
 from ..outcomes import log_lines
 from ..reuse import decide, reused_state
-from ..tracking import tracked_stage
+from ..metering import tracked_stage
 from .keys import examples_sha256, load_split, zero_shot_key
 from .names import EVAL_SPLIT, ZERO_SHOT, get_task
 from .scores import NO_DELTA, interval_fields, log_predictions, scored_fields, stored_predictions

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from .config import TrackingConfig
-from .tracking import retry_transient
+from .metering import retry_transient
 
 ALIAS_CHALLENGER = "challenger"
 

@@ -1,5 +1,5 @@
-"""Recording a stage: an MLflow run with energy (codecarbon, offline), emissions, cost and duration; batched
-asynchronous metric logging so tracking stays under 1% of training time.
+"""Metering a stage: its MLflow run (opened through registry/) with energy (codecarbon, offline), emissions, cost
+and duration; batched asynchronous metric logging so tracking stays under 1% of training time.
 
 Energy and time are counted once. codecarbon measures the whole machine, and a stage's runs may overlap (the
 compression rungs run side by side), so the runs of one process that overlap in time share one measurement
