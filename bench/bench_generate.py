@@ -169,7 +169,9 @@ def measure_config(name, config, mode: dict, args, bandwidths: list[float]) -> l
     int8 = quantize_model(ours).eval()
     hf = CpmAntForCausalLM(to_hf_config(config)).eval()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=True)
-    nbytes = {"fp32": weight_bytes(ours), "int8": weight_bytes(int8)}
+    # int8 decoding reads the tied table through its int8 pack (cpmant.decode's int8 head): 1 byte per weight, not 4
+    table = int8.input_embedding.weight.numel()
+    nbytes = {"fp32": weight_bytes(ours), "int8": weight_bytes(int8) - 3 * table}
     for batch in BATCHES[name]:
         g = torch.Generator().manual_seed(batch)
         body = torch.randint(len(SPECIAL_TOKENS), config.vocab_size - len(SENTINELS),

@@ -14,12 +14,19 @@ its FFN) is computed is a `Step`, worked out once per generation (`step_plan`, k
   so they compute what they always do.
 A model whose encoder or layers are not the plain classes, or are wrapped (a memory-budget scheduler, a hook), gets
 no fused plan: its modules run as modules. fp32 or one dtype throughout (autocast takes the module path).
+An int8 model's step also projects onto the vocabulary through an int8 pack of the tied embedding table
+(`StepPlan.int8_head`): the logits move by int8 rounding (measured in tests/test_engine.py); the prompt's logits
+(the first new token) keep the fp32 table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +34,44 @@ from torch import nn
 
 from .layers import (Attention, DenseGatedACT, Encoder, FeedForward, KVCache, Linear, RMSNorm, TransformerBlock,
                      plain_forward)
-from .modules.quant import QuantLinear, fused_forward, kernel_min_weights, small_float_weight
+from .modules import quant
+from .modules.quant import (QuantLinear, fp32_pack, fused_forward, kernel_min_weights, packed_linear,
+                            small_float_weight, table_logits, use_int8_kernel)
+
+# Whether a float model's large matrices (and its tied table) multiply through oneDNN packs made once per model
+# (`Packed`, `StepPlan.packed_head`): a second copy of those weights, so only for fp32 models of at most
+# PACK_MAX_BYTES of weights and never under a memory-budget plan (cpmant.offload does not count the copies); and
+# only from PACK_MIN_BYTES up (weights beyond a last-level cache: the tiny preset, 7.5 MB, decoded 10% slower with
+# its table packed, 1,750 vs 1,930 tokens/s; d512-l8, 126 MB, 2.2x faster). Under PACK_MIN_BYTES a float model's
+# large matrices are stacked into float copies once per generation instead (`FloatCopies`: one mm for q/k/v and one
+# for w_0/w_1, scales folded in; at most PACK_MIN_BYTES more memory), which saves the tiny preset's step operations.
+PACK_MIN_BYTES, PACK_MAX_BYTES = 32 << 20, 1 << 30
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What the one-token step may use beyond the modules' own math: an int8 model's int8 copy of the tied table
+    (`int8_head`, StepPlan.int8_head) and a float model's oneDNN packs (`pack_fp32`, above). Both on by default;
+    `decode_options(int8_head=False, pack_fp32=False)` decodes with the modules' own fp32 projections (the
+    reference the tests compare with)."""
+
+    int8_head: bool = True
+    pack_fp32: bool = True
+    pack_min_bytes: int = PACK_MIN_BYTES  # below it, float copies instead of packs (0: pack any size)
+
+
+_OPTIONS: contextvars.ContextVar[DecodeOptions] = contextvars.ContextVar("cpmant_decode_options",
+                                                                         default=DecodeOptions())
+
+
+@contextlib.contextmanager
+def decode_options(**changes):
+    """Within the block, generation decodes with DecodeOptions(**changes) (this thread and its context only)."""
+    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **changes))
+    try:
+        yield _OPTIONS.get()
+    finally:
+        _OPTIONS.reset(token)
 
 
 # ---- the kinds of step: how a sub-block's matrices are multiplied ---------------------------------------------------
@@ -111,6 +155,33 @@ class FloatCopies(Step):
         return torch.addmm(h, F.gelu(a).mul_(b), self.second.t())
 
 
+@dataclass(frozen=True, eq=False)
+class Packed(Step):
+    """Large fp32 matrices as oneDNN packs (cpmant.modules.quant.fp32_pack), scales folded in, made once per model:
+    `first` q/k/v (w_0/w_1) stacked by rows, `second` the output matrix. oneDNN's batch-1 linear reads the weights at
+    about twice the speed of torch's mm (the pack is a second copy of them); the sums run in another order, so the
+    outputs move by float rounding (the engine tests compare with the module path at 1e-4)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+    @classmethod
+    def of(cls, first: tuple[nn.Module, ...], second: nn.Module) -> "Packed":
+        ws = tuple(m.weight for m in first)
+        return cls(fp32_pack(first[0], "first", ws, lambda: torch.cat([m.weight * m.scale for m in first])),
+                   fp32_pack(second, "second", (second.weight,), lambda: second.weight * second.scale))
+
+    def attention_in(self, a, x):
+        return packed_linear(x, self.first).split(a.num_heads * a.dim_head, dim=-1)
+
+    def attention_out(self, a, h, o):
+        return packed_linear(o, self.second).add_(h)
+
+    def ffn(self, f, h, x):
+        a, b = packed_linear(x, self.first).chunk(2, dim=-1)
+        return packed_linear(F.gelu(a).mul_(b), self.second).add_(h)
+
+
 MODULES, PLAIN, INT8 = Modules(), Plain(), Int8()
 _KINDS = ((Linear, PLAIN), (QuantLinear, INT8))
 
@@ -124,11 +195,14 @@ class LayerPlan:
 
 @dataclass(frozen=True, eq=False)
 class StepPlan:
-    """For `model`: whether the fused step applies (`fused`), and each layer's plan."""
+    """For `model`: whether the fused step applies (`fused`), each layer's plan, and whether the output projection
+    multiplies an int8 copy of the tied table (`int8_head`, see `_int8_head`)."""
 
     model: nn.Module
     fused: bool
     layers: tuple[LayerPlan, ...] = ()
+    int8_head: bool = False
+    packed_head: Optional[torch.Tensor] = None  # the tied table's oneDNN pack (1/sqrt(D) folded in), see DecodeOptions.pack_fp32
 
 
 def _kind(*lins: nn.Module) -> Step:
@@ -156,7 +230,7 @@ def _ffn_kind(block) -> Step:
     return MODULES
 
 
-def layer_plan(layer: TransformerBlock) -> LayerPlan:
+def layer_plan(layer: TransformerBlock, pack: Optional[str] = None) -> LayerPlan:
     """How the step computes the layer's attention and FFN. A hook on a layer's norm may bind its weights at each
     step (memory-budget streaming hooks the first norm): then the weights are read at each step, never copied once
     for the generation."""
@@ -169,11 +243,15 @@ def layer_plan(layer: TransformerBlock) -> LayerPlan:
         if copies:
             a = layer.self_att.self_attention
             att = att.copies((a.project_q, a.project_k, a.project_v), a.attention_out)
+            if att is PLAIN and pack is not None:
+                att = _large((a.project_q, a.project_k, a.project_v), a.attention_out, pack)
     if layer.ffn is not None:
         ffn = _ffn_kind(layer.ffn)
         if copies:
             f = layer.ffn.ffn
             ffn = ffn.copies((f.w_in.w_0, f.w_in.w_1), f.w_out)
+            if ffn is PLAIN and pack is not None:
+                ffn = _large((f.w_in.w_0, f.w_in.w_1), f.w_out, pack)
     return LayerPlan(att, ffn)
 
 
@@ -185,9 +263,53 @@ def step_plan(model: nn.Module, cache: KVCache) -> StepPlan:
     layers = model.encoder.layers
     fused = (type(model.encoder) is Encoder and plain_forward(model.encoder, layers)
              and all(type(layer) is TransformerBlock and plain_forward(layer) for layer in layers))
-    plan = StepPlan(model, fused, tuple(layer_plan(layer) for layer in layers) if fused else ())
+    pack = _fp32_mode(model) if fused else None
+    plan = StepPlan(model, fused, tuple(layer_plan(layer, pack) for layer in layers) if fused else (),
+                    fused and _int8_head(model), _packed_head(model) if pack == "packed" else None)
     cache.step_plan = plan
     return plan
+
+
+def _fp32_mode(model: nn.Module) -> Optional[str]:
+    """How a float model's large matrices multiply (DecodeOptions.pack_fp32; fp32 weights on the CPU, no memory-budget plan,
+    outside autograd): "copies" under PACK_MIN_BYTES of weights, "packed" (oneDNN present) up to PACK_MAX_BYTES;
+    else None (their own weights, torch's mm)."""
+    w = model.input_embedding.weight
+    if not (_OPTIONS.get().pack_fp32 and getattr(model, "offload", None) is None and w.device.type == "cpu"
+            and w.dtype == torch.float32 and not torch.is_grad_enabled()):
+        return None
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size < _OPTIONS.get().pack_min_bytes:
+        return "copies"
+    return "packed" if quant._FP32_OK and size <= PACK_MAX_BYTES else None
+
+
+def _large(first: tuple[nn.Module, ...], second: nn.Module, pack: str) -> Step:
+    """The step for large float matrices: oneDNN packs ("packed") or float copies ("copies")."""
+    if pack == "packed":
+        return Packed.of(first, second)
+    return FloatCopies(torch.cat([m.weight * m.scale for m in first]), second.weight * second.scale)
+
+
+def _packed_head(model: nn.Module) -> Optional[torch.Tensor]:
+    """The tied table's oneDNN pack when the output projection would multiply the fp32 table, of at least
+    kernel_min_weights() weights; else None."""
+    emb = model.input_embedding
+    if _int8_head(model) or not plain_forward(emb) or emb.weight.numel() < kernel_min_weights():
+        return None
+    return fp32_pack(emb, "table", (emb.weight,), lambda: emb.weight / math.sqrt(emb.dim))
+
+
+def _int8_head(model: nn.Module) -> bool:
+    """An int8 model (QuantLinears in its encoder) decoding inside int8_kernel(), with an fp32 unhooked table of at
+    least kernel_min_weights() weights and no memory-budget plan (cpmant.offload does not count the table's pack):
+    its output projection multiplies the table's int8 pack (`cpmant.modules.quant.table_logits`), made once per
+    model. The fp32 table is 37% of the bytes an int8 d512-l8 model reads per token; the pack a quarter of that."""
+    emb = model.input_embedding
+    return (_OPTIONS.get().int8_head and getattr(model, "offload", None) is None and plain_forward(emb)
+            and emb.weight.dtype == torch.float32 and use_int8_kernel(emb.weight)
+            and emb.weight.numel() >= kernel_min_weights()
+            and any(type(m) is QuantLinear for m in model.encoder.modules()))
 
 
 # ---- the step ------------------------------------------------------------------------------------------------------
@@ -204,6 +326,10 @@ def one_token(model: nn.Module, plan: StepPlan, input: torch.Tensor, segment: to
             h = lp.ffn.ffn(layer.ffn.ffn, h, _rms(layer.ffn.layernorm_before_ffn, h))
     cache.advance(1)
     h = _rms(model.encoder.output_layernorm, h)
+    if plan.int8_head:
+        return table_logits(model.input_embedding, h)[:, None]
+    if plan.packed_head is not None:
+        return packed_linear(h, plan.packed_head)[:, None]
     return model.input_embedding.projection(h[:, None]).float()
 
 
@@ -219,10 +345,15 @@ def _attention(block, h: torch.Tensor, bias: torch.Tensor, cache: KVCache, i: in
     B = h.size(0)
     H, Dh = a.num_heads, a.dim_head
     q, k, v = step.attention_in(a, _rms(block.layernorm_before_attention, h))
-    k, v = cache.write(i, k.view(B, H, 1, Dh).transpose(0, 1), v.view(B, H, 1, Dh).transpose(0, 1))
+    if B == 1:  # (1, H * Dh) is already head-major: views without the transposes (fewer operations per token)
+        k, v = cache.write(i, k.view(H, 1, 1, Dh), v.view(H, 1, 1, Dh))
+        q = q.view(H, 1, Dh)
+    else:
+        k, v = cache.write(i, k.view(B, H, 1, Dh).transpose(0, 1), v.view(B, H, 1, Dh).transpose(0, 1))
+        q = q.view(B, H, Dh).transpose(0, 1).reshape(H * B, 1, Dh)
     T = k.size(2)
-    q = q.view(B, H, Dh).transpose(0, 1).reshape(H * B, 1, Dh)
     s = torch.baddbmm(bias.reshape(H * B, 1, T), q, k.reshape(H * B, T, Dh).transpose(1, 2),
                       alpha=1.0 / math.sqrt(Dh))
     o = torch.bmm(s.softmax(-1), v.reshape(H * B, T, Dh))  # (H*B, 1, Dh)
-    return step.attention_out(a, h, o.view(H, B, Dh).transpose(0, 1).reshape(B, H * Dh))
+    o = o.view(1, H * Dh) if B == 1 else o.view(H, B, Dh).transpose(0, 1).reshape(B, H * Dh)
+    return step.attention_out(a, h, o)

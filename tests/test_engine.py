@@ -266,29 +266,37 @@ def test_wrapped_project_q_v_go_through_generate(model, tok):
 
 
 # ---- the one-token decoding step (cpmant.decode) equals the module path ----------------------------------------
-@pytest.mark.parametrize("kind", ["plain", "plain-large", "int8", "int8-small", "moe", "wrapped"])
+@pytest.mark.parametrize("kind", ["plain", "plain-large", "plain-unpacked", "plain-copies", "plain-1row", "int8", "int8-small", "moe", "wrapped"])
 def test_one_token_step_equals_the_module_path(model, tok, kind):
     """int8: outside int8_kernel() (exact); int8-small: inside it, the micro model's matrices are under
-    KERNEL_MIN_WEIGHTS, so the step multiplies float copies taken once per generation."""
+    KERNEL_MIN_WEIGHTS, so the step multiplies float copies taken once per generation; plain-large: large matrices
+    through oneDNN packs (decode.Packed), plain-unpacked: the same without packs (torch's mm on the weights),
+    plain-copies: the same in a model under PACK_MIN_BYTES (stacked float copies); plain-1row: one row (batch 1
+    takes views without transposes)."""
     import contextlib
 
     from cpmant.compress.methods.quantize import quantize_model
 
-    m = {"plain": lambda: model, "plain-large": lambda: model, "int8": lambda: quantize_model(model).eval(),
+    m = {"plain": lambda: model, "plain-large": lambda: model, "plain-unpacked": lambda: model, "plain-copies": lambda: model, "plain-1row": lambda: model, "int8": lambda: quantize_model(model).eval(),
          "int8-small": lambda: quantize_model(model).eval(),
          "moe": lambda: moe_model(tok, False)}.get(kind, lambda: copy.deepcopy(model))()
     if kind == "wrapped":
         lin = m.encoder.layers[0].self_att.self_attention.project_v
         lin.forward = lambda x, orig=lin.forward: orig(x) * 1.5
-    batch = build_batch([[tok.bos_id, *tok.encode(p)] for p in PROMPTS], m.config, "cpu")
+    prompts = PROMPTS[:1] if kind == "plain-1row" else PROMPTS
+    batch = build_batch([[tok.bos_id, *tok.encode(p)] for p in prompts], m.config, "cpu")
     T = batch["input"].size(1)
     state = {k: torch.cat([v, v[:, -1:] + (k == "position")], dim=1) for k, v in batch.items()
              if k not in ("input", "length")}
-    state["length"] = torch.full((3,), T + 1)
-    new = torch.tensor([[20], [21], [22]])
+    state["length"] = torch.full((len(prompts),), T + 1)
+    new = torch.tensor([[20], [21], [22]])[: len(prompts)]
     # plain-large: as if the matrices were large (a threshold of 0): their own weights, no stacked copies
-    kernel = {"int8-small": quant.int8_kernel(), "plain-large": quant.int8_kernel(min_weights=0)}
-    with torch.inference_mode(), kernel.get(kind, contextlib.nullcontext()):
+    kernel = {"int8-small": quant.int8_kernel(), "plain-large": quant.int8_kernel(min_weights=0),
+              "plain-unpacked": quant.int8_kernel(min_weights=0), "plain-copies": quant.int8_kernel(min_weights=0)}
+    # the micro model packed as a model beyond the cache would be (plain-copies: as one under it)
+    options = decode.decode_options(pack_fp32=kind != "plain-unpacked",
+                                    pack_min_bytes=1 << 30 if kind == "plain-copies" else 0)
+    with torch.inference_mode(), kernel.get(kind, contextlib.nullcontext()), options:
         outs = []
         for fast in (True, False):
             _, cache = m.inference(**batch, max_length=T + 1)
@@ -297,10 +305,16 @@ def test_one_token_step_equals_the_module_path(model, tok, kind):
             outs.append(m.inference(new, past_key_values=cache, **state, bias=bias)[0])
             if fast:  # layer 0's plan: how its attention and FFN were computed
                 plan = cache.step_plan.layers[0]
-                want = {"plain": (decode.FloatCopies, decode.FloatCopies), "plain-large": (decode.Plain, decode.Plain),
+                packed = decode.Packed if quant._FP32_OK else decode.Plain
+                want = {"plain": (decode.FloatCopies, decode.FloatCopies), "plain-large": (packed, packed),
+                        "plain-unpacked": (decode.Plain, decode.Plain),
+                        "plain-copies": (decode.FloatCopies, decode.FloatCopies),
+                        "plain-1row": (decode.FloatCopies, decode.FloatCopies),
                         "int8": (decode.Int8, decode.Int8), "int8-small": (decode.FloatCopies, decode.FloatCopies),
                         "moe": (decode.FloatCopies, decode.Modules), "wrapped": (decode.Modules, decode.FloatCopies)}
                 assert (type(plan.attention), type(plan.ffn)) == want[kind]
+                if kind.startswith("plain-"):  # the tied table (600 x 32, large under a threshold of 0) packed too
+                    assert (cache.step_plan.packed_head is not None) == (kind == "plain-large" and quant._FP32_OK)
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
@@ -313,3 +327,43 @@ def test_a_wrapped_layer_makes_decoding_take_the_module_path(model, tok):
     assert generate_ids(m, tok, PROMPTS[:1], max_new_tokens=5, repetition_penalty=1.0) == generate_ids(
         model, tok, PROMPTS[:1], max_new_tokens=5, repetition_penalty=1.0)
     assert len(calls) >= 5  # the prompt, then each step after the first token
+
+
+@pytest.mark.skipif(not quant._KERNEL_OK, reason="this torch has no fbgemm dynamic quantized linear")
+def test_int8_models_decode_through_an_int8_table_close_to_the_fp32_one(model, tok):
+    """An int8 model's one-token step projects onto the vocabulary through an int8 pack of the tied table, made once
+    per model. Measured on the micro model (64 greedy tokens at batch 1): the int8 head's argmax equals the fp32
+    table's on 62 of 63 decoding steps, its logits within 1% of their largest magnitude."""
+    from cpmant.compress.methods.quantize import quantize_model
+
+    torch.manual_seed(0)
+    m = build_model(micro_config(tok.vocab_size).replace(position_bias_max_distance=256))
+    m.load_state_dict(model.state_dict())
+    q = quantize_model(m.eval()).eval()
+    kw = dict(max_new_tokens=64, repetition_penalty=1.0)
+    with quant.int8_kernel(min_weights=0):  # the micro table (600 x 32) through the kernel, as a large one would be
+        ids = generate_ids(q, tok, PROMPTS[:1], **kw)[0]
+        assert q.input_embedding in quant._TABLES  # the int8 head ran: its pack, made once
+        with decode.decode_options(int8_head=False, pack_fp32=False):  # the reference: the modules' own fp32 math
+            ref = generate_ids(q, tok, PROMPTS[:1], **kw)[0]
+        # the final hidden states of the generated positions, from the model's own forward: the int8 head's logits
+        # against the fp32 table's on each
+        prompt = [tok.bos_id, *tok.encode(PROMPTS[0])]
+        batch = build_batch([prompt + list(ids)], q.config, "cpu")
+        with torch.no_grad():
+            _, hidden = q(**{k: batch[k] for k in ("input", "length", "context", "position", "segment", "span")},
+                          return_hidden=True)
+            h = q.encoder.output_layernorm(hidden[-1])[0, len(prompt):len(prompt) + len(ids) - 1]
+            y8, y32 = quant.table_logits(q.input_embedding, h), q.input_embedding.projection(h).float()
+    assert len(h) == 63
+    assert (y8.argmax(-1) == y32.argmax(-1)).float().mean().item() >= 0.95
+    assert (y8 - y32).abs().max().item() <= 0.03 * y32.abs().max().item()
+    assert sum(a == b for a, b in zip(ids, ref)) >= 0.9 * len(ref)  # the greedy tokens, position by position
+    assert quant.drop_packs(q.input_embedding) == 1 and q.input_embedding not in quant._TABLES
+    with torch.no_grad(), quant.int8_kernel(min_weights=0):
+        assert decode._int8_head(q) and not decode._int8_head(m)  # an fp32 model keeps its fp32 table
+        q.offload = object()  # a memory-budget plan does not count the pack: the fp32 table then
+        assert not decode._int8_head(q)
+    del q.offload
+    with torch.no_grad(), quant.int8_kernel():  # the micro table is under the kernel's size threshold
+        assert not decode._int8_head(q)

@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import math
 import warnings
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -265,6 +266,78 @@ def _float_copy(lins: tuple["QuantLinear", ...], dtype: torch.dtype) -> torch.Te
     return cached[1]
 
 
+# ---- the tied output projection of an int8 model, while decoding -------------------------------------------------
+# One int8 pack of the input embedding table per Embedding module (the tied output layer): made at the first
+# decoding step after load (or after the table changed), kept beside the module, not on it, so that copies, pickles
+# and state dicts never carry it; `drop_packs` forgets it.
+_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        return (t.data_ptr(), None)
+
+
+def _prepack(w: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's prepacked per-row int8 weight: w (N, K) int8, scales (N,) float64 (what y = x @ (w * s).T uses)."""
+    with warnings.catch_warnings():  # torch marks quantized tensor creation as deprecated: the pack needs one
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(w.cpu().contiguous(), scales.cpu(),
+                                                     torch.zeros(w.size(0), dtype=torch.long), 0)
+        prev = torch.backends.quantized.engine
+        try:
+            torch.backends.quantized.engine = "fbgemm"
+            return torch.ops.quantized.linear_prepack(q, None)
+        finally:
+            torch.backends.quantized.engine = prev
+
+
+def table_pack(embedding: nn.Module):
+    """The int8 per-row pack of `embedding.weight` (V, D) with 1/sqrt(D) folded into its scales, so that
+    linear_dynamic(h, pack) = embedding.projection(h) up to int8 rounding; made once per table and cached."""
+    key = _tensor_key(embedding.weight)
+    cached = _TABLES.get(embedding)
+    if cached is None or cached[0] != key:
+        q, scale = int8_per_row(embedding.weight)
+        cached = _TABLES[embedding] = (key, _prepack(q, scale.double() / math.sqrt(embedding.dim)))
+    return cached[1]
+
+
+def table_logits(embedding: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """h (B, D) fp32 -> logits (B, V) fp32 through the table's int8 pack (the tied output projection of an int8
+    model while decoding: a quarter of the fp32 table's bytes read per token). Numerics: the table rounded to its
+    per-row int8 grid and the activations quantized per tensor, as every QuantLinear in the kernel."""
+    return torch.ops.quantized.linear_dynamic(h.contiguous(), table_pack(embedding), _REDUCE_RANGE)
+
+
+# ---- fp32 weights packed for oneDNN, while decoding -------------------------------------------------------------
+# At one row torch's fp32 mm reads the weights at 14-22 GB/s; oneDNN's linear over a weight reordered once into its
+# blocked layout reads them at 39-45 GB/s on this machine's 2 threads (measured: 4608 x 512, 1 row, 529 vs 207 us; 8
+# rows 793 vs 423 us). The fused one-token step (cpmant.decode) keeps such packs of its large fp32 matrices: one per
+# group (q/k/v stacked, w_0/w_1 stacked, the output matrices, the tied table), made once per model, kept beside the
+# modules (never saved, copied or pickled) until a weight changes; `drop_packs` forgets them.
+_FP32_OK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_FP32_PACKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def fp32_pack(owner: nn.Module, tag: str, weights: tuple[torch.Tensor, ...], make) -> torch.Tensor:
+    """The oneDNN pack of `make()` (an fp32 (N, K) matrix built from `weights`, scales folded in), cached on
+    `owner` under `tag` until any of `weights` changes (another tensor, or an in-place write)."""
+    key = tuple(_tensor_key(w) for w in weights)
+    packs = _FP32_PACKS.setdefault(owner, {})
+    cached = packs.get(tag)
+    if cached is None or cached[0] != key:
+        cached = packs[tag] = (key, torch.ops.mkldnn._reorder_linear_weight(make().contiguous(), 1))
+    return cached[1]
+
+
+def packed_linear(x: torch.Tensor, pack: torch.Tensor) -> torch.Tensor:
+    """x (B, K) fp32 @ the packed (N, K) matrix's transpose -> (B, N): oneDNN's linear."""
+    return torch.ops.mkldnn._linear_pointwise(x, pack, None, "none", [None], "")
+
+
 def drop_packs(module: nn.Module) -> int:
     """Forget the int8 kernel's packed weights cached under `module` (they are copies of the int8 weights): a
     scheduler that streams a layer out calls it so that the layer's memory really goes. Returns how many went."""
@@ -272,6 +345,9 @@ def drop_packs(module: nn.Module) -> int:
     for m in module.modules():
         for key in ("_packed", "_fused", "_float"):
             if m.__dict__.pop(key, None) is not None:
+                n += 1
+        for cache in (_TABLES, _FP32_PACKS):
+            if cache.pop(m, None) is not None:
                 n += 1
     return n
 
