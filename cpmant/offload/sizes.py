@@ -34,4 +34,5 @@ def _round_up_size(n: float) -> str:
 
 
 def format_size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    """Bytes in MiB (KiB below one MiB, so that a tiny budget never reads 0.0 MiB)."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
