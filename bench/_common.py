@@ -411,6 +411,12 @@ def pretrain_stream(docs, model_config, seq_len: int, cfg=None, seed: int | None
     return PretrainStream(docs, model_config, seq_len, **kw)
 
 
+def fixture_texts() -> list[str]:
+    """The lines of the test fixture corpus (tests/fixtures/corpus): a vocabulary for benchmarks' random models."""
+    corpus = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "corpus"
+    return [ln for f in sorted(corpus.glob("*.txt")) for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
 def prepare_default_corpus():
     """The default corpus (fortunes-zh, fetched with apt-get download unless the home has it) with the tiny
     preset's 8000-token vocab, encoded: cpmant.training.prepare.prepare_data(None, "tiny")."""

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, run_benchmark  # noqa: E402
+from _common import fixture_texts, markdown_table, run_benchmark  # noqa: E402
 
 MODES = {"full": dict(new_tokens=16, layers=0, quick=False),  # layers 0: the preset's
          "quick": dict(new_tokens=6, layers=6, quick=True)}
@@ -58,9 +58,6 @@ BLOCK = 1 << 20
 
 
 # ---- the checkpoint: int8 on disk, written tensor by tensor --------------------------------------------------------
-def _corpus_texts() -> list[str]:
-    corpus = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "corpus"
-    return [ln for f in sorted(corpus.glob("*.txt")) for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def _int8_items(config) -> list[tuple]:
@@ -108,7 +105,7 @@ def make_checkpoint(folder: Path, config) -> Path:
     write_safetensors_streaming(tmp / WEIGHTS_FILE, items, lambda n: _random_tensor(n, *shapes[n], seeds[n]))
     seconds = time.perf_counter() - t0
     config.save(tmp / CONFIG_FILE)
-    build_vocab(_corpus_texts(), config.vocab_size, tmp / VOCAB_FILE)
+    build_vocab(fixture_texts(), config.vocab_size, tmp / VOCAB_FILE)
     _write_meta(tmp, items, seconds)
     fsync_dir(tmp)
     os.replace(tmp, folder)
@@ -277,13 +274,6 @@ def _parse_stderr(err: str) -> dict:
             "streamed_layers": int(plan.group(3))}
 
 
-def _cpu_flags() -> list[str]:
-    want = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16"}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(want & set(re.findall(r"[a-z0-9_]+", text)))
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------------------
@@ -307,7 +297,7 @@ def measure(args, mode, home, report):
             layer_bytes[i] += e.nbytes
     meta = report["meta"]
     meta.update(preset=args.preset, layers=layers, budget=budget, checkpoint=str(folder), prompt=PROMPT,
-                weights_bytes=weights.stat().st_size, cpu_flags=_cpu_flags(),
+                weights_bytes=weights.stat().st_size,
                 mem_total_mb=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MiB))
     print(f"   checkpoint {folder} ({weights.stat().st_size / 2**30:.2f} GiB); CPU flags {meta['cpu_flags']}",
           flush=True)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, median, paired_ratio, run_benchmark  # noqa: E402
+from _common import fixture_texts, markdown_table, median, paired_ratio, run_benchmark  # noqa: E402
 
 MODES = {"full": dict(rounds=3, new_tokens=32, quick=False),
          "quick": dict(rounds=1, new_tokens=16, quick=True)}
@@ -43,9 +43,6 @@ FRACTIONS = {"full (no budget)": (None, False), "1x": (1.0, False), "1/2": (0.5,
 PROMPT = "床前明月光"
 
 
-def _corpus_texts() -> list[str]:
-    corpus = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "corpus"
-    return [ln for f in sorted(corpus.glob("*.txt")) for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -57,7 +54,7 @@ def make_checkpoint(folder: Path) -> Path:
     from cpmant.tokenizer import build_vocab
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    vocab = build_vocab(_corpus_texts(), 600, folder.parent / "vocab.txt")
+    vocab = build_vocab(fixture_texts(), 600, folder.parent / "vocab.txt")
     cfg = ModelConfig(vocab_size=len(vocab.read_text(encoding="utf-8").splitlines()), **MODEL)
     torch.manual_seed(0)
     m = build_model(cfg)

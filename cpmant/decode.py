@@ -103,7 +103,7 @@ class Plain(Step):
     def copies(self, first, second):
         if sum(m.weight.numel() for m in first) + second.weight.numel() >= kernel_min_weights():
             return self  # large: no copy of large weights
-        return FloatCopies(torch.cat([m.weight * m.scale for m in first]), second.weight * second.scale)
+        return FloatCopies.of(first, second)
 
     def attention_in(self, a, x):
         xs = x * a.project_q.scale
@@ -143,6 +143,11 @@ class FloatCopies(Step):
 
     first: torch.Tensor
     second: torch.Tensor
+
+    @classmethod
+    def of(cls, first: tuple[nn.Module, ...], second: nn.Module) -> "FloatCopies":
+        """Copies of float Linears `first` (stacked) and `second`, their scales folded in."""
+        return cls(torch.cat([m.weight * m.scale for m in first]), second.weight * second.scale)
 
     def attention_in(self, a, x):
         return torch.mm(x, self.first.t()).split(a.num_heads * a.dim_head, dim=-1)
@@ -217,17 +222,16 @@ def _kind(*lins: nn.Module) -> Step:
 def _attention_kind(block) -> Step:
     a = block.self_attention
     first = (a.project_q, a.project_k, a.project_v)
-    if plain_forward(block, a) and _kind(a.attention_out) is _kind(*first):
-        return _kind(*first)
-    return MODULES
+    k = _kind(*first)
+    return k if plain_forward(block, a) and _kind(a.attention_out) is k else MODULES
 
 
 def _ffn_kind(block) -> Step:
     f = block.ffn
-    if (type(f) is FeedForward and type(f.w_in) is DenseGatedACT and plain_forward(block, f, f.w_in)
-            and _kind(f.w_out) is _kind(f.w_in.w_0, f.w_in.w_1)):
-        return _kind(f.w_in.w_0, f.w_in.w_1)
-    return MODULES
+    if not (type(f) is FeedForward and type(f.w_in) is DenseGatedACT and plain_forward(block, f, f.w_in)):
+        return MODULES
+    k = _kind(f.w_in.w_0, f.w_in.w_1)
+    return k if _kind(f.w_out) is k else MODULES
 
 
 def layer_plan(layer: TransformerBlock, pack: Optional[str] = None) -> LayerPlan:
@@ -264,8 +268,9 @@ def step_plan(model: nn.Module, cache: KVCache) -> StepPlan:
     fused = (type(model.encoder) is Encoder and plain_forward(model.encoder, layers)
              and all(type(layer) is TransformerBlock and plain_forward(layer) for layer in layers))
     pack = _fp32_mode(model) if fused else None
+    int8_head = fused and _int8_head(model)
     plan = StepPlan(model, fused, tuple(layer_plan(layer, pack) for layer in layers) if fused else (),
-                    fused and _int8_head(model), _packed_head(model) if pack == "packed" else None)
+                    int8_head, _packed_head(model, int8_head) if pack == "packed" else None)
     cache.step_plan = plan
     return plan
 
@@ -288,14 +293,14 @@ def _large(first: tuple[nn.Module, ...], second: nn.Module, pack: str) -> Step:
     """The step for large float matrices: oneDNN packs ("packed") or float copies ("copies")."""
     if pack == "packed":
         return Packed.of(first, second)
-    return FloatCopies(torch.cat([m.weight * m.scale for m in first]), second.weight * second.scale)
+    return FloatCopies.of(first, second)
 
 
-def _packed_head(model: nn.Module) -> Optional[torch.Tensor]:
-    """The tied table's oneDNN pack when the output projection would multiply the fp32 table, of at least
-    kernel_min_weights() weights; else None."""
+def _packed_head(model: nn.Module, int8_head: bool) -> Optional[torch.Tensor]:
+    """The tied table's oneDNN pack when the output projection would multiply the fp32 table (not `int8_head`), of
+    at least kernel_min_weights() weights; else None."""
     emb = model.input_embedding
-    if _int8_head(model) or not plain_forward(emb) or emb.weight.numel() < kernel_min_weights():
+    if int8_head or not plain_forward(emb) or emb.weight.numel() < kernel_min_weights():
         return None
     return fp32_pack(emb, "table", (emb.weight,), lambda: emb.weight / math.sqrt(emb.dim))
 

@@ -7,7 +7,6 @@ held-out set's identity) is a sha256 made here, over one canonical JSON form.
     sha256_json(obj) -> str        sha256 of canonical_json(obj)
     sha256_text(text) / sha256_bytes(data)
     sha256_file(path) -> str       streamed in 1 MiB blocks
-    sha256_files(paths, root)      over (path relative to root, content) of each file, in sorted order
     Sha256                         hashlib's incremental sha256, for callers that feed a stream (corpus, tokens)
 
 Hashes that are not identities (the corpus split's keyed blake2b, de-duplication fingerprints, seeds derived from
@@ -20,7 +19,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -71,14 +69,3 @@ def sha256_file(path: str | Path, block: int = BLOCK) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def sha256_files(paths: Iterable[str | Path], root: str | Path) -> str:
-    """sha256 over (path relative to `root`, NUL, content, NUL) of every file, in sorted order."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for p in sorted({Path(p) for p in paths}):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(b"\0")
-        h.update(p.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()

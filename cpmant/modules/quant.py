@@ -149,17 +149,7 @@ class QuantLinear(nn.Module):
             w, scales = w[rows], scales[rows]
         if cols is not None:
             w = w[:, cols]
-        scales = (scales.double() * self.scale).cpu()
-        with warnings.catch_warnings():  # torch marks quantized tensor creation as deprecated: the pack needs one
-            warnings.simplefilter("ignore")
-            q = torch._make_per_channel_quantized_tensor(w.cpu().contiguous(), scales,
-                                                         torch.zeros(w.size(0), dtype=torch.long), 0)
-            prev = torch.backends.quantized.engine
-            try:
-                torch.backends.quantized.engine = "fbgemm"
-                pack = torch.ops.quantized.linear_prepack(q, None)
-            finally:
-                torch.backends.quantized.engine = prev
+        pack = _prepack(w, scales.double() * self.scale)
         if any(v[0] != key for v in packs.values()):
             packs.clear()
         packs[part] = (key, pack)
@@ -227,17 +217,9 @@ def fused_forward(lins: tuple["QuantLinear", ...], x: torch.Tensor) -> tuple[tor
     key = tuple(lin._key() for lin in lins) + tuple(id(lin) for lin in lins)
     cached = first.__dict__.get("_fused")
     if cached is None or cached[0] != key:
-        w = torch.cat([lin.weight.detach() for lin in lins]).cpu()
-        scales = torch.cat([lin.weight_scale.detach().double() * lin.scale for lin in lins]).cpu()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = torch._make_per_channel_quantized_tensor(w, scales, torch.zeros(w.size(0), dtype=torch.long), 0)
-            prev = torch.backends.quantized.engine
-            try:
-                torch.backends.quantized.engine = "fbgemm"
-                cached = first.__dict__["_fused"] = (key, torch.ops.quantized.linear_prepack(q, None))
-            finally:
-                torch.backends.quantized.engine = prev
+        w = torch.cat([lin.weight.detach() for lin in lins])
+        scales = torch.cat([lin.weight_scale.detach().double() * lin.scale for lin in lins])
+        cached = first.__dict__["_fused"] = (key, _prepack(w, scales))
     x2 = x.reshape(-1, first.dim_in)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()

@@ -27,7 +27,6 @@ of the next streamed layer; a `forward_hook` unbinds them and releases the memor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -69,7 +68,7 @@ def load_with_budget(checkpoint_dir: str | Path, budget_bytes: int | None, devic
                           "use device cpu: memory-budget streaming runs on the CPU too")
     if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
         budget_bytes = parse_size(budget_bytes)
-    config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    config = ModelConfig.load(folder / CONFIG_FILE)
     vocab = folder / VOCAB_FILE
     if not vocab.is_file():
         raise CpmantError(f"{folder} has no {VOCAB_FILE}", "copy the vocab the model was trained with into the folder")

@@ -14,7 +14,6 @@ per-call buffers, which nothing here controls: the plan holds RUNTIME_SLACK for 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -36,7 +35,7 @@ def warm_up(folder: str | Path, int8: bool = False) -> None:
     from ..tokenizer import CPMAntTokenizer
 
     folder = Path(folder)
-    config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    config = ModelConfig.load(folder / CONFIG_FILE)
     heads = max(1, min(config.num_heads, 1024 // config.dim_head))
     small = config.replace(num_layers=1, mask_modules=None, quantization=None, moe_experts=None,
                            dim_model=min(config.dim_model, 1024), dim_ff=min(config.dim_ff, 4096), num_heads=heads)
